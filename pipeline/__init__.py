@@ -1,0 +1,1 @@
+"""Files -> batches on the training device: one batch contract for every loader backend."""

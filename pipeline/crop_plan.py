@@ -1,0 +1,70 @@
+"""The one crop-plan sampler: crop windows for every image of an epoch, from image sizes and a seed.
+
+Every loader backend (DALI, torchvision, later FFCV) only *applies* these windows, so the same seed gives the
+same crops everywhere. A window is (top, left, height, width) in pixels of the decoded image, int64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SCALE = (0.2, 1.0)
+RATIO = (3 / 4, 4 / 3)
+
+
+def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
+    """Independent, reproducible generator for one (seed, epoch, stream); resume replays it exactly."""
+    return np.random.default_rng([seed, epoch, stream])
+
+
+def random_resized_crop(
+    heights: np.ndarray,
+    widths: np.ndarray,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = SCALE,
+    ratio: tuple[float, float] = RATIO,
+    tries: int = 10,
+) -> np.ndarray:
+    """RandomResizedCrop windows, vectorised over images: (N,) sizes -> (N, 4) [top, left, h, w] int64.
+
+    Same rule as torchvision: up to `tries` draws of area fraction ~ U(scale) and log-ratio ~ U(log ratio);
+    the first draw that fits is used, else a central crop with the ratio clamped into range.
+    """
+    heights = np.asarray(heights, dtype=np.int64)
+    widths = np.asarray(widths, dtype=np.int64)
+    n = len(heights)
+    area = (heights * widths).astype(np.float64)
+    target = area[:, None] * rng.uniform(scale[0], scale[1], size=(n, tries))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, tries)))
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (h > 0) & (w <= widths[:, None]) & (h <= heights[:, None])
+    first = np.argmax(fits, axis=1)
+    found = fits[np.arange(n), first]
+    h, w = h[np.arange(n), first], w[np.arange(n), first]
+
+    # Fallback: the whole image, cropped to the nearest allowed ratio.
+    in_ratio = widths / heights
+    fh, fw = heights.copy(), widths.copy()
+    wide, tall = in_ratio > ratio[1], in_ratio < ratio[0]
+    fw[wide] = np.round(heights[wide] * ratio[1]).astype(np.int64)
+    fh[tall] = np.round(widths[tall] / ratio[0]).astype(np.int64)
+    h, w = np.where(found, h, fh), np.where(found, w, fw)
+
+    u = rng.random((n, 2))
+    top = np.where(found, np.floor(u[:, 0] * (heights - h + 1)), (heights - h) // 2).astype(np.int64)
+    left = np.where(found, np.floor(u[:, 1] * (widths - w + 1)), (widths - w) // 2).astype(np.int64)
+    return np.stack([top, left, h, w], axis=1)
+
+
+def crop_plan(heights: np.ndarray, widths: np.ndarray, seed: int, epoch: int, views: int = 2) -> np.ndarray:
+    """Windows of every image for one epoch: (N, views, 4) int64, row i belongs to image i."""
+    rng = epoch_rng(seed, epoch, stream=1)
+    return np.stack([random_resized_crop(heights, widths, rng) for _ in range(views)], axis=1)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled sample order of one epoch (int64 indices), shared by every backend."""
+    return epoch_rng(seed, epoch, stream=0).permutation(n)

@@ -1,0 +1,123 @@
+"""DALI backend: an external source that serves each scheduled sample (bytes, crop windows, label, index),
+one decode per image (`mixed` = nvJPEG on the GPU when CUDA is present, else CPU with device_id=None), then
+one resize per view straight from the decoded image: the whole image for the original, the crop window's ROI
+for each crop. Outputs stay HWC, so the NCHW tensors the trainer sees are channels_last without a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from pipeline.loader import Batch, Loader, to_nchw
+
+TRAIN_OUTPUTS = ["original", "crop1", "crop2", "label", "index"]
+EVAL_OUTPUTS = ["original", "label", "index"]
+
+
+class _ScheduledSource:
+    """Batch-mode external source over one epoch's schedule: call k returns the k-th batch, then StopIteration.
+
+    The schedule is replaced only between epochs (before the iterator is reset), so DALI's prefetching never
+    sees a half-updated plan.
+    """
+
+    def __init__(self, loader: Loader) -> None:
+        self.paths, self.labels, self.batch_size = loader.images.paths, loader.images.labels, loader.batch_size
+        self.order, self.windows, self.next_batch = np.empty(0, np.int64), None, 0
+
+    def start(self, order: np.ndarray, windows: np.ndarray | None) -> None:
+        self.order, self.windows, self.next_batch = order, windows, 0
+
+    def __call__(self):
+        begin = self.next_batch * self.batch_size
+        indices = self.order[begin : begin + self.batch_size]
+        if len(indices) == 0:
+            raise StopIteration
+        self.next_batch += 1
+        jpegs = [np.fromfile(self.paths[i], dtype=np.uint8) for i in indices]
+        labels = [np.array(self.labels[i], dtype=np.int64) for i in indices]
+        positions = [np.array(i, dtype=np.int64) for i in indices]
+        if self.windows is None:
+            return jpegs, labels, positions
+        windows = self.windows[begin : begin + len(indices)].astype(np.float32)  # (n, 2, 4) top, left, h, w
+        starts = [windows[:, v, :2] for v in range(2)]
+        ends = [windows[:, v, :2] + windows[:, v, 2:] for v in range(2)]
+        return jpegs, list(starts[0]), list(ends[0]), list(starts[1]), list(ends[1]), labels, positions
+
+
+@pipeline_def(enable_conditionals=False)
+def _three_view_pipeline(source: _ScheduledSource, decode_device: str, size: int, train: bool):
+    if train:
+        jpegs, start1, end1, start2, end2, labels, indices = fn.external_source(
+            source=source, num_outputs=7, batch=True, parallel=False
+        )
+    else:
+        jpegs, labels, indices = fn.external_source(source=source, num_outputs=3, batch=True, parallel=False)
+    images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+    views = [fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)]
+    if train:
+        for start, end in ((start1, end1), (start2, end2)):
+            # ROI in (y, x) pixels of the decoded image: crop + resize in one op, no intermediate copy.
+            views.append(
+                fn.resize(
+                    images,
+                    size=[size, size],
+                    roi_start=start,
+                    roi_end=end,
+                    roi_relative=False,
+                    interp_type=types.INTERP_LINEAR,
+                    antialias=True,
+                )
+            )
+    return (*views, labels, indices)
+
+
+class DaliLoader(Loader):
+    def __init__(self, images, **kwargs) -> None:
+        super().__init__(images, **kwargs)
+        cuda = self.device.type == "cuda"
+        self._source = _ScheduledSource(self)
+        self._pipe = _three_view_pipeline(
+            source=self._source,
+            decode_device="mixed" if cuda else "cpu",
+            size=self.image_size,
+            train=self.train,
+            batch_size=self.batch_size,
+            num_threads=max(1, self.workers),
+            device_id=(self.device.index or 0) if cuda else None,
+            seed=self.seed,
+            prefetch_queue_depth=2,
+        )
+        self._iterator: DALIGenericIterator | None = None
+
+    def _batches(self, order: np.ndarray, windows: np.ndarray | None) -> Iterator[Batch]:
+        self._source.start(order, windows)
+        if self._iterator is None:  # building the iterator already prefetches from the schedule just set
+            self._iterator = DALIGenericIterator(
+                self._pipe,
+                TRAIN_OUTPUTS if self.train else EVAL_OUTPUTS,
+                auto_reset=False,
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+            )
+        else:
+            self._iterator.reset()
+        for (outputs,) in self._iterator:
+            views = [to_nchw(outputs[name].to(self.device, non_blocking=True)) for name in ("original", "crop1", "crop2") if name in outputs]
+            crops = views[1:] or [None, None]
+            yield Batch(
+                views[0],
+                crops[0],
+                crops[1],
+                outputs["label"].to(self.device, non_blocking=True),
+                outputs["index"].to(self.device, non_blocking=True),
+            )
+
+    def close(self) -> None:
+        self._iterator = None
+        del self._pipe

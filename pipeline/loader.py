@@ -1,0 +1,93 @@
+"""The batch contract shared by every backend, and the factory that builds a backend by name.
+
+A training step gets a `Batch`: the original view (whole image resized to S x S, never cropped), crop 1 and
+crop 2 (RandomResizedCrop windows from the shared crop plan), each uint8 (N, 3, S, S) in channels_last memory
+on the training device, plus labels and sample indices (int64, (N,)). An evaluation pass (`train=False`)
+yields only the original view, in file order, with nothing dropped; crop1/crop2 are then None.
+Each image is decoded once per step whatever the number of views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from pipeline.crop_plan import crop_plan, epoch_order
+from pipeline.data import ImageList
+
+BACKENDS = ("dali", "torchvision")
+
+
+class Batch(NamedTuple):
+    original: torch.Tensor
+    crop1: torch.Tensor | None
+    crop2: torch.Tensor | None
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
+class Loader:
+    """Base of every backend: owns the epoch schedule (sample order + crop windows), backends apply it.
+
+    Subclasses implement `_batches(order, windows)`; `windows` is (len(order), 2, 4) aligned with `order`,
+    or None for an evaluation pass.
+    """
+
+    def __init__(
+        self,
+        images: ImageList,
+        image_size: int,
+        batch_size: int,
+        device: torch.device,
+        train: bool = True,
+        seed: int = 0,
+        workers: int = 2,
+    ) -> None:
+        if train and len(images) < batch_size:
+            raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size}")
+        self.images, self.image_size, self.batch_size = images, image_size, batch_size
+        self.device, self.train, self.seed, self.workers = device, train, seed, workers
+
+    def __len__(self) -> int:
+        """Steps per epoch: training drops the last partial batch, evaluation keeps it."""
+        n = len(self.images)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def schedule(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(order, windows) of one epoch; the same for every backend given the seed."""
+        if not self.train:
+            return np.arange(len(self.images)), None
+        order = epoch_order(len(self.images), self.seed, epoch)[: len(self) * self.batch_size]
+        windows = crop_plan(self.images.heights, self.images.widths, self.seed, epoch)[order]
+        return order, windows
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """Batches of one epoch in the contract's form."""
+        return self._batches(*self.schedule(epoch))
+
+    def _batches(self, order: np.ndarray, windows: np.ndarray | None) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release worker threads/processes; the loader is unusable afterwards."""
+
+
+def to_nchw(views_nhwc: torch.Tensor) -> torch.Tensor:
+    """(N, S, S, 3) -> (N, 3, S, S) view whose strides are channels_last: no copy."""
+    return views_nhwc.permute(0, 3, 1, 2)
+
+
+def make_loader(backend: str, images: ImageList, **kwargs) -> Loader:
+    """Build a loader backend by name ("dali" or "torchvision"); kwargs as `Loader`."""
+    if backend == "dali":
+        from pipeline.dali_loader import DaliLoader
+
+        return DaliLoader(images, **kwargs)
+    if backend == "torchvision":
+        from pipeline.torchvision_loader import TorchvisionLoader
+
+        return TorchvisionLoader(images, **kwargs)
+    raise ValueError(f"unknown loader {backend!r}; choose from {', '.join(BACKENDS)}")

@@ -1,0 +1,57 @@
+"""The reference backend: a plain torch DataLoader with PIL decode, one decode per image for all views."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.loader import Batch, Loader, to_nchw
+
+
+class _Views(Dataset):
+    """Item p -> ((original, [crop1, crop2]) uint8 HWC arrays), label, index of the p-th scheduled sample."""
+
+    def __init__(self, loader: Loader, order: np.ndarray, windows: np.ndarray | None) -> None:
+        self.paths, self.labels = loader.images.paths, loader.images.labels
+        self.size, self.order, self.windows = loader.image_size, order, windows
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, position: int):
+        index = int(self.order[position])
+        with Image.open(self.paths[index]) as file:
+            image = file.convert("RGB")
+        size = (self.size, self.size)
+        views = [np.array(image.resize(size, Image.BILINEAR))]
+        if self.windows is not None:
+            for top, left, h, w in self.windows[position]:
+                box = (int(left), int(top), int(left + w), int(top + h))
+                views.append(np.array(image.resize(size, Image.BILINEAR, box=box)))
+        return tuple(views), self.labels[index], index
+
+
+class TorchvisionLoader(Loader):
+    def _batches(self, order: np.ndarray, windows: np.ndarray | None) -> Iterator[Batch]:
+        # A fresh DataLoader per epoch: workers fork with this epoch's schedule.
+        data = DataLoader(
+            _Views(self, order, windows),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for views, labels, indices in data:
+            views = [to_nchw(v.to(self.device, non_blocking=True)) for v in views]  # each (N, S, S, 3) before
+            crops = views[1:] or [None, None]
+            yield Batch(
+                views[0],
+                crops[0],
+                crops[1],
+                labels.to(self.device, non_blocking=True),
+                indices.to(self.device, non_blocking=True),
+            )
