@@ -1,0 +1,1 @@
+"""Backbones, the momentum-encoder/queue machinery and the contrastive objectives."""

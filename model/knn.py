@@ -1,0 +1,47 @@
+"""Weighted kNN monitor (InstDisc / MoCo demo protocol): k nearest cosine neighbours vote with exp(sim / T)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def knn_predict(
+    features: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Predicted labels (M,) int64 for L2-normalised features (M, D) against a normalised bank (N, D).
+
+    Each of the min(k, N) most similar bank entries adds exp(sim / T) to its label's score.
+    Works in chunks of queries so memory stays O(chunk x N).
+    """
+    k = min(k, len(bank))
+    predictions = []
+    for start in range(0, len(features), chunk):
+        sim = features[start : start + chunk] @ bank.t()
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        scores = torch.zeros(len(sim), num_classes, device=sim.device, dtype=weights.dtype)
+        scores.scatter_add_(1, bank_labels[top_idx], weights)
+        predictions.append(scores.argmax(1))
+    return torch.cat(predictions)
+
+
+def knn_top1(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> float:
+    """Top-1 accuracy (fraction 0-1) of `knn_predict` on the validation features; features need not be normalised."""
+    bank, queries = F.normalize(train_features.float(), dim=1), F.normalize(val_features.float(), dim=1)
+    predicted = knn_predict(queries, bank, train_labels, num_classes, k, temperature)
+    return (predicted == val_labels).float().mean().item()

@@ -1,0 +1,64 @@
+"""Query encoder, momentum key encoder and the queue of negative keys (MoCo), shared by every method."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.backbone import resnet
+
+
+class Encoder(nn.Module):
+    """Backbone + MLP head: (N, 3, S, S) -> L2-normalised (N, out_dim). `features` gives the backbone output."""
+
+    def __init__(self, arch: str, image_size: int, out_dim: int = 128, bn_splits: int = 1) -> None:
+        super().__init__()
+        self.backbone, dim = resnet(arch, image_size, bn_splits)
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out_dim))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+
+class MomentumContrast(nn.Module):
+    """f_q trained by SGD, f_k its momentum copy (no grad), and a FIFO queue (K, out_dim) of past keys."""
+
+    def __init__(
+        self,
+        arch: str,
+        image_size: int,
+        out_dim: int = 128,
+        queue_size: int = 4096,
+        momentum: float = 0.99,
+        bn_splits: int = 8,
+    ) -> None:
+        super().__init__()
+        self.query_encoder = Encoder(arch, image_size, out_dim, bn_splits)
+        self.key_encoder = copy.deepcopy(self.query_encoder)
+        self.key_encoder.requires_grad_(False)
+        self.momentum = momentum
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update_key_encoder(self) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q for parameters; f_k keeps its own BN statistics (as MoCo)."""
+        q_params = list(self.query_encoder.parameters())
+        k_params = list(self.key_encoder.parameters())
+        torch._foreach_mul_(k_params, self.momentum)
+        torch._foreach_add_(k_params, q_params, alpha=1 - self.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write keys (M, out_dim) over the oldest entries, wrapping around; M need not divide K."""
+        size = self.queue.shape[0]
+        keys = keys.detach()[-size:].to(self.queue.dtype)
+        slots = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % size
+        self.queue[slots] = keys
+        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % size)

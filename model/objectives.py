@@ -1,0 +1,34 @@
+"""Contrastive objectives as small functions of L2-normalised embeddings and the queue of negatives.
+
+Shapes: embeddings (N, D) float, queue (K, D) float, all rows L2-normalised. They know nothing of loaders
+or encoders; `model.methods` decides which view goes through which encoder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo InfoNCE: mean over i of -log softmax([q_i.k_i, q_i.queue] / T)[0]. Returns a scalar."""
+    positive = (query * key).sum(1, keepdim=True)
+    negative = query @ queue.t()
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits.float(), torch.zeros(len(query), dtype=torch.long, device=query.device))
+
+
+def mocov2_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Official (asymmetric) MoCo-v2: one view's query against the other view's key."""
+    return info_nce(query, key, queue, temperature)
+
+
+def leoclr_loss(
+    original: torch.Tensor, key1: torch.Tensor, key2: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """LeOCLR Eq. 3: the original's query u pulled toward each crop's key, l(u, v1) + l(u, v2).
+
+    The two crops are never compared with each other. Each term is a batch mean, so the loss is twice a
+    MoCo-v2 loss in scale (the paper's sum over i only rescales the learning rate).
+    """
+    return info_nce(original, key1, queue, temperature) + info_nce(original, key2, queue, temperature)

@@ -1,0 +1,240 @@
+"""Self-supervised pre-training: LeOCLR or MoCo-v2, on any ImageNet-layout folder, with DALI or torchvision.
+
+    python train.py --loader dali                      # defaults: embedded Fashion-MNIST, a CPU-sized run
+    python train.py --loader dali --data /imagenet --arch resnet50 --image-size 224 --batch-size 256 \\
+        --lr 0.03 --moco-momentum 0.999 --queue-size 65536 --temperature 0.2 --weight-decay 1e-4 \\
+        --epochs 200 --train-limit 0 --val-limit 0 --blur           # the paper's ImageNet recipe
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.knn import knn_top1
+from model.methods import METHODS
+from model.moco import MomentumContrast
+from model.backbone import ARCHS
+from pipeline.augment import AugmentConfig, augment, normalize
+from pipeline.data import scan_split
+from pipeline.loader import BACKENDS, Loader, make_loader
+
+DEFAULT_DATA = Path("data/fashion-mnist")
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def extract_features(model: MomentumContrast, loader: Loader, amp: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features (N, D) float32 of the un-augmented original views, and their labels (N,)."""
+    model.eval()
+    features, labels = [], []
+    for batch in tqdm(loader.epoch(0), total=len(loader), desc="  features", leave=False, unit="batch"):
+        with autocast(loader.device, amp):
+            features.append(model.query_encoder.features(normalize(batch.original)).float())
+        labels.append(batch.labels)
+    model.train()
+    return torch.cat(features), torch.cat(labels)
+
+
+def knn_monitor(model, bank_loader, val_loader, cfg) -> float | None:
+    if val_loader is None:
+        return None
+    bank, bank_labels = extract_features(model, bank_loader, cfg["amp"])
+    val, val_labels = extract_features(model, val_loader, cfg["amp"])
+    classes = len(bank_loader.images.classes)
+    return knn_top1(bank, bank_labels, val, val_labels, classes, cfg["knn_k"], cfg["knn_temperature"])
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def train(cfg: dict, resume: dict | None) -> list[dict]:
+    device = torch.device(cfg["device"])
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    data = Path(cfg["data"])
+    torch.manual_seed(cfg["seed"])
+
+    train_images = scan_split(data / "train", cfg["train_limit"], cfg["seed"])
+    val_images = scan_split(data / "val", cfg["val_limit"], cfg["seed"]) if (data / "val").is_dir() else None
+    click.echo(
+        f"data {data}: {len(train_images)} train images"
+        + (f", {len(val_images)} val images" if val_images else ", no val split (kNN off)")
+        + f", {len(train_images.classes)} classes; device {device}, loader {cfg['loader']}"
+    )
+    common = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"], device=device, workers=cfg["workers"])
+    loader = make_loader(cfg["loader"], train_images, train=True, seed=cfg["seed"], **common)
+    bank_loader = make_loader(cfg["loader"], train_images, train=False, **common) if val_images else None
+    val_loader = make_loader(cfg["loader"], val_images, train=False, **common) if val_images else None
+
+    model = MomentumContrast(
+        cfg["arch"], cfg["image_size"], queue_size=cfg["queue_size"], momentum=cfg["moco_momentum"],
+        bn_splits=cfg["bn_splits"],
+    ).to(device, memory_format=torch.channels_last)  # fmt: skip
+    method = METHODS[cfg["method"]]
+    optimizer = torch.optim.SGD(
+        model.query_encoder.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"]
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+    aug = AugmentConfig(blur_p=0.5 if cfg["blur"] else 0.0)
+    metrics_path = out / "metrics.jsonl"
+    history: list[dict] = []
+
+    start_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        set_rng_states(resume["rng"])
+        start_epoch = resume["epoch"]
+        click.echo(f"resumed after epoch {start_epoch}")
+    else:
+        metrics_path.write_text("")
+        knn = knn_monitor(model, bank_loader, val_loader, cfg)
+        history.append(log_epoch(metrics_path, 0, None, knn, None, None, None))
+
+    for epoch in range(start_epoch, cfg["epochs"]):
+        lr = cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg["epochs"]))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        generator = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch)
+        model.train()
+        total_loss, seen, started = 0.0, 0, time.perf_counter()
+        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch")
+        for batch in bar:
+            views = {name: augment(getattr(batch, name), aug, generator) for name in method.views}
+            with autocast(device, cfg["amp"]):
+                loss, keys = method.step(model, views, cfg["temperature"])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            model.enqueue(keys)
+            total_loss += loss.item() * len(batch.labels)
+            seen += len(batch.labels)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+        bar.close()
+        epoch_time = time.perf_counter() - started
+        save_atomic(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "epoch": epoch + 1, "config": cfg, "rng": rng_states()},
+            out / "checkpoint.pt",
+        )  # fmt: skip
+        knn = knn_monitor(model, bank_loader, val_loader, cfg)
+        history.append(log_epoch(metrics_path, epoch + 1, total_loss / seen, knn, seen / epoch_time, lr, epoch_time))
+    for each in (loader, bank_loader, val_loader):
+        if each is not None:
+            each.close()
+    return history
+
+
+def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time) -> dict:
+    record = {"epoch": epoch, "loss": loss, "knn_top1": knn, "images_per_sec": images_per_sec, "lr": lr,
+              "epoch_time_s": epoch_time}  # fmt: skip
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    shown = "n/a" if knn is None else f"{100 * knn:.2f}%"
+    click.echo(f"epoch {epoch}: loss {'-' if loss is None else f'{loss:.4f}'}, kNN top-1 {shown}")
+    return record
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--loader", type=click.Choice(BACKENDS), default="dali", help="Data loading backend.")
+@click.option("--method", type=click.Choice(sorted(METHODS)), default="leoclr", help="Training objective.")
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA,
+              help="ImageNet-layout folder: DATA/train/<class>/*.jpg and optional DATA/val/<class>/*.jpg.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory (config.json, metrics.jsonl, checkpoint.pt). [default: runs/<method>-<loader>]")
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Continue from RUN_DIR/checkpoint.pt with its options; options given here override them.")
+@click.option("--arch", type=click.Choice(ARCHS), default="resnet18")
+@click.option("--image-size", type=int, default=32, help="Training resolution S; S <= 64 uses the small-image stem.")
+@click.option("--epochs", type=int, default=3)
+@click.option("--batch-size", type=int, default=128)
+@click.option("--lr", type=float, default=0.06, help="Base learning rate (cosine decay per epoch).")
+@click.option("--weight-decay", type=float, default=5e-4)
+@click.option("--moco-momentum", type=float, default=0.99, help="Key-encoder momentum m.")
+@click.option("--queue-size", type=int, default=4096, help="Number of negative keys K.")
+@click.option("--temperature", type=float, default=0.1, help="InfoNCE temperature T.")
+@click.option("--bn-splits", type=int, default=8, help="Split batch norm groups (1 = plain BN).")
+@click.option("--blur/--no-blur", default=None, help="Gaussian blur p=0.5. [default: on when S > 64]")
+@click.option("--train-limit", type=int, default=10000, help="Use a seeded random subset of this many train images (0 = all).")
+@click.option("--val-limit", type=int, default=2000, help="Same for the val split used by the kNN monitor (0 = all).")
+@click.option("--knn-k", type=int, default=200)
+@click.option("--knn-temperature", type=float, default=0.1)
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16",
+              help="Mixed precision (fp16 only on CUDA, with a gradient scaler).")
+@click.option("--workers", type=int, default=2, help="Loader threads/processes.")
+@click.option("--device", default="auto", help="auto = cuda if available, else cpu.")
+@click.option("--seed", type=int, default=0)
+@click.pass_context
+def main(ctx: click.Context, resume: Path | None, **options) -> None:
+    """Pre-train a ResNet without labels with LeOCLR (original -> query encoder, two crops -> momentum
+    encoder) or MoCo-v2, monitoring weighted kNN top-1 on the val split before training and after each epoch."""
+    state = None
+    if resume is not None:
+        state = torch.load(resume, map_location="cpu", weights_only=False)
+        given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+        options = {**state["config"], **{k: options[k] for k in given}}
+        options["out"] = options["out"] if "out" in given else str(resume.parent)
+    cfg = resolve(options)
+    if not (Path(cfg["data"]) / "train").is_dir():
+        hint = " (prepare it with: python -m pipeline.fashion_mnist data/fashion-mnist)" if Path(cfg["data"]) == DEFAULT_DATA else ""
+        raise click.ClickException(f"{cfg['data']}/train not found{hint}")
+    history = train(cfg, state)
+    final = history[-1]["knn_top1"] if history else None
+    if final is not None:
+        click.echo(f"final kNN top-1: {100 * final:.2f}% (run directory {cfg['out']})")
+
+
+def resolve(options: dict) -> dict:
+    """Fill the automatic defaults and check combinations; the result is what config.json records."""
+    cfg = dict(options)
+    if cfg["device"] == "auto":
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg["blur"] is None:
+        cfg["blur"] = cfg["image_size"] > 64
+    if cfg["out"] is None:
+        cfg["out"] = f"runs/{cfg['method']}-{cfg['loader']}"
+    cfg["data"], cfg["out"] = str(cfg["data"]), str(cfg["out"])
+    if cfg["amp"] == "fp16" and cfg["device"] == "cpu":
+        raise click.BadParameter("fp16 autocast needs CUDA; use --amp bf16 on CPU", param_hint="--amp")
+    if cfg["batch_size"] % cfg["bn_splits"]:
+        raise click.BadParameter(f"must be a multiple of --bn-splits ({cfg['bn_splits']})", param_hint="--batch-size")
+    return cfg
+
+
+if __name__ == "__main__":
+    main()
