@@ -12,7 +12,8 @@ ARCHS = ("resnet18", "resnet50")
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are computed over `num_splits` groups of the batch.
+    """BatchNorm2d whose training statistics are computed over `num_splits` groups of the batch
+    (group j = samples j, j + s, j + 2s, ...).
 
     On one device this stands in for MoCo's shuffle BN: a query and its positive key fall in different
     statistics groups less often than not, so BN cannot leak which samples belong together.

@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def write_tiny_dataset(root: Path, per_class: int = 8, classes: int = 3, seed: int = 0) -> Path:
+    """ImageNet-layout JPEGs of varied sizes: each class a different colour blob on noise."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("val", max(2, per_class // 2))):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = int(rng.integers(20, 48)), int(rng.integers(20, 48))
+                image = rng.integers(0, 80, size=(h, w, 3), dtype=np.uint8)
+                image[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4, c] = 230
+                Image.fromarray(image).save(folder / f"{i:03d}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))

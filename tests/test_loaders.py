@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data import scan_split
+from pipeline.loader import BACKENDS, make_loader
+
+SIZE, BATCH = 16, 8
+# DALI and PIL both resize with antialiased linear filters but round and place taps slightly differently:
+# the same window gives pixels within 2 levels (mean ~0.2) on these images; the bounds leave headroom.
+MEAN_TOLERANCE, MAX_TOLERANCE = 1.0, 8
+
+
+def loader(backend, images, train, seed=0):
+    return make_loader(
+        backend, images, image_size=SIZE, batch_size=BATCH, device=torch.device("cpu"), train=train, seed=seed,
+        workers=0 if backend == "torchvision" else 1,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def images(tiny_data):
+    return scan_split(tiny_data / "train")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_batches_follow_the_contract(backend, images):
+    data = loader(backend, images, train=True)
+    order, _ = data.schedule(epoch=1)
+    batches = list(data.epoch(1))
+    assert len(batches) == len(data) == len(images) // BATCH
+    seen = torch.cat([b.indices for b in batches])
+    assert seen.tolist() == order.tolist()
+    for b in batches:
+        for view in (b.original, b.crop1, b.crop2):
+            assert view.shape == (BATCH, 3, SIZE, SIZE) and view.dtype == torch.uint8
+            assert view.is_contiguous(memory_format=torch.channels_last) and view.device.type == "cpu"
+        assert b.labels.dtype == torch.int64 and b.indices.dtype == torch.int64
+        assert b.labels.tolist() == images.labels[b.indices.numpy()].tolist()
+        assert not torch.equal(b.crop1, b.crop2)
+    data.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluation_pass_yields_every_image_once_in_order(backend, images):
+    data = loader(backend, images, train=False)
+    batches = list(data.epoch(0))
+    assert torch.cat([b.indices for b in batches]).tolist() == list(range(len(images)))
+    assert batches[-1].original.shape[0] == len(images) - (len(batches) - 1) * BATCH
+    assert all(b.crop1 is None and b.crop2 is None for b in batches)
+    data.close()
+
+
+def test_backends_give_the_same_pixels_for_the_same_windows(images):
+    dali, reference = loader("dali", images, train=True, seed=3), loader("torchvision", images, train=True, seed=3)
+    for epoch in (0, 1):  # the second epoch checks that a new schedule reaches DALI
+        for a, b in zip(dali.epoch(epoch), reference.epoch(epoch), strict=True):
+            assert torch.equal(a.indices, b.indices)
+            for view_a, view_b in zip(a[:3], b[:3]):
+                diff = (view_a.int() - view_b.int()).abs()
+                assert diff.float().mean() < MEAN_TOLERANCE and diff.max() <= MAX_TOLERANCE
+    dali.close()
+
+
+def test_reference_crop_is_the_planned_window(images):
+    data = loader("torchvision", images, train=True)
+    order, windows = data.schedule(epoch=0)
+    batch = next(iter(data.epoch(0)))
+    top, left, h, w = (int(v) for v in windows[0, 0])
+    with Image.open(images.paths[order[0]]) as f:
+        expected = np.array(f.convert("RGB").crop((left, top, left + w, top + h)).resize((SIZE, SIZE), Image.BILINEAR))
+    got = batch.crop1[0].permute(1, 2, 0).numpy()
+    assert np.abs(got.astype(int) - expected.astype(int)).mean() < 1.0
+    whole = np.array(Image.open(images.paths[order[0]]).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
+    assert np.array_equal(batch.original[0].permute(1, 2, 0).numpy(), whole)
+
+
+def test_unknown_backend_and_too_few_images(images):
+    with pytest.raises(ValueError, match="unknown loader"):
+        make_loader("nope", images, image_size=SIZE, batch_size=BATCH, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        make_loader("torchvision", images, image_size=SIZE, batch_size=1000, device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DALI mixed decode)")
+def test_dali_gpu_decode_matches_cpu(images):
+    gpu = make_loader("dali", images, image_size=SIZE, batch_size=BATCH, device=torch.device("cuda"), train=True)
+    cpu = loader("dali", images, train=True)
+    for a, b in zip(gpu.epoch(0), cpu.epoch(0), strict=True):
+        assert a.original.device.type == "cuda" and a.original.is_contiguous(memory_format=torch.channels_last)
+        diff = (a.crop1.cpu().int() - b.crop1.int()).abs()
+        assert diff.float().mean() < MEAN_TOLERANCE
