@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.backbone import ARCHS
 from model.knn import knn_top1
 from model.methods import METHODS
 from model.moco import MomentumContrast
-from model.backbone import ARCHS
 from pipeline.augment import AugmentConfig, augment, normalize
 from pipeline.data import scan_split
 from pipeline.loader import BACKENDS, Loader, make_loader
@@ -173,12 +173,24 @@ def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time) -> d
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--loader", type=click.Choice(BACKENDS), default="dali", help="Data loading backend.")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="leoclr", help="Training objective.")
-@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA,
-              help="ImageNet-layout folder: DATA/train/<class>/*.jpg and optional DATA/val/<class>/*.jpg.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Run directory (config.json, metrics.jsonl, checkpoint.pt). [default: runs/<method>-<loader>]")
-@click.option("--resume", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Continue from RUN_DIR/checkpoint.pt with its options; options given here override them.")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA,
+    help="ImageNet-layout folder: DATA/train/<class>/*.jpg and optional DATA/val/<class>/*.jpg.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run directory (config.json, metrics.jsonl, checkpoint.pt). [default: runs/<method>-<loader>]",
+)
+@click.option(
+    "--resume",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Continue from RUN_DIR/checkpoint.pt with its options; options given here override them.",
+)
 @click.option("--arch", type=click.Choice(ARCHS), default="resnet18")
 @click.option("--image-size", type=int, default=32, help="Training resolution S; S <= 64 uses the small-image stem.")
 @click.option("--epochs", type=int, default=3)
@@ -190,12 +202,18 @@ def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time) -> d
 @click.option("--temperature", type=float, default=0.1, help="InfoNCE temperature T.")
 @click.option("--bn-splits", type=int, default=8, help="Split batch norm groups (1 = plain BN).")
 @click.option("--blur/--no-blur", default=None, help="Gaussian blur p=0.5. [default: on when S > 64]")
-@click.option("--train-limit", type=int, default=10000, help="Use a seeded random subset of this many train images (0 = all).")
+@click.option(
+    "--train-limit", type=int, default=10000, help="Use a seeded random subset of this many train images (0 = all)."
+)
 @click.option("--val-limit", type=int, default=2000, help="Same for the val split used by the kNN monitor (0 = all).")
 @click.option("--knn-k", type=int, default=200)
 @click.option("--knn-temperature", type=float, default=0.1)
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16",
-              help="Mixed precision (fp16 only on CUDA, with a gradient scaler).")
+@click.option(
+    "--amp",
+    type=click.Choice(["bf16", "fp16", "off"]),
+    default="bf16",
+    help="Mixed precision (fp16 only on CUDA, with a gradient scaler).",
+)
 @click.option("--workers", type=int, default=2, help="Loader threads/processes.")
 @click.option("--device", default="auto", help="auto = cuda if available, else cpu.")
 @click.option("--seed", type=int, default=0)
@@ -211,7 +229,11 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
         options["out"] = options["out"] if "out" in given else str(resume.parent)
     cfg = resolve(options)
     if not (Path(cfg["data"]) / "train").is_dir():
-        hint = " (prepare it with: python -m pipeline.fashion_mnist data/fashion-mnist)" if Path(cfg["data"]) == DEFAULT_DATA else ""
+        hint = (
+            " (prepare it with: python -m pipeline.fashion_mnist data/fashion-mnist)"
+            if Path(cfg["data"]) == DEFAULT_DATA
+            else ""
+        )
         raise click.ClickException(f"{cfg['data']}/train not found{hint}")
     history = train(cfg, state)
     final = history[-1]["knn_top1"] if history else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -108,7 +107,11 @@ class DaliLoader(Loader):
         else:
             self._iterator.reset()
         for (outputs,) in self._iterator:
-            views = [to_nchw(outputs[name].to(self.device, non_blocking=True)) for name in ("original", "crop1", "crop2") if name in outputs]
+            views = [
+                to_nchw(outputs[name].to(self.device, non_blocking=True))
+                for name in ("original", "crop1", "crop2")
+                if name in outputs
+            ]
             crops = views[1:] or [None, None]
             yield Batch(
                 views[0],

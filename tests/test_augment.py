@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment, colour_augment, gaussian_blur, normalize
+from pipeline.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    augment,
+    colour_augment,
+    gaussian_blur,
+    normalize,
+)
 
 OFF = AugmentConfig(jitter_p=0, grayscale_p=0, blur_p=0, flip_p=0)
 
