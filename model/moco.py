@@ -12,7 +12,7 @@ from model.backbone import resnet
 
 
 class Encoder(nn.Module):
-    """Backbone + MLP head: (N, 3, S, S) -> L2-normalised (N, out_dim). `features` gives the backbone output."""
+    """Backbone + MLP head: (N, 3, S, S) -> L2-normalised float32 (N, out_dim); `features` = backbone output."""
 
     def __init__(self, arch: str, image_size: int, out_dim: int = 128, bn_splits: int = 1) -> None:
         super().__init__()
@@ -23,7 +23,7 @@ class Encoder(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(x)), dim=1)
+        return F.normalize(self.head(self.backbone(x)).float(), dim=1)  # float32 embeddings under autocast
 
 
 class MomentumContrast(nn.Module):
