@@ -136,7 +136,7 @@ def train(cfg: dict, resume: dict | None) -> list[dict]:
         for batch in bar:
             views = {name: augment(getattr(batch, name), aug, generator) for name in method.views}
             with autocast(device, cfg["amp"]):
-                loss, keys = method.step(model, views, cfg["temperature"])
+                loss, keys = method.step(model, views, cfg["temperature"], generator)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -1,6 +1,7 @@
 """Training methods: which views go through which encoder, and which objective scores them.
 
-A method is a function (model, views, temperature) -> (loss, keys to enqueue) plus the views it needs;
+A method is a function (model, views, temperature, generator) -> (loss, keys to enqueue) plus the views it
+needs (the generator drives the key batch's shuffle, so a seeded run replays exactly);
 adding a method touches this file only. `views` maps "original"/"crop1"/"crop2" to augmented float batches.
 """
 
@@ -20,19 +21,23 @@ Views = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class Method:
     views: tuple[str, ...]
-    step: Callable[[MomentumContrast, Views, float], tuple[torch.Tensor, torch.Tensor]]
+    step: Callable[[MomentumContrast, Views, float, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
-def mocov2_step(model: MomentumContrast, views: Views, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mocov2_step(
+    model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Official asymmetric MoCo-v2: crop 1 -> f_q, crop 2 -> f_k; the original view is not used."""
     query = model.query_encoder(views["crop1"])
     with torch.no_grad():
         model.update_key_encoder()
-        key = model.key_encoder(views["crop2"])
+        key = model.encode_keys(views["crop2"], generator)
     return mocov2_loss(query, key, model.queue, temperature), key
 
 
-def leoclr_step(model: MomentumContrast, views: Views, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def leoclr_step(
+    model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LeOCLR: original -> f_q, both crops -> f_k (one batched forward), both crops' keys are enqueued.
 
     Enqueuing both keeps every image's crops as future negatives, the natural reading of the paper
@@ -41,7 +46,7 @@ def leoclr_step(model: MomentumContrast, views: Views, temperature: float) -> tu
     query = model.query_encoder(views["original"])
     with torch.no_grad():
         model.update_key_encoder()
-        keys = model.key_encoder(torch.cat([views["crop1"], views["crop2"]]))
+        keys = model.encode_keys(torch.cat([views["crop1"], views["crop2"]]), generator)
     key1, key2 = keys.chunk(2)
     return leoclr_loss(query, key1, key2, model.queue, temperature), keys
 

@@ -55,6 +55,17 @@ class MomentumContrast(nn.Module):
         torch._foreach_add_(k_params, q_params, alpha=1 - self.momentum)
 
     @torch.no_grad()
+    def encode_keys(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Key embeddings (N, out_dim) of x (N, 3, S, S), computed on a shuffled batch and restored to x's order.
+
+        Shuffle BN on one device: split BN groups samples by position, so without the shuffle query i and
+        key i would share their BN group and the statistics would leak which key is the positive.
+        """
+        order = torch.randperm(len(x), device=x.device, generator=generator)
+        keys = self.key_encoder(x[order])
+        return keys[torch.argsort(order)]
+
+    @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Write keys (M, out_dim) over the oldest entries, wrapping around; M need not divide K."""
         size = self.queue.shape[0]

@@ -63,3 +63,13 @@ def test_small_stem_keeps_resolution():
     big, _ = resnet("resnet18", 224)
     assert big.conv1.stride == (2, 2)
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_encode_keys_restores_order_and_shuffles_bn_groups():
+    model = tiny_model(bn_splits=2)
+    x = torch.randn(8, 3, 16, 16)
+    model.key_encoder.eval()  # eval BN: the shuffle must not change any key
+    torch.testing.assert_close(model.encode_keys(x, torch.Generator().manual_seed(0)), model.key_encoder(x))
+    model.key_encoder.train()  # train BN: keys depend on which samples share a group
+    seen = {tuple(model.encode_keys(x, torch.Generator().manual_seed(s))[0].tolist()) for s in range(4)}
+    assert len(seen) > 1
