@@ -131,9 +131,9 @@ def train(cfg: dict, resume: dict | None) -> list[dict]:
             group["lr"] = lr
         generator = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch)
         model.train()
-        total_loss, seen, started = 0.0, 0, time.perf_counter()
+        total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
         bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch")
-        for batch in bar:
+        for step, batch in enumerate(bar):
             views = {name: augment(getattr(batch, name), aug, generator) for name in method.views}
             with autocast(device, cfg["amp"]):
                 loss, keys = method.step(model, views, cfg["temperature"], generator)
@@ -142,18 +142,21 @@ def train(cfg: dict, resume: dict | None) -> list[dict]:
             scaler.step(optimizer)
             scaler.update()
             model.enqueue(keys)
-            total_loss += loss.item() * len(batch.labels)
+            total_loss += loss.detach() * len(batch.labels)  # stays on the device: no sync per step
             seen += len(batch.labels)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+            if step % 10 == 0:
+                rate = seen / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", img_s=f"{rate:.0f}")
         bar.close()
         epoch_time = time.perf_counter() - started
+        epoch_loss = total_loss.item() / seen
         save_atomic(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "epoch": epoch + 1, "config": cfg, "rng": rng_states()},
             out / "checkpoint.pt",
         )  # fmt: skip
         knn = knn_monitor(model, bank_loader, val_loader, cfg)
-        history.append(log_epoch(metrics_path, epoch + 1, total_loss / seen, knn, seen / epoch_time, lr, epoch_time))
+        history.append(log_epoch(metrics_path, epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time))
     for each in (loader, bank_loader, val_loader):
         if each is not None:
             each.close()
