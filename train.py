@@ -126,14 +126,14 @@ def train(cfg: dict, resume: dict | None) -> list[dict]:
         history.append(log_epoch(metrics_path, 0, None, knn, None, None, None))
 
     for epoch in range(start_epoch, cfg["epochs"]):
-        lr = cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg["epochs"]))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         generator = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch)
         model.train()
         total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
         bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch")
         for step, batch in enumerate(bar):
+            lr = learning_rate(cfg, epoch, (step + 1) / len(loader))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             views = {name: augment(getattr(batch, name), aug, generator) for name in method.views}
             with autocast(device, cfg["amp"]):
                 loss, keys = method.step(model, views, cfg["temperature"], generator)
@@ -161,6 +161,14 @@ def train(cfg: dict, resume: dict | None) -> list[dict]:
         if each is not None:
             each.close()
     return history
+
+
+def learning_rate(cfg: dict, epoch: int, fraction: float) -> float:
+    """Linear warm-up over the first --warmup-epochs (per step; `fraction` of the epoch done after this step),
+    then MoCo's cosine decay, stepped per epoch."""
+    if epoch + fraction <= cfg["warmup_epochs"]:
+        return cfg["lr"] * (epoch + fraction) / cfg["warmup_epochs"]
+    return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg["epochs"]))
 
 
 def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time) -> dict:
@@ -195,13 +203,14 @@ def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time) -> d
     help="Continue from RUN_DIR/checkpoint.pt with its options; options given here override them.",
 )
 @click.option("--arch", type=click.Choice(ARCHS), default="resnet18")
-@click.option("--image-size", type=int, default=32, help="Training resolution S; S <= 64 uses the small-image stem.")
-@click.option("--epochs", type=int, default=3)
-@click.option("--batch-size", type=int, default=128)
-@click.option("--lr", type=float, default=0.06, help="Base learning rate (cosine decay per epoch).")
+@click.option("--image-size", type=int, default=16, help="Training resolution S; S <= 64 uses the small-image stem.")
+@click.option("--epochs", type=int, default=6)
+@click.option("--batch-size", type=int, default=64)
+@click.option("--lr", type=float, default=0.005, help="Base learning rate (cosine decay per epoch).")
+@click.option("--warmup-epochs", type=float, default=0.0, help="Linear learning-rate warm-up, in epochs.")
 @click.option("--weight-decay", type=float, default=5e-4)
 @click.option("--moco-momentum", type=float, default=0.99, help="Key-encoder momentum m.")
-@click.option("--queue-size", type=int, default=4096, help="Number of negative keys K.")
+@click.option("--queue-size", type=int, default=1024, help="Number of negative keys K.")
 @click.option("--temperature", type=float, default=0.1, help="InfoNCE temperature T.")
 @click.option("--bn-splits", type=int, default=8, help="Split batch norm groups (1 = plain BN).")
 @click.option("--blur/--no-blur", default=None, help="Gaussian blur p=0.5. [default: on when S > 64]")
