@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -62,3 +63,13 @@ def test_help_documents_the_paper_recipe():
     assert result.exit_code == 0
     for flag in ("--loader", "--method", "--resume", "--queue-size", "--moco-momentum", "--train-limit"):
         assert flag in result.output
+
+
+def test_learning_rate_warms_up_then_follows_cosine():
+    cfg = {"lr": 0.1, "epochs": 4, "warmup_epochs": 1.0}
+    assert train.learning_rate(cfg, 0, 0.25) == pytest.approx(0.025)
+    assert train.learning_rate(cfg, 0, 1.0) == pytest.approx(0.1)
+    assert train.learning_rate(cfg, 2, 0.5) == pytest.approx(0.05)  # cosine at epoch 2 of 4
+    cfg["warmup_epochs"] = 0.0
+    assert train.learning_rate(cfg, 0, 0.1) == pytest.approx(0.1)
+    assert train.learning_rate(cfg, 3, 0.9) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
