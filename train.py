@@ -203,10 +203,10 @@ def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time) -> d
     help="Continue from RUN_DIR/checkpoint.pt with its options; options given here override them.",
 )
 @click.option("--arch", type=click.Choice(ARCHS), default="resnet18")
-@click.option("--image-size", type=int, default=16, help="Training resolution S; S <= 64 uses the small-image stem.")
+@click.option("--image-size", type=int, default=32, help="Training resolution S; S <= 64 uses the small-image stem.")
 @click.option("--epochs", type=int, default=6)
 @click.option("--batch-size", type=int, default=64)
-@click.option("--lr", type=float, default=0.005, help="Base learning rate (cosine decay per epoch).")
+@click.option("--lr", type=float, default=0.015, help="Base learning rate (cosine decay per epoch).")
 @click.option("--warmup-epochs", type=float, default=0.0, help="Linear learning-rate warm-up, in epochs.")
 @click.option("--weight-decay", type=float, default=5e-4)
 @click.option("--moco-momentum", type=float, default=0.99, help="Key-encoder momentum m.")
@@ -215,9 +215,9 @@ def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time) -> d
 @click.option("--bn-splits", type=int, default=8, help="Split batch norm groups (1 = plain BN).")
 @click.option("--blur/--no-blur", default=None, help="Gaussian blur p=0.5. [default: on when S > 64]")
 @click.option(
-    "--train-limit", type=int, default=10000, help="Use a seeded random subset of this many train images (0 = all)."
+    "--train-limit", type=int, default=4000, help="Use a seeded random subset of this many train images (0 = all)."
 )
-@click.option("--val-limit", type=int, default=2000, help="Same for the val split used by the kNN monitor (0 = all).")
+@click.option("--val-limit", type=int, default=1000, help="Same for the val split used by the kNN monitor (0 = all).")
 @click.option("--knn-k", type=int, default=200)
 @click.option("--knn-temperature", type=float, default=0.1)
 @click.option(
