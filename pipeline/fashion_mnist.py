@@ -40,7 +40,8 @@ def read_idx(path: Path) -> np.ndarray:
 def write_split(images: np.ndarray, labels: np.ndarray, out: Path, quality: int, desc: str) -> None:
     for name in CLASSES:
         (out / name).mkdir(parents=True, exist_ok=True)
-    for i, (image, label) in enumerate(tqdm(zip(images, labels), total=len(images), desc=desc, unit="img")):
+    progress = tqdm(zip(images, labels), total=len(images), desc=desc, unit="img", mininterval=2)
+    for i, (image, label) in enumerate(progress):
         Image.fromarray(image, mode="L").save(out / CLASSES[label] / f"{i:05d}.jpg", quality=quality)
 
 
