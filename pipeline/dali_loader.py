@@ -7,13 +7,14 @@ for each crop. Outputs stay HWC, so the NCHW tensors the trainer sees are channe
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.loader import Batch, Loader, to_nchw
+from pipeline.loader import Batch, Loader, to_batch
 
 TRAIN_OUTPUTS = ["original", "crop1", "crop2", "label", "index"]
 EVAL_OUTPUTS = ["original", "label", "index"]
@@ -59,21 +60,13 @@ def _three_view_pipeline(source: _ScheduledSource, decode_device: str, size: int
     else:
         jpegs, labels, indices = fn.external_source(source=source, num_outputs=3, batch=True, parallel=False)
     images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-    views = [fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)]
+    resize = partial(fn.resize, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+    views = [resize(images)]
     if train:
-        for start, end in ((start1, end1), (start2, end2)):
-            # ROI in (y, x) pixels of the decoded image: crop + resize in one op, no intermediate copy.
-            views.append(
-                fn.resize(
-                    images,
-                    size=[size, size],
-                    roi_start=start,
-                    roi_end=end,
-                    roi_relative=False,
-                    interp_type=types.INTERP_LINEAR,
-                    antialias=True,
-                )
-            )
+        # ROI in (y, x) pixels of the decoded image: crop + resize in one op, no intermediate copy.
+        views += [
+            resize(images, roi_start=s, roi_end=e, roi_relative=False) for s, e in ((start1, end1), (start2, end2))
+        ]
     return (*views, labels, indices)
 
 
@@ -107,19 +100,8 @@ class DaliLoader(Loader):
         else:
             self._iterator.reset()
         for (outputs,) in self._iterator:
-            views = [
-                to_nchw(outputs[name].to(self.device, non_blocking=True))
-                for name in ("original", "crop1", "crop2")
-                if name in outputs
-            ]
-            crops = views[1:] or [None, None]
-            yield Batch(
-                views[0],
-                crops[0],
-                crops[1],
-                outputs["label"].to(self.device, non_blocking=True),
-                outputs["index"].to(self.device, non_blocking=True),
-            )
+            views = [outputs[name] for name in ("original", "crop1", "crop2") if name in outputs]
+            yield to_batch(views, outputs["label"], outputs["index"], self.device)
 
     def close(self) -> None:
         self._iterator = None

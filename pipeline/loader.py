@@ -75,9 +75,15 @@ class Loader:
         """Release worker threads/processes; the loader is unusable afterwards."""
 
 
-def to_nchw(views_nhwc: torch.Tensor) -> torch.Tensor:
-    """(N, S, S, 3) -> (N, 3, S, S) view whose strides are channels_last: no copy."""
-    return views_nhwc.permute(0, 3, 1, 2)
+def to_batch(
+    views_nhwc: list[torch.Tensor], labels: torch.Tensor, indices: torch.Tensor, device: torch.device
+) -> Batch:
+    """Backend output -> `Batch` on `device`: 1 or 3 uint8 (N, S, S, 3) views become (N, 3, S, S) views whose
+    strides are channels_last (a permute, no copy); an evaluation pass has no crops."""
+    views = [v.to(device, non_blocking=True).permute(0, 3, 1, 2) for v in views_nhwc]
+    crops = views[1:] or [None, None]
+    move = dict(device=device, non_blocking=True)
+    return Batch(views[0], crops[0], crops[1], labels.to(**move), indices.to(**move))
 
 
 def make_loader(backend: str, images: ImageList, **kwargs) -> Loader:

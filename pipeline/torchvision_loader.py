@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.loader import Batch, Loader, to_nchw
+from pipeline.loader import Batch, Loader, to_batch
 
 
 class _Views(Dataset):
@@ -45,12 +45,4 @@ class TorchvisionLoader(Loader):
             pin_memory=self.device.type == "cuda",
         )
         for views, labels, indices in data:
-            views = [to_nchw(v.to(self.device, non_blocking=True)) for v in views]  # each (N, S, S, 3) before
-            crops = views[1:] or [None, None]
-            yield Batch(
-                views[0],
-                crops[0],
-                crops[1],
-                labels.to(self.device, non_blocking=True),
-                indices.to(self.device, non_blocking=True),
-            )
+            yield to_batch(views, labels, indices, self.device)
