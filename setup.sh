@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Set up everything on a fresh Debian/Ubuntu machine: system data packages, .venv with pinned packages,
-# and the embedded Fashion-MNIST dataset as an ImageNet-layout JPEG folder in data/fashion-mnist.
+# Set up everything on a fresh Debian/Ubuntu machine: system packages (the Fashion-MNIST data; a compiler and
+# the libraries FFCV builds against), .venv with pinned packages, and the embedded Fashion-MNIST dataset as
+# an ImageNet-layout JPEG folder in data/fashion-mnist.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-packages=(dataset-fashion-mnist)
+packages=(dataset-fashion-mnist g++ pkg-config libopencv-dev libturbojpeg0-dev)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

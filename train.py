@@ -1,6 +1,9 @@
-"""Self-supervised pre-training: LeOCLR or MoCo-v2, on any ImageNet-layout folder, with DALI or torchvision.
+"""Self-supervised pre-training: LeOCLR or MoCo-v2, on an ImageNet-layout folder (DALI, torchvision) or FFCV
+.beton files (FFCV).
 
     python train.py --loader dali                      # defaults: embedded Fashion-MNIST, a CPU-sized run
+    python -m pipeline.convert data/fashion-mnist data/fashion-mnist-ffcv && \
+        python train.py --loader ffcv --data data/fashion-mnist-ffcv                    # the same run from FFCV
     python train.py --loader dali --data /imagenet --arch resnet50 --image-size 224 --batch-size 256 \\
         --lr 0.03 --moco-momentum 0.999 --queue-size 65536 --temperature 0.2 --weight-decay 1e-4 \\
         --epochs 200 --train-limit 0 --val-limit 0 --blur           # the paper's ImageNet recipe
@@ -25,7 +28,7 @@ from model.knn import knn_top1
 from model.methods import METHODS
 from model.moco import MomentumContrast
 from pipeline.augment import AugmentConfig, augment, normalize
-from pipeline.data import scan_split
+from pipeline.data import ImageList, load_splits
 from pipeline.loader import BACKENDS, Loader, make_loader
 
 DEFAULT_DATA = Path("data/fashion-mnist")
@@ -79,18 +82,14 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def train(cfg: dict, resume: dict | None) -> list[dict]:
+def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: ImageList | None) -> list[dict]:
     device = torch.device(cfg["device"])
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    data = Path(cfg["data"])
     torch.manual_seed(cfg["seed"])
-
-    train_images = scan_split(data / "train", cfg["train_limit"], cfg["seed"])
-    val_images = scan_split(data / "val", cfg["val_limit"], cfg["seed"]) if (data / "val").is_dir() else None
     click.echo(
-        f"data {data}: {len(train_images)} train images"
+        f"data {cfg['data']}: {len(train_images)} train images"
         + (f", {len(val_images)} val images" if val_images else ", no val split (kNN off)")
         + f", {len(train_images.classes)} classes; device {device}, loader {cfg['loader']}"
     )
@@ -182,13 +181,20 @@ def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time) -> d
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--loader", type=click.Choice(BACKENDS), default="dali", help="Data loading backend.")
+@click.option(
+    "--loader",
+    type=click.Choice(BACKENDS),
+    default="dali",
+    help="Data loading backend: dali (JPEG folder; GPU decode on CUDA), ffcv (.beton files) or torchvision "
+    "(the PIL reference).",
+)
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="leoclr", help="Training objective.")
 @click.option(
     "--data",
     type=click.Path(path_type=Path),
     default=DEFAULT_DATA,
-    help="ImageNet-layout folder: DATA/train/<class>/*.jpg and optional DATA/val/<class>/*.jpg.",
+    help="ImageNet-layout folder DATA/train/<class>/*.jpg (+ optional DATA/val/...); for --loader ffcv a folder "
+    "with train.beton (+ optional val.beton) or one .beton file, made by python -m pipeline.convert.",
 )
 @click.option(
     "--out",
@@ -240,14 +246,14 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
         options = {**state["config"], **{k: options[k] for k in given}}
         options["out"] = options["out"] if "out" in given else str(resume.parent)
     cfg = resolve(options)
-    if not (Path(cfg["data"]) / "train").is_dir():
-        hint = (
-            " (prepare it with: python -m pipeline.fashion_mnist data/fashion-mnist)"
-            if Path(cfg["data"]) == DEFAULT_DATA
-            else ""
-        )
-        raise click.ClickException(f"{cfg['data']}/train not found{hint}")
-    history = train(cfg, state)
+    try:
+        splits = load_splits(cfg["data"], cfg["loader"], cfg["train_limit"], cfg["val_limit"], cfg["seed"])
+    except (FileNotFoundError, ValueError) as error:
+        hint = ""
+        if Path(cfg["data"]) == DEFAULT_DATA and not DEFAULT_DATA.is_dir():
+            hint = " (prepare it with: python -m pipeline.fashion_mnist data/fashion-mnist)"
+        raise click.ClickException(f"{error}{hint}") from error
+    history = train(cfg, state, *splits)
     final = history[-1]["knn_top1"] if history else None
     if final is not None:
         click.echo(f"final kNN top-1: {100 * final:.2f}% (run directory {cfg['out']})")

@@ -1,4 +1,5 @@
-"""An ImageNet-layout split (SPLIT/<class>/*.jpg) as arrays of paths, labels and image sizes."""
+"""The images of one split as arrays of labels and image sizes, from an ImageNet-layout folder
+(SPLIT/<class>/*.jpg) or an FFCV .beton file; `load_splits` finds the splits a loader backend reads."""
 
 from __future__ import annotations
 
@@ -14,16 +15,22 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".JPG", ".JPEG"}
 
 @dataclass(frozen=True)
 class ImageList:
-    """The images of one split. `heights`/`widths` are int64 (N,), `labels` int64 (N,)."""
+    """The images of one split. `heights`/`widths` are int64 (N,), `labels` int64 (N,).
+
+    Folder data has one JPEG path per image. Data in a .beton has `beton` set, no paths, and `ids`, the
+    images' sample ids in that file (int64 (N,)); the sizes are the stored (possibly downscaled) ones.
+    """
 
     paths: list[str]
     labels: np.ndarray
     heights: np.ndarray
     widths: np.ndarray
     classes: list[str]
+    beton: str | None = None
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.labels)
 
 
 def scan_split(split_dir: str | Path, limit: int = 0, seed: int = 0) -> ImageList:
@@ -42,10 +49,8 @@ def scan_split(split_dir: str | Path, limit: int = 0, seed: int = 0) -> ImageLis
         labels += [label] * len(files)
     if not paths:
         raise FileNotFoundError(f"no JPEG files in {split_dir}/<class>/ (expected an ImageNet-layout folder)")
-    labels = np.asarray(labels, dtype=np.int64)
-    if 0 < limit < len(paths):
-        keep = np.sort(np.random.default_rng(seed).choice(len(paths), size=limit, replace=False))
-        paths, labels = [paths[i] for i in keep], labels[keep]
+    keep = subset(len(paths), limit, seed)
+    paths, labels = [paths[i] for i in keep], np.asarray(labels, dtype=np.int64)[keep]
     heights = np.empty(len(paths), dtype=np.int64)
     widths = np.empty(len(paths), dtype=np.int64)
     for i, path in enumerate(tqdm(paths, desc=f"sizes {split_dir.name}", unit="img", leave=False, mininterval=1)):
@@ -60,3 +65,38 @@ def read_size(path: str) -> tuple[int, int]:
             return image.size
     except Exception as error:  # PIL raises several unrelated types for broken files
         raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def subset(count: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of `limit` of `count` items (all of them when limit is 0).
+
+    Folders and the .beton files converted from them list images in the same order, so one seed picks the
+    same images for every backend.
+    """
+    if 0 < limit < count:
+        return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+    return np.arange(count)
+
+
+def load_splits(
+    data: str | Path, backend: str, train_limit: int = 0, val_limit: int = 0, seed: int = 0
+) -> tuple[ImageList, ImageList | None]:
+    """(train, val or None) for a loader backend. FFCV reads DATA/train.beton (+ DATA/val.beton) or one .beton
+    file; the others read DATA/train/<class>/*.jpg (+ DATA/val/...). Errors say what to do instead."""
+    data = Path(data)
+    if backend == "ffcv":
+        from pipeline.ffcv_loader import read_beton
+
+        if data.suffix == ".beton" or data.is_file():
+            return read_beton(data, train_limit, seed), None
+        if not (data / "train.beton").is_file():
+            hint = f" (convert the folder first: python -m pipeline.convert {data} OUT_DIR)" if data.is_dir() else ""
+            raise FileNotFoundError(f"{data}/train.beton not found{hint}")
+        val = read_beton(data / "val.beton", val_limit, seed) if (data / "val.beton").is_file() else None
+        return read_beton(data / "train.beton", train_limit, seed), val
+    if data.suffix == ".beton" or (data / "train.beton").is_file() and not (data / "train").is_dir():
+        raise ValueError(f"{data} holds FFCV .beton files, which only --loader ffcv reads")
+    if not (data / "train").is_dir():
+        raise FileNotFoundError(f"{data}/train not found (expected DATA/train/<class>/*.jpg)")
+    val = scan_split(data / "val", val_limit, seed) if (data / "val").is_dir() else None
+    return scan_split(data / "train", train_limit, seed), val

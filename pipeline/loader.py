@@ -18,7 +18,7 @@ import torch
 from pipeline.crop_plan import crop_plan, epoch_order
 from pipeline.data import ImageList
 
-BACKENDS = ("dali", "torchvision")
+BACKENDS = ("dali", "ffcv", "torchvision")
 
 
 class Batch(NamedTuple):
@@ -87,13 +87,19 @@ def to_batch(
 
 
 def make_loader(backend: str, images: ImageList, **kwargs) -> Loader:
-    """Build a loader backend by name ("dali" or "torchvision"); kwargs as `Loader`."""
+    """Build a loader backend by name ("dali", "ffcv" or "torchvision"); kwargs as `Loader`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown loader {backend!r}; choose from {', '.join(BACKENDS)}")
+    if images.beton is not None and backend != "ffcv":
+        raise ValueError(f"{images.beton} is an FFCV .beton file, which only the ffcv loader reads")
+    if backend == "ffcv":
+        from pipeline.ffcv_loader import FfcvLoader
+
+        return FfcvLoader(images, **kwargs)
     if backend == "dali":
         from pipeline.dali_loader import DaliLoader
 
         return DaliLoader(images, **kwargs)
-    if backend == "torchvision":
-        from pipeline.torchvision_loader import TorchvisionLoader
+    from pipeline.torchvision_loader import TorchvisionLoader
 
-        return TorchvisionLoader(images, **kwargs)
-    raise ValueError(f"unknown loader {backend!r}; choose from {', '.join(BACKENDS)}")
+    return TorchvisionLoader(images, **kwargs)

@@ -26,3 +26,14 @@ def write_tiny_dataset(root: Path, per_class: int = 8, classes: int = 3, seed: i
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_beton(tiny_data, tmp_path_factory) -> Path:
+    """`tiny_data` converted to OUT/{train,val}.beton with raw pixels, so FFCV sees exactly PIL's decode."""
+    from pipeline.convert import convert_split
+
+    out = tmp_path_factory.mktemp("tiny-ffcv")
+    for split in ("train", "val"):
+        convert_split(tiny_data / split, out / f"{split}.beton", write_mode="raw", workers=1)
+    return out

@@ -23,7 +23,7 @@ def test_every_requirement_is_pinned():
     pins = requirement_pins()
     assert pins and all("==" in pin for pin in pins)
     names = [pin.split("==")[0] for pin in pins]
-    for needed in ("torch", "torchvision", "nvidia-dali-cuda120", "numpy", "click"):
+    for needed in ("torch", "torchvision", "nvidia-dali-cuda120", "ffcv", "numpy", "click"):
         assert needed in names
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import scan_split
+from pipeline.data import load_splits, scan_split
 from pipeline.loader import BACKENDS, make_loader
 
 SIZE, BATCH = 16, 8
@@ -24,8 +24,15 @@ def images(tiny_data):
     return scan_split(tiny_data / "train")
 
 
+@pytest.fixture(scope="module")
+def split(tiny_data, tiny_beton):
+    """The tiny train split as each backend reads it (FFCV: the same images converted to a .beton)."""
+    return lambda backend: load_splits(tiny_beton if backend == "ffcv" else tiny_data, backend)[0]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_training_batches_follow_the_contract(backend, images):
+def test_training_batches_follow_the_contract(backend, split):
+    images = split(backend)
     data = loader(backend, images, train=True)
     order, _ = data.schedule(epoch=1)
     batches = list(data.epoch(1))
@@ -43,7 +50,8 @@ def test_training_batches_follow_the_contract(backend, images):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_evaluation_pass_yields_every_image_once_in_order(backend, images):
+def test_evaluation_pass_yields_every_image_once_in_order(backend, split):
+    images = split(backend)
     data = loader(backend, images, train=False)
     batches = list(data.epoch(0))
     assert torch.cat([b.indices for b in batches]).tolist() == list(range(len(images)))

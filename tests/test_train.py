@@ -17,11 +17,11 @@ def run(*args):
     return result.output
 
 
-@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+@pytest.mark.parametrize("loader", ["dali", "ffcv", "torchvision"])
 @pytest.mark.parametrize("method", ["leoclr", "mocov2"])
-def test_one_epoch_writes_the_run_directory(tiny_data, tmp_path, loader, method):
-    out = tmp_path / "run"
-    output = run("--loader", loader, "--method", method, "--data", tiny_data, "--out", out, "--epochs", 1)
+def test_one_epoch_writes_the_run_directory(tiny_data, tiny_beton, tmp_path, loader, method):
+    out, data = tmp_path / "run", tiny_beton if loader == "ffcv" else tiny_data
+    output = run("--loader", loader, "--method", method, "--data", data, "--out", out, "--epochs", 1)
     assert "final kNN top-1" in output
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method and config["loader"] == loader and config["device"] == "cpu"

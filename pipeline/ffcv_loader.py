@@ -1,0 +1,218 @@
+"""FFCV backend: a .beton file read through FFCV's memory-mapped storage and numba-compiled pipeline, with our
+own decoder that decodes each JPEG once and resizes the whole image (the original) and the two planned crop
+windows out of that one decode (FFCV's stock decoders fuse one crop into every decode: one decode per view).
+
+How the windows reach compiled code: numba freezes arrays a compiled function captures, but FFCV hands the
+reader's metadata table to the decoder as an argument at every batch. Each epoch therefore gets a fresh
+table with one row per scheduled sample (the image's storage pointer and size plus its views' windows), and
+FFCV walks positions 0..n-1 of it. New windows (a new epoch, ContrastiveCrop's new boxes) reach the decoder
+without recompiling or restarting anything, and an iterator still running keeps the table it started with.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.rgb_image import IMAGE_MODES
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader as FfcvPipeline
+from ffcv.memory_managers.os_cache import OSCacheManager
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.pipeline_spec import PipelineSpec
+from ffcv.pipeline.state import State
+from ffcv.reader import Reader
+from ffcv.transforms import ToDevice, ToTensor
+from ffcv.traversal_order.base import TraversalOrder
+
+from pipeline.data import ImageList, subset
+from pipeline.loader import Batch, Loader, to_batch
+
+IMAGE_FIELD, LABEL_FIELD = "image", "label"
+JPEG_MODE = int(IMAGE_MODES["jpg"])  # the other mode stores raw RGB
+_decode_jpeg, _resize = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+_READ_ONLY_BYTES = numba.types.Array(numba.uint8, 1, "C", readonly=True)
+
+
+def _os_cache_state_type(self) -> numba.types.Tuple:
+    return numba.types.Tuple([_READ_ONLY_BYTES, numba.uint64[::1], numba.uint64[::1]])
+
+
+def _os_cache_reader(self):
+    def read(address, state):  # FFCV's reader: the bytes of the sample stored at `address`
+        size = state[2][np.searchsorted(state[1], address)]
+        return state[0][address : address + size]
+
+    return Compiler.compile(read, _READ_ONLY_BYTES(numba.uint64, self.state_type))
+
+
+# FFCV 1.0.2's OSCacheManager builds its types by setting `.mutable = False` on numba's shared, interned
+# `uint8[::1]`: that changes the type's hash under every dict keyed by it, and later compiles fail with a
+# KeyError inside numba (a dead loader thread, a hang). Same types, built without mutating anything:
+OSCacheManager.state_type = property(_os_cache_state_type)
+OSCacheManager.compile_reader = _os_cache_reader
+
+
+def read_beton(path: str | Path, limit: int = 0, seed: int = 0) -> ImageList:
+    """The images of a .beton with an RGBImageField "image" and an IntField "label" (what `pipeline.convert`
+    and ffcv-imagenet write); with limit > 0 a seeded subset chosen as `scan_split` chooses from a folder."""
+    path = Path(path)
+    try:
+        reader = Reader(str(path))
+    except Exception as error:  # FFCV raises assertion/value errors or numpy's for foreign files
+        raise ValueError(f"cannot read {path} as an FFCV .beton file: {error}") from error
+    fields = reader.handlers
+    if not isinstance(fields.get(IMAGE_FIELD), RGBImageField) or not isinstance(fields.get(LABEL_FIELD), IntField):
+        found = ", ".join(f"{name} ({type(field).__name__})" for name, field in fields.items())
+        raise ValueError(f"{path} must hold an RGBImageField 'image' and an IntField 'label'; it holds {found}")
+    names = list(fields)
+    images = reader.metadata[f"f{names.index(IMAGE_FIELD)}"]
+    labels = reader.metadata[f"f{names.index(LABEL_FIELD)}"].astype(np.int64)
+    ids = subset(len(labels), limit, seed)
+    classes = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
+    return ImageList(
+        paths=[],
+        labels=labels[ids],
+        heights=images["height"][ids].astype(np.int64),
+        widths=images["width"][ids].astype(np.int64),
+        classes=classes,
+        beton=str(path),
+        ids=ids.astype(np.int64),
+    )
+
+
+class ViewsDecoder(Operation):
+    """Decodes each image once (JPEG or raw) and resizes `views` windows of it to size x size.
+
+    Output per sample: uint8 (views, size, size, 3). The windows (views, 4) = [top, left, height, width] in
+    stored-image pixels come from the "window" column of the metadata row being decoded.
+    """
+
+    def __init__(self, size: int, views: int) -> None:
+        super().__init__()
+        self.size, self.views = size, views
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+        largest = np.uint64(self.metadata["height"].max()) * np.uint64(self.metadata["width"].max())
+        shape, uint8 = (self.views, self.size, self.size, 3), np.dtype("u1")
+        state = replace(previous_state, jit_mode=True, shape=shape, dtype=uint8)
+        # One scratch image per sample of the batch: the decode the views are cut from.
+        return state, (AllocationQuery(shape, uint8), AllocationQuery((largest * np.uint64(3),), uint8))
+
+    def generate_code(self):
+        read, decode_jpeg, resize = self.memory_read, _decode_jpeg, _resize
+        loop, views = Compiler.get_iterator(), self.views
+
+        def decode(positions, buffers, table, storage_state):
+            destination, scratch = buffers
+            for k in loop(len(positions)):
+                row = table[positions[k]]
+                data = read(row["data_ptr"], storage_state)
+                height, width = np.uint32(row["height"]), np.uint32(row["width"])
+                if row["mode"] == JPEG_MODE:
+                    decode_jpeg(data, scratch[k], height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = scratch[k][: 3 * height * width].reshape(height, width, 3)
+                else:
+                    image = data.reshape(height, width, 3)
+                window = row["window"]
+                for v in range(views):
+                    top, left = window[v, 0], window[v, 1]
+                    resize(image, top, top + window[v, 2], left, left + window[v, 3], destination[k, v])
+            return destination[: len(positions)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class _EpochPositions(TraversalOrder):
+    """FFCV calls a custom order object with its Loader; this one then walks positions 0..n-1 of the epoch's
+    table. FFCV caps an epoch at the length seen at construction, so that is the split's size."""
+
+    def __init__(self, count: int) -> None:
+        self.positions = np.arange(count, dtype=np.uint64)
+
+    def __call__(self, _loader) -> _EpochPositions:
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.positions
+
+
+class FfcvLoader(Loader):
+    def __init__(self, images: ImageList, **kwargs) -> None:
+        if images.beton is None:
+            raise ValueError("the ffcv loader reads .beton files: convert the folder with python -m pipeline.convert")
+        super().__init__(images, **kwargs)
+        self._views = 3 if self.train else 1
+        self._positions = _EpochPositions(len(images))
+        cuda = self.device.type == "cuda"
+        to_device = [ToDevice(self.device, non_blocking=True)] if cuda else []
+        threads = torch.get_num_threads()
+        self._pipeline = FfcvPipeline(
+            images.beton,
+            batch_size=self.batch_size,
+            num_workers=max(1, self.workers),
+            order=self._positions,
+            os_cache=True,  # memory-mapped file, shared with the page cache (see the fix above)
+            drop_last=False,  # the schedule already holds whole batches when training
+            batches_ahead=2,
+            pipelines={
+                IMAGE_FIELD: PipelineSpec(
+                    IMAGE_FIELD, decoder=ViewsDecoder(self.image_size, self._views), transforms=[ToTensor(), *to_device]
+                ),
+                **{name: None for name in Reader(images.beton).handlers if name != IMAGE_FIELD},
+            },
+        )
+        torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count
+        # The compiled code reads the image field's column by its position in the file, "f<index>".
+        self._column = f"f{list(self._pipeline.reader.handlers).index(IMAGE_FIELD)}"
+        stored = self._pipeline.reader.metadata[self._column]
+        self._stored = stored[images.ids]
+        columns = [(name, stored.dtype[name]) for name in stored.dtype.names]
+        self._table_dtype = np.dtype([(self._column, [*columns, ("window", "<i4", (self._views, 4))])])
+
+    def _table(self, order: np.ndarray, windows: np.ndarray | None) -> np.ndarray:
+        """One metadata row per scheduled sample: its stored image plus the windows of its views."""
+        table = np.empty(len(order), dtype=self._table_dtype)
+        rows = table[self._column]
+        for name in self._stored.dtype.names:
+            rows[name] = self._stored[name][order]
+        whole = np.zeros((len(order), 1, 4), dtype=np.int32)
+        whole[:, 0, 2], whole[:, 0, 3] = self.images.heights[order], self.images.widths[order]
+        rows["window"] = whole if windows is None else np.concatenate([whole, windows.astype(np.int32)], axis=1)
+        return table
+
+    def _batches(self, order: np.ndarray, windows: np.ndarray | None) -> Iterator[Batch]:
+        # A new table per epoch: the running compiled code reads it through the metadata argument.
+        self._pipeline.reader.metadata = self._table(order, windows)
+        self._positions.positions = np.arange(len(order), dtype=np.uint64)
+        threads = torch.get_num_threads()
+        epoch = iter(self._pipeline)
+        torch.set_num_threads(threads)
+        # FFCV's worker thread dying (an exception in compiled code) would leave us waiting on its queue
+        # forever: a watcher ends the iteration instead, and the count below turns that into an error.
+        threading.Thread(target=lambda: (epoch.join(), epoch.output_queue.put(None)), daemon=True).start()
+        labels, indices = torch.from_numpy(self.images.labels[order]), torch.from_numpy(order.astype(np.int64))
+        done = 0
+        try:
+            for block, *_ in epoch:
+                part = slice(done, done + len(block))
+                # block is (n, views, S, S, 3) in a buffer FFCV reuses: each view is copied out, whole.
+                views = [block[:, v].contiguous() for v in range(self._views)]
+                done += len(block)
+                yield to_batch(views, labels[part], indices[part], self.device)
+        finally:
+            epoch.close()
+        if done < len(order):
+            raise RuntimeError(f"FFCV's loader thread stopped after {done} of {len(order)} images (error above)")
+
+    def close(self) -> None:
+        self._pipeline = None
