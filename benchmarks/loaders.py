@@ -1,7 +1,7 @@
 """Loader throughput in images/sec: decode once + original + 2 crop views, optionally + device augmentation.
 
     python -m benchmarks.loaders --data data/fashion-mnist --image-size 32
-    python -m benchmarks.loaders --data /imagenet --image-size 224 --augment
+    python -m benchmarks.loaders --data /imagenet --ffcv-data /ffcv/train.beton --image-size 224 --augment
 
 Prints one line per backend. Timing starts after a warm-up epoch slice, so start-up costs are excluded.
 """
@@ -15,7 +15,7 @@ import click
 import torch
 
 from pipeline.augment import AugmentConfig, augment
-from pipeline.data import scan_split
+from pipeline.data import load_splits
 from pipeline.loader import BACKENDS, make_loader
 
 
@@ -50,7 +50,13 @@ def measure(backend: str, images, image_size: int, batch_size: int, workers: int
     "--data",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     required=True,
-    help="ImageNet-layout folder (its train split is read).",
+    help="ImageNet-layout folder (its train split is read) for dali and torchvision.",
+)
+@click.option(
+    "--ffcv-data",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="The same images as .beton (file, or folder with train.beton) for ffcv; ffcv is skipped without it.",
 )
 @click.option("--backend", "backends", type=click.Choice(BACKENDS), multiple=True, default=BACKENDS)
 @click.option("--image-size", type=int, default=224)
@@ -59,9 +65,12 @@ def measure(backend: str, images, image_size: int, batch_size: int, workers: int
 @click.option("--steps", type=int, default=30, help="Timed batches per backend.")
 @click.option("--limit", type=int, default=5000, help="Images to index (0 = all).")
 @click.option("--augment/--no-augment", "aug", default=False, help="Also run the device augmentation on 3 views.")
-def main(data: Path, backends, image_size, batch_size, workers, steps, limit, aug) -> None:
-    images = scan_split(data / "train", limit)
+def main(data: Path, ffcv_data: Path | None, backends, image_size, batch_size, workers, steps, limit, aug) -> None:
     for backend in backends:
+        if backend == "ffcv" and ffcv_data is None:
+            click.echo("ffcv         skipped (no --ffcv-data; make one with python -m pipeline.convert)")
+            continue
+        images, _ = load_splits(ffcv_data if backend == "ffcv" else data, backend, limit)
         rate = measure(backend, images, image_size, batch_size, workers, steps, aug)
         click.echo(f"{backend:12s} {rate:8.0f} img/s  (3 views, {image_size} px, batch {batch_size}, "
                    f"{workers} workers{', + augmentation' if aug else ''})")  # fmt: skip

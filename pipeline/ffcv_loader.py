@@ -92,28 +92,38 @@ def read_beton(path: str | Path, limit: int = 0, seed: int = 0) -> ImageList:
 class ViewsDecoder(Operation):
     """Decodes each image once (JPEG or raw) and resizes `views` windows of it to size x size.
 
-    Output per sample: uint8 (views, size, size, 3). The windows (views, 4) = [top, left, height, width] in
-    stored-image pixels come from the "window" column of the metadata row being decoded.
+    The windows (views, 4) = [top, left, height, width] in stored-image pixels come from the "window" column
+    of the metadata row being decoded. The batch is written view-major, uint8 (views, n, size, size, 3), so
+    each view is one contiguous NHWC block (channels_last after a permute, no copy); FFCV sees it as
+    (n, views * size * size * 3). With `fresh` every batch gets new memory (CPU: the trainer's tensors are
+    never overwritten by later batches); without it the batch goes into FFCV's pinned buffers, the source of
+    its asynchronous copy to the GPU.
     """
 
-    def __init__(self, size: int, views: int) -> None:
+    def __init__(self, size: int, views: int, fresh: bool) -> None:
         super().__init__()
-        self.size, self.views = size, views
+        self.size, self.views, self.fresh = size, views, fresh
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
         largest = np.uint64(self.metadata["height"].max()) * np.uint64(self.metadata["width"].max())
-        shape, uint8 = (self.views, self.size, self.size, 3), np.dtype("u1")
+        shape, uint8 = (self.views * self.size * self.size * 3,), np.dtype("u1")
         state = replace(previous_state, jit_mode=True, shape=shape, dtype=uint8)
-        # One scratch image per sample of the batch: the decode the views are cut from.
-        return state, (AllocationQuery(shape, uint8), AllocationQuery((largest * np.uint64(3),), uint8))
+        # FFCV's output slots (unused when fresh), and one scratch image per sample: the decode views come from.
+        output = AllocationQuery((1,) if self.fresh else shape, uint8)
+        return state, (output, AllocationQuery((largest * np.uint64(3),), uint8))
 
     def generate_code(self):
         read, decode_jpeg, resize = self.memory_read, _decode_jpeg, _resize
-        loop, views = Compiler.get_iterator(), self.views
+        loop, views, size, fresh = Compiler.get_iterator(), self.views, self.size, self.fresh
 
         def decode(positions, buffers, table, storage_state):
-            destination, scratch = buffers
-            for k in loop(len(positions)):
+            slots, scratch = buffers
+            n = len(positions)
+            if fresh:
+                out = np.empty((views, n, size, size, 3), dtype=np.uint8)
+            else:
+                out = slots.reshape(-1)[: views * n * size * size * 3].reshape(views, n, size, size, 3)
+            for k in loop(n):
                 row = table[positions[k]]
                 data = read(row["data_ptr"], storage_state)
                 height, width = np.uint32(row["height"]), np.uint32(row["width"])
@@ -125,8 +135,8 @@ class ViewsDecoder(Operation):
                 window = row["window"]
                 for v in range(views):
                     top, left = window[v, 0], window[v, 1]
-                    resize(image, top, top + window[v, 2], left, left + window[v, 3], destination[k, v])
-            return destination[: len(positions)]
+                    resize(image, top, top + window[v, 2], left, left + window[v, 3], out[v, k])
+            return out.reshape(n, views * size * size * 3)
 
         decode.is_parallel = True
         return decode
@@ -166,7 +176,9 @@ class FfcvLoader(Loader):
             batches_ahead=2,
             pipelines={
                 IMAGE_FIELD: PipelineSpec(
-                    IMAGE_FIELD, decoder=ViewsDecoder(self.image_size, self._views), transforms=[ToTensor(), *to_device]
+                    IMAGE_FIELD,
+                    decoder=ViewsDecoder(self.image_size, self._views, fresh=not cuda),
+                    transforms=[ToTensor(), *to_device],
                 ),
                 **{name: None for name in Reader(images.beton).handlers if name != IMAGE_FIELD},
             },
@@ -201,14 +213,16 @@ class FfcvLoader(Loader):
         # forever: a watcher ends the iteration instead, and the count below turns that into an error.
         threading.Thread(target=lambda: (epoch.join(), epoch.output_queue.put(None)), daemon=True).start()
         labels, indices = torch.from_numpy(self.images.labels[order]), torch.from_numpy(order.astype(np.int64))
-        done = 0
+        done, cuda = 0, self.device.type == "cuda"
         try:
             for block, *_ in epoch:
-                part = slice(done, done + len(block))
-                # block is (n, views, S, S, 3) in a buffer FFCV reuses: each view is copied out, whole.
-                views = [block[:, v].contiguous() for v in range(self._views)]
-                done += len(block)
-                yield to_batch(views, labels[part], indices[part], self.device)
+                n, size = len(block), self.image_size
+                views = block.view(self._views, n, size, size, 3)  # the decoder's view-major layout
+                if cuda:  # FFCV reuses its GPU buffers for later batches
+                    views = views.clone()
+                part = slice(done, done + n)
+                done += n
+                yield to_batch(list(views), labels[part], indices[part], self.device)
         finally:
             epoch.close()
         if done < len(order):
