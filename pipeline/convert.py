@@ -18,11 +18,15 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 from PIL import Image
 
+from pipeline import TORCH_THREADS
 from pipeline.data import ImageList, scan_split
+
+torch.set_num_threads(TORCH_THREADS)  # undo FFCV's import (see pipeline/__init__.py)
 
 SPLITS = ("train", "val")
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")

@@ -33,8 +33,11 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
+from pipeline import TORCH_THREADS
 from pipeline.data import ImageList, subset
 from pipeline.loader import Batch, Loader, to_batch
+
+torch.set_num_threads(TORCH_THREADS)  # undo FFCV's import (see pipeline/__init__.py)
 
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
 JPEG_MODE = int(IMAGE_MODES["jpg"])  # the other mode stores raw RGB
@@ -165,7 +168,7 @@ class FfcvLoader(Loader):
         self._positions = _EpochPositions(len(images))
         cuda = self.device.type == "cuda"
         to_device = [ToDevice(self.device, non_blocking=True)] if cuda else []
-        threads = torch.get_num_threads()
+        threads = torch.get_num_threads()  # FFCV sets torch's thread count to its worker count
         self._pipeline = FfcvPipeline(
             images.beton,
             batch_size=self.batch_size,
@@ -183,7 +186,7 @@ class FfcvLoader(Loader):
                 **{name: None for name in Reader(images.beton).handlers if name != IMAGE_FIELD},
             },
         )
-        torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count
+        torch.set_num_threads(threads)
         # The compiled code reads the image field's column by its position in the file, "f<index>".
         self._column = f"f{list(self._pipeline.reader.handlers).index(IMAGE_FIELD)}"
         stored = self._pipeline.reader.metadata[self._column]
