@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import click
@@ -28,6 +29,7 @@ from model.knn import knn_top1
 from model.methods import METHODS
 from model.moco import MomentumContrast
 from pipeline.augment import AugmentConfig, augment, normalize
+from pipeline.ccrop import localize, update_epochs
 from pipeline.data import ImageList, load_splits
 from pipeline.loader import BACKENDS, Loader, make_loader
 
@@ -95,7 +97,11 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     )
     common = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"], device=device, workers=cfg["workers"])
     loader = make_loader(cfg["loader"], train_images, train=True, seed=cfg["seed"], **common)
-    bank_loader = make_loader(cfg["loader"], train_images, train=False, **common) if val_images else None
+    # The un-augmented pass over the training images: the kNN bank and ContrastiveCrop's localisation.
+    ccrop = cfg["crop"] == "ccrop"
+    bank_loader = make_loader(cfg["loader"], train_images, train=False, **common) if val_images or ccrop else None
+    loader.alpha = cfg["ccrop_alpha"]
+    box_updates = update_epochs(cfg["epochs"], cfg["ccrop_warmup"], cfg["ccrop_interval"]) if ccrop else []
     val_loader = make_loader(cfg["loader"], val_images, train=False, **common) if val_images else None
 
     model = MomentumContrast(
@@ -117,14 +123,22 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         set_rng_states(resume["rng"])
+        loader.boxes = resume.get("boxes")
         start_epoch = resume["epoch"]
         click.echo(f"resumed after epoch {start_epoch}")
     else:
         metrics_path.write_text("")
         knn = knn_monitor(model, bank_loader, val_loader, cfg)
-        history.append(log_epoch(metrics_path, 0, None, knn, None, None, None))
+        history.append(log_epoch(metrics_path, 0, None, knn, None, None, None, None))
 
     for epoch in range(start_epoch, cfg["epochs"]):
+        if epoch in box_updates:
+            context = partial(autocast, device, cfg["amp"])
+            loader.boxes = localize(model.query_encoder, bank_loader, cfg["ccrop_k"], context)
+            np.save(out / "boxes.npy", loader.boxes)
+            click.echo(
+                f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}"
+            )
         generator = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch)
         model.train()
         total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
@@ -151,11 +165,12 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         epoch_loss = total_loss.item() / seen
         save_atomic(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": epoch + 1, "config": cfg, "rng": rng_states()},
+             "epoch": epoch + 1, "config": cfg, "rng": rng_states(), "boxes": loader.boxes},
             out / "checkpoint.pt",
         )  # fmt: skip
         knn = knn_monitor(model, bank_loader, val_loader, cfg)
-        history.append(log_epoch(metrics_path, epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time))
+        area = None if loader.boxes is None else box_area(loader.boxes)
+        history.append(log_epoch(metrics_path, epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area))
     for each in (loader, bank_loader, val_loader):
         if each is not None:
             each.close()
@@ -170,9 +185,14 @@ def learning_rate(cfg: dict, epoch: int, fraction: float) -> float:
     return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg["epochs"]))
 
 
-def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time) -> dict:
+def box_area(boxes: np.ndarray) -> float:
+    """Mean area of ContrastiveCrop boxes, as a fraction of the image."""
+    return float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+
+
+def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time, area) -> dict:
     record = {"epoch": epoch, "loss": loss, "knn_top1": knn, "images_per_sec": images_per_sec, "lr": lr,
-              "epoch_time_s": epoch_time}  # fmt: skip
+              "epoch_time_s": epoch_time, "box_area": area}  # fmt: skip
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
     shown = "n/a" if knn is None else f"{100 * knn:.2f}%"
@@ -219,6 +239,22 @@ def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time) -> d
 @click.option("--queue-size", type=int, default=1024, help="Number of negative keys K.")
 @click.option("--temperature", type=float, default=0.1, help="InfoNCE temperature T.")
 @click.option("--bn-splits", type=int, default=8, help="Split batch norm groups (1 = plain BN).")
+@click.option(
+    "--crop",
+    type=click.Choice(["random", "ccrop"]),
+    default="random",
+    help="Crops of the two augmented views: RandomResizedCrop, or ContrastiveCrop (centres sampled around a "
+    "box per image found from the model's own heatmap; the LeOCLR original is never cropped).",
+)
+@click.option("--ccrop-k", type=float, default=0.1, help="ContrastiveCrop heatmap threshold k.")
+@click.option("--ccrop-alpha", type=float, default=0.6, help="ContrastiveCrop Beta(alpha, alpha) for crop centres.")
+@click.option(
+    "--ccrop-warmup",
+    type=int,
+    default=None,
+    help="Epochs of RandomResizedCrop before the first boxes. [default: 20% of --epochs]",
+)
+@click.option("--ccrop-interval", type=int, default=None, help="Epochs between box updates. [default: 20% of --epochs]")
 @click.option("--blur/--no-blur", default=None, help="Gaussian blur p=0.5. [default: on when S > 64]")
 @click.option(
     "--train-limit", type=int, default=4000, help="Use a seeded random subset of this many train images (0 = all)."
@@ -266,6 +302,9 @@ def resolve(options: dict) -> dict:
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg["blur"] is None:
         cfg["blur"] = cfg["image_size"] > 64
+    for key in ("ccrop_warmup", "ccrop_interval"):  # the paper: 20 of 100 epochs each
+        if cfg[key] is None:
+            cfg[key] = max(1, round(0.2 * cfg["epochs"]))
     if cfg["out"] is None:
         cfg["out"] = f"runs/{cfg['method']}-{cfg['loader']}"
     cfg["data"], cfg["out"] = str(cfg["data"]), str(cfg["out"])

@@ -22,6 +22,12 @@ class Encoder(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last conv stage's output before pooling: (N, 3, S, S) -> (N, D, h, w)."""
+        net = self.backbone
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.backbone(x)).float(), dim=1)  # float32 embeddings under autocast
 

@@ -1,7 +1,9 @@
-"""The one crop-plan sampler: crop windows for every image of an epoch, from image sizes and a seed.
+"""The one crop-plan sampler: crop windows for every image of an epoch, from image sizes, optional
+ContrastiveCrop boxes and a seed.
 
-Every loader backend (DALI, torchvision, later FFCV) only *applies* these windows, so the same seed gives the
-same crops everywhere. A window is (top, left, height, width) in pixels of the decoded image, int64.
+Every loader backend (DALI, FFCV, torchvision) only *applies* these windows, so the same seed gives the same
+crops everywhere. A window is (top, left, height, width) in pixels of the decoded image, int64. A
+ContrastiveCrop box is (top, left, bottom, right) as fractions of the image's height and width, float.
 """
 
 from __future__ import annotations
@@ -26,11 +28,18 @@ def random_resized_crop(
     scale: tuple[float, float] = SCALE,
     ratio: tuple[float, float] = RATIO,
     tries: int = 10,
+    boxes: np.ndarray | None = None,
+    alpha: float = 0.6,
 ) -> np.ndarray:
     """RandomResizedCrop windows, vectorised over images: (N,) sizes -> (N, 4) [top, left, h, w] int64.
 
     Same rule as torchvision: up to `tries` draws of area fraction ~ U(scale) and log-ratio ~ U(log ratio);
     the first draw that fits is used, else a central crop with the ratio clamped into range.
+
+    With `boxes` (N, 4) this is ContrastiveCrop's centre-suppressed sampling (same size rule): the crop's
+    top-left may range from [box edge - crop size // 2] clamped to [0, H - h] (rows; columns alike), and is
+    min + floor((max - min) * u) with u ~ Beta(alpha, alpha) drawn for rows and columns independently, as in
+    the reference code. alpha < 1 favours the ends of that range, so crop centres land near the box edges.
     """
     heights = np.asarray(heights, dtype=np.int64)
     widths = np.asarray(widths, dtype=np.int64)
@@ -53,16 +62,42 @@ def random_resized_crop(
     fh[tall] = np.round(widths[tall] / ratio[0]).astype(np.int64)
     h, w = np.where(found, h, fh), np.where(found, w, fw)
 
-    u = rng.random((n, 2))
-    top = np.where(found, np.floor(u[:, 0] * (heights - h + 1)), (heights - h) // 2).astype(np.int64)
-    left = np.where(found, np.floor(u[:, 1] * (widths - w + 1)), (widths - w) // 2).astype(np.int64)
+    if boxes is None:
+        u = rng.random((n, 2))
+        first_top, first_left = np.zeros(n), np.zeros(n)
+        top_range, left_range = heights - h + 1, widths - w + 1
+    else:
+        u = rng.beta(alpha, alpha, size=(n, 2))
+        first_top, last_top = _start_range(heights, h, boxes[:, 0], boxes[:, 2])
+        first_left, last_left = _start_range(widths, w, boxes[:, 1], boxes[:, 3])
+        top_range, left_range = last_top - first_top, last_left - first_left
+    top = np.where(found, first_top + np.floor(u[:, 0] * top_range), (heights - h) // 2).astype(np.int64)
+    left = np.where(found, first_left + np.floor(u[:, 1] * left_range), (widths - w) // 2).astype(np.int64)
     return np.stack([top, left, h, w], axis=1)
 
 
-def crop_plan(heights: np.ndarray, widths: np.ndarray, seed: int, epoch: int, views: int = 2) -> np.ndarray:
-    """Windows of every image for one epoch: (N, views, 4) int64, row i belongs to image i."""
+def _start_range(size: np.ndarray, crop: np.ndarray, low: np.ndarray, high: np.ndarray):
+    """(first, last) start of a crop of length `crop` whose centre should lie in [low, high] * size."""
+    limit = size - crop
+    first = np.minimum(np.maximum((size * low).astype(np.int64) - crop // 2, 0), limit)
+    last = np.minimum(np.maximum((size * high).astype(np.int64) - crop // 2, 0), limit)
+    return first, last
+
+
+def crop_plan(
+    heights: np.ndarray,
+    widths: np.ndarray,
+    seed: int,
+    epoch: int,
+    views: int = 2,
+    boxes: np.ndarray | None = None,
+    alpha: float = 0.6,
+) -> np.ndarray:
+    """Windows of every image for one epoch: (N, views, 4) int64, row i belongs to image i. With `boxes`
+    (N, 4) the windows are ContrastiveCrop's; the views share the box and sample their own crops."""
     rng = epoch_rng(seed, epoch, stream=1)
-    return np.stack([random_resized_crop(heights, widths, rng) for _ in range(views)], axis=1)
+    crops = [random_resized_crop(heights, widths, rng, boxes=boxes, alpha=alpha) for _ in range(views)]
+    return np.stack(crops, axis=1)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

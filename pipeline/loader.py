@@ -1,9 +1,10 @@
 """The batch contract shared by every backend, and the factory that builds a backend by name.
 
 A training step gets a `Batch`: the original view (whole image resized to S x S, never cropped), crop 1 and
-crop 2 (RandomResizedCrop windows from the shared crop plan), each uint8 (N, 3, S, S) in channels_last memory
-on the training device, plus labels and sample indices (int64, (N,)). An evaluation pass (`train=False`)
-yields only the original view, in file order, with nothing dropped; crop1/crop2 are then None.
+crop 2 (RandomResizedCrop or ContrastiveCrop windows from the shared crop plan), each uint8 (N, 3, S, S) in
+channels_last memory on the training device, plus labels and sample indices (int64, (N,)). An evaluation
+pass (`train=False`) yields only the original view, in file order, with nothing dropped; crop1/crop2 are
+then None.
 Each image is decoded once per step whatever the number of views.
 """
 
@@ -50,6 +51,10 @@ class Loader:
             raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size}")
         self.images, self.image_size, self.batch_size = images, image_size, batch_size
         self.device, self.train, self.seed, self.workers = device, train, seed, workers
+        # ContrastiveCrop: (N, 4) boxes of the images (None = RandomResizedCrop) and the Beta parameter.
+        # The next epoch's schedule uses whatever is set here: no backend needs restarting.
+        self.boxes: np.ndarray | None = None
+        self.alpha = 0.6
 
     def __len__(self) -> int:
         """Steps per epoch: training drops the last partial batch, evaluation keeps it."""
@@ -61,7 +66,8 @@ class Loader:
         if not self.train:
             return np.arange(len(self.images)), None
         order = epoch_order(len(self.images), self.seed, epoch)[: len(self) * self.batch_size]
-        windows = crop_plan(self.images.heights, self.images.widths, self.seed, epoch)[order]
+        plan = crop_plan(self.images.heights, self.images.widths, self.seed, epoch, boxes=self.boxes, alpha=self.alpha)
+        windows = plan[order]
         return order, windows
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
