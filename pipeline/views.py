@@ -22,6 +22,11 @@ from pipeline.loader import BACKENDS, make_loader
 BOX, WINDOWS = (255, 255, 255), ((255, 140, 0), (0, 220, 255))
 
 
+def outline(pen: ImageDraw.ImageDraw, top, left, bottom, right, colour) -> None:
+    """The rectangle [top, bottom) x [left, right) in panel pixels, at least one pixel wide."""
+    pen.rectangle([left, top, max(left, right - 1), max(top, bottom - 1)], outline=colour)
+
+
 def draw(batch, windows: np.ndarray, boxes: np.ndarray | None, heights, widths, count: int) -> Image.Image:
     """A grid of `count` rows x 3 panels from one training batch; windows (N, 2, 4) and sizes of its images."""
     size = batch.original.shape[-1]
@@ -31,10 +36,10 @@ def draw(batch, windows: np.ndarray, boxes: np.ndarray | None, heights, widths, 
         pen = ImageDraw.Draw(panels[0])
         sy, sx = size / heights[row], size / widths[row]
         if boxes is not None:
-            top, left, bottom, right = boxes[row]
-            pen.rectangle([left * size, top * size, right * size - 1, bottom * size - 1], outline=BOX)
+            top, left, bottom, right = boxes[row] * size
+            outline(pen, top, left, bottom, right, BOX)
         for (top, left, h, w), colour in zip(windows[row], WINDOWS):
-            pen.rectangle([left * sx, top * sy, (left + w) * sx - 1, (top + h) * sy - 1], outline=colour)
+            outline(pen, top * sy, left * sx, (top + h) * sy, (left + w) * sx, colour)
         for column, panel in enumerate(panels):
             grid.paste(panel, (column * (size + 4), row * (size + 4)))
     return grid

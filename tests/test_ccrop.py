@@ -1,0 +1,188 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+import train
+from pipeline import views
+from pipeline.ccrop import heatmap_boxes, localize, update_epochs
+from pipeline.crop_plan import crop_plan, random_resized_crop
+from pipeline.data import load_splits
+from pipeline.loader import BACKENDS, make_loader
+
+
+def slow_box(heat: np.ndarray, k: float) -> list[float]:
+    """One upsampled heatmap (H, W) -> [top, left, bottom, right] fractions, by scanning pixels."""
+    height, width = heat.shape
+    hits = [(y, x) for y in range(height) for x in range(width) if heat[y, x] > k]
+    if not hits:
+        return [0.0, 0.0, 1.0, 1.0]
+    ys, xs = [y for y, _ in hits], [x for _, x in hits]
+    return [min(ys) / height, min(xs) / width, (max(ys) + 1) / height, (max(xs) + 1) / width]
+
+
+def slow_heat(feature_map: torch.Tensor, size) -> np.ndarray:
+    heat = feature_map.sum(0)
+    low, high = float(heat.min()), float(heat.max())
+    heat = (heat - low) / (high - low) if high > low else torch.full_like(heat, float("nan"))
+    return F.interpolate(heat[None, None], size=size, mode="bilinear")[0, 0].numpy()
+
+
+def test_boxes_match_a_slow_reference_on_random_maps():
+    maps = torch.randn(6, 4, 4, 5).relu()
+    size, k = (16, 20), 0.3
+    got = heatmap_boxes(maps, size, k).numpy()
+    for i in range(6):
+        assert np.allclose(got[i], slow_box(slow_heat(maps[i], size), k)), i
+
+
+def test_constant_map_gives_the_whole_image_and_one_pixel_a_one_pixel_box():
+    constant = torch.ones(1, 3, 8, 8)
+    assert heatmap_boxes(constant, (8, 8), 0.1).tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    single = torch.zeros(1, 3, 8, 8)
+    single[0, :, 2, 5] = 1.0  # at full size: no upsampling spreads it
+    assert heatmap_boxes(single, (8, 8), 0.1).tolist() == [[2 / 8, 5 / 8, 3 / 8, 6 / 8]]
+    assert heatmap_boxes(single, (8, 8), 1.0).tolist() == [[0.0, 0.0, 1.0, 1.0]]  # nothing above k
+
+
+def random_boxes(rng, n):
+    corners = np.sort(rng.random((n, 2, 2)), axis=1)  # (n, [low, high], [y, x])
+    return np.stack([corners[:, 0, 0], corners[:, 0, 1], corners[:, 1, 0], corners[:, 1, 1]], axis=1)
+
+
+def test_windows_stay_inside_the_image_and_centres_inside_the_box_when_it_allows():
+    rng = np.random.default_rng(0)
+    heights = rng.integers(20, 400, 4000)
+    widths = (heights * rng.uniform(0.8, 1.25, 4000)).astype(int)  # no central-crop fallback at these ratios
+    boxes = random_boxes(rng, 4000)
+    top, left, h, w = random_resized_crop(heights, widths, rng, boxes=boxes, alpha=0.6).T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= heights).all() and (left + w <= widths).all()
+    low, high = (heights * boxes[:, 0]).astype(int), (heights * boxes[:, 2]).astype(int)
+    free = (low - h // 2 >= 0) & (high - h // 2 <= heights - h)  # the clamp to the image does not bite
+    assert free.sum() > 300
+    centre = top + h // 2
+    assert ((centre >= low) & (centre <= high))[free].all()
+    low, high = (widths * boxes[:, 1]).astype(int), (widths * boxes[:, 3]).astype(int)
+    free = (low - w // 2 >= 0) & (high - w // 2 <= widths - w)
+    assert ((left + w // 2 >= low) & (left + w // 2 <= high))[free].all()
+
+
+def test_small_alpha_pushes_centres_toward_the_box_edges():
+    n = 20000
+    heights, widths = np.full(n, 300), np.full(n, 300)
+    boxes = np.tile([[0.2, 0.2, 0.8, 0.8]], (n, 1))
+    share = {}
+    for alpha in (0.1, 1.0):
+        top, _, h, _ = random_resized_crop(heights, widths, np.random.default_rng(1), boxes=boxes, alpha=alpha).T
+        first = np.clip(60 - h // 2, 0, 300 - h)
+        last = np.clip(240 - h // 2, 0, 300 - h)
+        ok = last > first
+        u = (top[ok] - first[ok]) / (last[ok] - first[ok])
+        share[alpha] = np.mean((u < 0.25) | (u > 0.75))
+    assert share[1.0] == pytest.approx(0.5, abs=0.03) and share[0.1] > 0.8
+
+
+def test_plan_without_boxes_is_unchanged_and_with_boxes_differs():
+    heights, widths = np.full(64, 40), np.full(64, 50)
+    plain = crop_plan(heights, widths, seed=2, epoch=0)
+    whole = crop_plan(heights, widths, seed=2, epoch=0, boxes=np.tile([[0.0, 0.0, 1.0, 1.0]], (64, 1)))
+    assert np.array_equal(plain, crop_plan(heights, widths, seed=2, epoch=0))
+    assert np.array_equal(plain[:, 0, 2:], whole[:, 0, 2:])  # same first sizes, Beta-placed positions
+    assert not np.array_equal(plain, whole)
+
+
+def test_update_schedule():
+    assert update_epochs(10, 2, 2) == [2, 4, 6, 8]
+    assert update_epochs(5, 1, 1) == [1, 2, 3, 4]
+    assert update_epochs(3, 3, 1) == []
+
+
+@pytest.fixture(scope="module")
+def splits(tiny_data, tiny_beton):
+    return {b: load_splits(tiny_beton if b == "ffcv" else tiny_data, b)[0] for b in BACKENDS}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_applies_the_same_ccrop_windows(backend, splits, tiny_data):
+    images = splits[backend]
+    boxes = random_boxes(np.random.default_rng(3), len(images))
+    loader = make_loader(backend, images, image_size=16, batch_size=8, device=torch.device("cpu"), seed=4,
+                         workers=0 if backend == "torchvision" else 1)  # fmt: skip
+    loader.boxes, loader.alpha = boxes, 0.3
+    order, windows = loader.schedule(0)
+    reference = crop_plan(images.heights, images.widths, 4, 0, boxes=boxes, alpha=0.3)[order]
+    assert np.array_equal(windows, reference)
+    batch = next(iter(loader.epoch(0)))
+    folder = splits["torchvision"]  # the same images, in the same order, as JPEG files
+    for j in range(8):
+        top, left, h, w = (int(v) for v in windows[j, 0])
+        with Image.open(folder.paths[order[j]]) as f:
+            crop = f.convert("RGB").crop((left, top, left + w, top + h)).resize((16, 16), Image.BILINEAR)
+        diff = np.abs(batch.crop1[j].permute(1, 2, 0).numpy().astype(int) - np.asarray(crop).astype(int))
+        assert diff.mean() < 3.0
+    loader.close()
+
+
+def test_localize_gives_one_box_per_image_in_file_order(splits):
+    images = splits["torchvision"]
+    loader = make_loader("torchvision", images, image_size=16, batch_size=8, device=torch.device("cpu"),
+                         train=False, workers=0)  # fmt: skip
+    from model.moco import Encoder
+
+    encoder = Encoder("resnet18", 16)
+    boxes = localize(encoder, loader, k=0.1)
+    assert boxes.shape == (len(images), 4) and encoder.training
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 1).all() and (boxes[:, 2:] > boxes[:, :2]).all()
+    first = next(iter(loader.epoch(0)))
+    encoder.eval()
+    with torch.no_grad():
+        from pipeline.augment import normalize
+
+        expected = heatmap_boxes(encoder.feature_map(normalize(first.original)), (16, 16), 0.1).numpy()
+    assert np.allclose(boxes[:8], expected)
+
+
+TINY = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--train-limit", "0",
+        "--val-limit", "0", "--knn-k", "5", "--workers", "0", "--loader", "torchvision", "--crop", "ccrop",
+        "--ccrop-warmup", "0", "--ccrop-interval", "2"]  # fmt: skip
+
+
+def run(*args):
+    result = CliRunner().invoke(train.main, [*TINY, *map(str, args)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_boxes_are_saved_and_survive_resume(tiny_data, tmp_path):
+    # Boxes before epoch 1 only; the resumed epoch 2 must use the checkpoint's boxes to match a straight run.
+    output = run("--data", tiny_data, "--out", tmp_path / "straight", "--epochs", 2)
+    assert "boxes updated before epoch 1" in output and "before epoch 2" not in output
+    run("--data", tiny_data, "--out", tmp_path / "split", "--epochs", 1)
+    saved = np.load(tmp_path / "split" / "boxes.npy")
+    state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert np.array_equal(state["boxes"], saved) and saved.shape == (24, 4)
+    run("--resume", tmp_path / "split" / "checkpoint.pt", "--epochs", 2)
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert np.array_equal(straight["boxes"], resumed["boxes"])
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["box_area"] is None and 0 < records[2]["box_area"] <= 1
+
+
+def test_views_picture(tiny_data, tmp_path):
+    boxes = tmp_path / "boxes.npy"
+    np.save(boxes, random_boxes(np.random.default_rng(0), 24).astype(np.float32))
+    out = tmp_path / "views.png"
+    args = ["--data", tiny_data, "--boxes", boxes, "--train-limit", "0", "--count", "4", "--size", "32", "--out", out]
+    result = CliRunner().invoke(views.main, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (3 * 32 + 8, 4 * 36)
+    np.save(boxes, np.zeros((5, 4), dtype=np.float32))
+    result = CliRunner().invoke(views.main, list(map(str, args)))
+    assert result.exit_code == 1 and "same --train-limit" in result.output
