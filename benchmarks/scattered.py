@@ -3,8 +3,8 @@
     python -m benchmarks.scattered data/scattered        # train/<class>/*.jpg (4,000) and val/<class>/*.jpg (1,000)
 
 Each image is a random 64x64 window of one of Debian's mate-backgrounds photographs with one Fashion-MNIST
-item pasted at a random place, 20-32 px tall, its pixel values used as opacity so the photo shows around
-it. The class is the item's. RandomResizedCrop often misses such an object; ContrastiveCrop is meant to find
+item pasted at a random place, 24-40 px tall, in a random saturated colour, its pixel values used as opacity
+so the photo shows around it. The class is the item's. RandomResizedCrop often misses such an object; ContrastiveCrop is meant to find
 it (the test bed of the [ccrop] comparison).
 """
 
@@ -22,14 +22,15 @@ from pipeline.fashion_mnist import CLASSES, DEFAULT_SOURCE, SPLITS, read_idx
 
 
 def scatter(item: np.ndarray, background: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
-    """Paste a 28x28 uint8 item, resized to 20-32 px, at a random place on a random size x size window."""
+    """Paste a 28x28 uint8 item, resized to 24-40 px, at a random place on a random size x size window."""
     width, height = background.size
     side = int(rng.integers(size * 2, min(width, height)))  # a window of the photo, shrunk to size x size
     left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
     canvas = background.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
-    scale = int(rng.integers(20, 33))
+    scale = int(rng.integers(24, 41))
     mask = Image.fromarray(item).resize((scale, scale), Image.BILINEAR)
-    tint = tuple(int(c) for c in rng.integers(150, 256, 3))
+    hue = (int(rng.integers(0, 256)), int(rng.integers(200, 256)), int(rng.integers(200, 256)))
+    tint = Image.new("HSV", (1, 1), hue).convert("RGB").getpixel((0, 0))
     x, y = int(rng.integers(0, size - scale + 1)), int(rng.integers(0, size - scale + 1))
     canvas.paste(Image.new("RGB", (scale, scale), tint), (x, y), mask)
     return canvas
