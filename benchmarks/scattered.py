@@ -4,8 +4,8 @@
 
 Each image is a random 64x64 window of one of Debian's mate-backgrounds photographs with one Fashion-MNIST
 item pasted at a random place, 24-40 px tall, in a random saturated colour, its pixel values used as opacity
-so the photo shows around it. The class is the item's. RandomResizedCrop often misses such an object; ContrastiveCrop is meant to find
-it (the test bed of the [ccrop] comparison).
+so the photo shows around it. The class is the item's. RandomResizedCrop often misses such an object;
+ContrastiveCrop is meant to find it (the test bed of the [ccrop] comparison).
 """
 
 from __future__ import annotations
