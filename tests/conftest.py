@@ -37,3 +37,15 @@ def tiny_beton(tiny_data, tmp_path_factory) -> Path:
     for split in ("train", "val"):
         convert_split(tiny_data / split, out / f"{split}.beton", write_mode="raw", workers=1)
     return out
+
+
+def tiny_loader(backend: str, images, train: bool = True, seed: int = 0, size: int = 16, batch: int = 8):
+    """A CPU loader for the tiny test data (torchvision in-process, the others with one worker thread)."""
+    import torch
+
+    from pipeline.loader import make_loader
+
+    return make_loader(
+        backend, images, image_size=size, batch_size=batch, device=torch.device("cpu"), train=train, seed=seed,
+        workers=0 if backend == "torchvision" else 1,
+    )  # fmt: skip

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny_loader
 from PIL import Image
 
 from pipeline import convert
 from pipeline.data import load_splits, scan_split
 from pipeline.ffcv_loader import read_beton
-from pipeline.loader import make_loader
 
 SIZE, BATCH = 16, 8
 # FFCV resizes with OpenCV's INTER_AREA, the reference with PIL's antialiased bilinear filter: on these noisy
@@ -19,10 +19,7 @@ MEAN_TOLERANCE, MAX_TOLERANCE, JPEG_MEAN_TOLERANCE = 3.0, 48, 8.0
 
 
 def loader(backend, images, train=True, seed=0):
-    return make_loader(
-        backend, images, image_size=SIZE, batch_size=BATCH, device=torch.device("cpu"), train=train, seed=seed,
-        workers=0 if backend == "torchvision" else 1,
-    )  # fmt: skip
+    return tiny_loader(backend, images, train, seed, SIZE, BATCH)
 
 
 @pytest.fixture(scope="module")

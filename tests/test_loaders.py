@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_loader
 from PIL import Image
 
 from pipeline.data import load_splits, scan_split
@@ -12,11 +13,8 @@ SIZE, BATCH = 16, 8
 MEAN_TOLERANCE, MAX_TOLERANCE = 1.0, 8
 
 
-def loader(backend, images, train, seed=0):
-    return make_loader(
-        backend, images, image_size=SIZE, batch_size=BATCH, device=torch.device("cpu"), train=train, seed=seed,
-        workers=0 if backend == "torchvision" else 1,
-    )  # fmt: skip
+def loader(backend, images, train=True, seed=0):
+    return tiny_loader(backend, images, train, seed, SIZE, BATCH)
 
 
 @pytest.fixture(scope="module")
