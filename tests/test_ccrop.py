@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import tiny_loader
 from PIL import Image
 
 import train
@@ -12,7 +13,7 @@ from pipeline import views
 from pipeline.ccrop import heatmap_boxes, localize, update_epochs
 from pipeline.crop_plan import crop_plan, random_resized_crop
 from pipeline.data import load_splits
-from pipeline.loader import BACKENDS, make_loader
+from pipeline.loader import BACKENDS
 
 
 def slow_box(heat: np.ndarray, k: float) -> list[float]:
@@ -110,8 +111,7 @@ def splits(tiny_data, tiny_beton):
 def test_every_backend_applies_the_same_ccrop_windows(backend, splits, tiny_data):
     images = splits[backend]
     boxes = random_boxes(np.random.default_rng(3), len(images))
-    loader = make_loader(backend, images, image_size=16, batch_size=8, device=torch.device("cpu"), seed=4,
-                         workers=0 if backend == "torchvision" else 1)  # fmt: skip
+    loader = tiny_loader(backend, images, seed=4)
     loader.boxes, loader.alpha = boxes, 0.3
     order, windows = loader.schedule(0)
     reference = crop_plan(images.heights, images.widths, 4, 0, boxes=boxes, alpha=0.3)[order]
@@ -129,8 +129,7 @@ def test_every_backend_applies_the_same_ccrop_windows(backend, splits, tiny_data
 
 def test_localize_gives_one_box_per_image_in_file_order(splits):
     images = splits["torchvision"]
-    loader = make_loader("torchvision", images, image_size=16, batch_size=8, device=torch.device("cpu"),
-                         train=False, workers=0)  # fmt: skip
+    loader = tiny_loader("torchvision", images, train=False)
     from model.moco import Encoder
 
     encoder = Encoder("resnet18", 16)

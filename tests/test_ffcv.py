@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_loader
+from conftest import tiny_loader as loader  # 16 px, batches of 8
 from PIL import Image
 
 from pipeline import convert
@@ -16,10 +16,6 @@ SIZE, BATCH = 16, 8
 # moved by 2 pixels differs by 17.5 on average (4.9 at least). Real photos are smoother and differ less.
 # Stored as JPEG (quality 90) instead of raw pixels, the noise re-encodes with about 4.5 levels of mean error.
 MEAN_TOLERANCE, MAX_TOLERANCE, JPEG_MEAN_TOLERANCE = 3.0, 48, 8.0
-
-
-def loader(backend, images, train=True, seed=0):
-    return tiny_loader(backend, images, train, seed, SIZE, BATCH)
 
 
 @pytest.fixture(scope="module")

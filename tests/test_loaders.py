@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_loader
+from conftest import tiny_loader as loader  # 16 px, batches of 8
 from PIL import Image
 
 from pipeline.data import load_splits, scan_split
@@ -11,10 +11,6 @@ SIZE, BATCH = 16, 8
 # DALI and PIL both resize with antialiased linear filters but round and place taps slightly differently:
 # the same window gives pixels within 2 levels (mean ~0.2) on these images; the bounds leave headroom.
 MEAN_TOLERANCE, MAX_TOLERANCE = 1.0, 8
-
-
-def loader(backend, images, train=True, seed=0):
-    return tiny_loader(backend, images, train, seed, SIZE, BATCH)
 
 
 @pytest.fixture(scope="module")
