@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -8,8 +9,12 @@ from pipeline.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentConfig,
+    apply_cpu,
+    apply_torch,
     augment,
     colour_augment,
+    colour_matrices,
+    draw,
     gaussian_blur,
     normalize,
 )
@@ -72,7 +77,7 @@ def test_fused_colour_matrix_matches_sequential_reference():
     x = 0.35 + 0.3 * torch.rand(8, 3, 10, 10, generator=torch.Generator().manual_seed(1))
     config = AugmentConfig(jitter=(0.2, 0.2, 0.2, 0.05), jitter_p=1, grayscale_p=0)
     g = torch.Generator().manual_seed(5)
-    out = colour_augment(x, config, g)
+    out = colour_augment(x, *colour_matrices(8, config, g, torch.device("cpu")))
     g = torch.Generator().manual_seed(5)
     u = [torch.rand(8, generator=g) for _ in range(5)]  # jitter coin, then b, c, s, h in colour_matrices' order
     b, c, s = (0.8 + 0.4 * v for v in u[1:4])
@@ -87,9 +92,9 @@ def test_blur_matches_reference_conv():
     x = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(2))
     sigma = torch.tensor([0.5, 1.0, 2.0])
     out = gaussian_blur(x, sigma)
-    radius = 6
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
     for i in range(3):
+        radius = math.ceil(3 * sigma[i])  # the kernel is cut at 3 sigma
+        taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
         k1 = torch.exp(-0.5 * (taps / sigma[i]) ** 2)
         k2 = torch.outer(k1, k1) / k1.sum() ** 2
         padded = F.pad(x[i : i + 1], (radius,) * 4, mode="reflect")
@@ -102,3 +107,25 @@ def test_same_generator_seed_replays():
     a = augment(x, AugmentConfig(), torch.Generator().manual_seed(7))
     b = augment(x, AugmentConfig(), torch.Generator().manual_seed(7))
     assert torch.equal(a, b) and not torch.equal(a, augment(x, AugmentConfig(), torch.Generator().manual_seed(8)))
+
+
+@pytest.mark.parametrize("size", [7, 32, 224])
+def test_cpu_path_matches_batched_torch_path(size):
+    """The fused CPU path and the batched torch path (CUDA's) apply the same draws; they differ only by the
+    CPU path's rounding to uint8 after the colour map and after the blur."""
+    x = views(n=24, size=size, seed=3)
+    params = draw(24, size, AugmentConfig(blur_p=0.7), torch.Generator().manual_seed(4))
+    assert (params.sigma > 0).any() and params.flip.any() and not params.flip.all()
+    fused = denormalize(apply_cpu(x, params))
+    reference = apply_torch(x.float() / 255, params)
+    error = (fused - reference).abs()
+    assert error.max() <= 1.5 / 255 and error.mean() <= 0.5 / 255
+
+
+def test_cpu_path_is_not_fooled_by_a_wrong_draw():
+    # The comparison above can fail: one image's flip changed gives a large error.
+    x = views(n=8, size=32, seed=3)
+    params = draw(8, 32, AugmentConfig(blur_p=0), torch.Generator().manual_seed(4))
+    wrong = dataclasses.replace(params, flip=params.flip ^ (torch.arange(8) == 0))
+    error = (denormalize(apply_cpu(x, wrong)) - apply_torch(x.float() / 255, params)).abs()
+    assert error[0].mean() > 20 / 255 and error[1:].max() <= 1.5 / 255
