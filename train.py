@@ -96,7 +96,9 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         + f", {len(train_images.classes)} classes; device {device}, loader {cfg['loader']}"
     )
     common = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"], device=device, workers=cfg["workers"])
-    loader = make_loader(cfg["loader"], train_images, train=True, seed=cfg["seed"], **common)
+    method = METHODS[cfg["method"]]
+    views = 3 if "original" in method.views else 2  # MoCo-v2 never decodes or resizes an original it ignores
+    loader = make_loader(cfg["loader"], train_images, train=True, seed=cfg["seed"], views=views, **common)
     # The un-augmented pass over the training images: the kNN bank and ContrastiveCrop's localisation.
     ccrop = cfg["crop"] == "ccrop"
     bank_loader = make_loader(cfg["loader"], train_images, train=False, **common) if val_images or ccrop else None
@@ -108,7 +110,6 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         cfg["arch"], cfg["image_size"], queue_size=cfg["queue_size"], momentum=cfg["moco_momentum"],
         bn_splits=cfg["bn_splits"],
     ).to(device, memory_format=torch.channels_last)  # fmt: skip
-    method = METHODS[cfg["method"]]
     optimizer = torch.optim.SGD(
         model.query_encoder.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"]
     )

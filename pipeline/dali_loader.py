@@ -16,9 +16,6 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.loader import Batch, Loader, to_batch
 
-TRAIN_OUTPUTS = ["original", "crop1", "crop2", "label", "index"]
-EVAL_OUTPUTS = ["original", "label", "index"]
-
 
 class _ScheduledSource:
     """Batch-mode external source over one epoch's schedule: call k returns the k-th batch, then StopIteration.
@@ -43,30 +40,26 @@ class _ScheduledSource:
         jpegs = [np.fromfile(self.paths[i], dtype=np.uint8) for i in indices]
         labels = [np.array(self.labels[i], dtype=np.int64) for i in indices]
         positions = [np.array(i, dtype=np.int64) for i in indices]
-        if self.windows is None:
-            return jpegs, labels, positions
-        windows = self.windows[begin : begin + len(indices)].astype(np.float32)  # (n, 2, 4) top, left, h, w
-        starts = [windows[:, v, :2] for v in range(2)]
-        ends = [windows[:, v, :2] + windows[:, v, 2:] for v in range(2)]
-        return jpegs, list(starts[0]), list(ends[0]), list(starts[1]), list(ends[1]), labels, positions
+        rois = []
+        if self.windows is not None:
+            windows = self.windows[begin : begin + len(indices)].astype(np.float32)  # (n, crops, 4) top, left, h, w
+            for v in range(windows.shape[1]):
+                rois += [list(windows[:, v, :2]), list(windows[:, v, :2] + windows[:, v, 2:])]
+        return jpegs, *rois, labels, positions
 
 
 @pipeline_def(enable_conditionals=False)
-def _three_view_pipeline(source: _ScheduledSource, decode_device: str, size: int, train: bool):
-    if train:
-        jpegs, start1, end1, start2, end2, labels, indices = fn.external_source(
-            source=source, num_outputs=7, batch=True, parallel=False
-        )
-    else:
-        jpegs, labels, indices = fn.external_source(source=source, num_outputs=3, batch=True, parallel=False)
+def _views_pipeline(source: _ScheduledSource, decode_device: str, size: int, original: bool, crops: int):
+    jpegs, *rois, labels, indices = fn.external_source(
+        source=source, num_outputs=3 + 2 * crops, batch=True, parallel=False
+    )
     images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
     resize = partial(fn.resize, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
-    views = [resize(images)]
-    if train:
-        # ROI in (y, x) pixels of the decoded image: crop + resize in one op, no intermediate copy.
-        views += [
-            resize(images, roi_start=s, roi_end=e, roi_relative=False) for s, e in ((start1, end1), (start2, end2))
-        ]
+    views = [resize(images)] if original else []
+    # ROI in (y, x) pixels of the decoded image: crop + resize in one op, no intermediate copy.
+    views += [resize(images, roi_start=s, roi_end=e, roi_relative=False) for s, e in zip(rois[::2], rois[1::2])]
+    if not views:  # decode only (a benchmark): the decoded shapes keep the decoder in the graph
+        views = [images.shape()]
     return (*views, labels, indices)
 
 
@@ -75,11 +68,13 @@ class DaliLoader(Loader):
         super().__init__(images, **kwargs)
         cuda = self.device.type == "cuda"
         self._source = _ScheduledSource(self)
-        self._pipe = _three_view_pipeline(
+        self._names = ["original"] * self.original + ["crop1", "crop2"][: self.crops] or ["shapes"]
+        self._pipe = _views_pipeline(
             source=self._source,
             decode_device="mixed" if cuda else "cpu",
             size=self.image_size,
-            train=self.train,
+            original=self.original,
+            crops=self.crops,
             batch_size=self.batch_size,
             num_threads=max(1, self.workers),
             device_id=(self.device.index or 0) if cuda else None,
@@ -93,15 +88,15 @@ class DaliLoader(Loader):
         if self._iterator is None:  # building the iterator already prefetches from the schedule just set
             self._iterator = DALIGenericIterator(
                 self._pipe,
-                TRAIN_OUTPUTS if self.train else EVAL_OUTPUTS,
+                [*self._names, "label", "index"],
                 auto_reset=False,
                 last_batch_policy=LastBatchPolicy.PARTIAL,
             )
         else:
             self._iterator.reset()
+        views = self._names if self._names != ["shapes"] else []
         for (outputs,) in self._iterator:
-            views = [outputs[name] for name in ("original", "crop1", "crop2") if name in outputs]
-            yield to_batch(views, outputs["label"], outputs["index"], self.device)
+            yield to_batch(self, [outputs[name] for name in views], outputs["label"], outputs["index"])
 
     def close(self) -> None:
         self._iterator = None

@@ -109,7 +109,8 @@ class ViewsDecoder(Operation):
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
         largest = np.uint64(self.metadata["height"].max()) * np.uint64(self.metadata["width"].max())
-        shape, uint8 = (self.views * self.size * self.size * 3,), np.dtype("u1")
+        # views = 0 decodes only (a benchmark) and gives one byte per sample: FFCV needs a non-empty output.
+        shape, uint8 = (max(1, self.views * self.size * self.size * 3),), np.dtype("u1")
         state = replace(previous_state, jit_mode=True, shape=shape, dtype=uint8)
         # FFCV's output slots (unused when fresh), and one scratch image per sample: the decode views come from.
         output = AllocationQuery((1,) if self.fresh else shape, uint8)
@@ -122,7 +123,9 @@ class ViewsDecoder(Operation):
         def decode(positions, buffers, table, storage_state):
             slots, scratch = buffers
             n = len(positions)
-            if fresh:
+            if views == 0:
+                out = np.zeros((1, n, 1, 1, 1), dtype=np.uint8)
+            elif fresh:
                 out = np.empty((views, n, size, size, 3), dtype=np.uint8)
             else:
                 out = slots.reshape(-1)[: views * n * size * size * 3].reshape(views, n, size, size, 3)
@@ -139,7 +142,7 @@ class ViewsDecoder(Operation):
                 for v in range(views):
                     top, left = window[v, 0], window[v, 1]
                     resize(image, top, top + window[v, 2], left, left + window[v, 3], out[v, k])
-            return out.reshape(n, views * size * size * 3)
+            return out.reshape(n, -1)
 
         decode.is_parallel = True
         return decode
@@ -164,7 +167,7 @@ class FfcvLoader(Loader):
         if images.beton is None:
             raise ValueError("the ffcv loader reads .beton files: convert the folder with python -m pipeline.convert")
         super().__init__(images, **kwargs)
-        self._views = 3 if self.train else 1
+        self._views = self.original + self.crops
         self._positions = _EpochPositions(len(images))
         cuda = self.device.type == "cuda"
         to_device = [ToDevice(self.device, non_blocking=True)] if cuda else []
@@ -192,7 +195,8 @@ class FfcvLoader(Loader):
         stored = self._pipeline.reader.metadata[self._column]
         self._stored = stored[images.ids]
         columns = [(name, stored.dtype[name]) for name in stored.dtype.names]
-        self._table_dtype = np.dtype([(self._column, [*columns, ("window", "<i4", (self._views, 4))])])
+        window = ("window", "<i4", (max(1, self._views), 4))  # numpy drops a zero-length axis: keep one
+        self._table_dtype = np.dtype([(self._column, [*columns, window])])
 
     def _table(self, order: np.ndarray, windows: np.ndarray | None) -> np.ndarray:
         """One metadata row per scheduled sample: its stored image plus the windows of its views."""
@@ -200,9 +204,11 @@ class FfcvLoader(Loader):
         rows = table[self._column]
         for name in self._stored.dtype.names:
             rows[name] = self._stored[name][order]
-        whole = np.zeros((len(order), 1, 4), dtype=np.int32)
-        whole[:, 0, 2], whole[:, 0, 3] = self.images.heights[order], self.images.widths[order]
-        rows["window"] = whole if windows is None else np.concatenate([whole, windows.astype(np.int32)], axis=1)
+        whole = np.zeros((len(order), int(self.original), 4), dtype=np.int32)
+        whole[:, :, 2], whole[:, :, 3] = self.images.heights[order, None], self.images.widths[order, None]
+        crops = np.zeros((len(order), 0, 4)) if windows is None else windows
+        if self._views:
+            rows["window"] = np.concatenate([whole, crops.astype(np.int32)], axis=1)
         return table
 
     def _batches(self, order: np.ndarray, windows: np.ndarray | None) -> Iterator[Batch]:
@@ -220,12 +226,12 @@ class FfcvLoader(Loader):
         try:
             for block, *_ in epoch:
                 n, size = len(block), self.image_size
-                views = block.view(self._views, n, size, size, 3)  # the decoder's view-major layout
+                views = block.view(self._views, n, size, size, 3) if self._views else block[:0]  # view-major
                 if cuda:  # FFCV reuses its GPU buffers for later batches
                     views = views.clone()
                 part = slice(done, done + n)
                 done += n
-                yield to_batch(list(views), labels[part], indices[part], self.device)
+                yield to_batch(self, list(views), labels[part], indices[part])
         finally:
             epoch.close()
         if done < len(order):

@@ -2,9 +2,10 @@
 
 A training step gets a `Batch`: the original view (whole image resized to S x S, never cropped), crop 1 and
 crop 2 (RandomResizedCrop or ContrastiveCrop windows from the shared crop plan), each uint8 (N, 3, S, S) in
-channels_last memory on the training device, plus labels and sample indices (int64, (N,)). An evaluation
-pass (`train=False`) yields only the original view, in file order, with nothing dropped; crop1/crop2 are
-then None.
+channels_last memory on the training device, plus labels and sample indices (int64, (N,)). `views` says
+which a training pass makes, and the others are None: 3 = original + both crops (LeOCLR), 2 = both crops
+(MoCo-v2), 1 = crop 1, 0 = none (decode only, for benchmarks). Crop k's window does not depend on `views`.
+An evaluation pass (`train=False`) yields only the original view, in file order, with nothing dropped.
 Each image is decoded once per step whatever the number of views.
 """
 
@@ -23,7 +24,7 @@ BACKENDS = ("dali", "ffcv", "torchvision")
 
 
 class Batch(NamedTuple):
-    original: torch.Tensor
+    original: torch.Tensor | None
     crop1: torch.Tensor | None
     crop2: torch.Tensor | None
     labels: torch.Tensor
@@ -33,8 +34,8 @@ class Batch(NamedTuple):
 class Loader:
     """Base of every backend: owns the epoch schedule (sample order + crop windows), backends apply it.
 
-    Subclasses implement `_batches(order, windows)`; `windows` is (len(order), 2, 4) aligned with `order`,
-    or None for an evaluation pass.
+    Subclasses implement `_batches(order, windows)`; `windows` is (len(order), self.crops, 4) aligned with
+    `order`, or None for an evaluation pass.
     """
 
     def __init__(
@@ -46,11 +47,17 @@ class Loader:
         train: bool = True,
         seed: int = 0,
         workers: int = 2,
+        views: int = 3,
     ) -> None:
         if train and len(images) < batch_size:
             raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size}")
+        if views not in (0, 1, 2, 3):
+            raise ValueError(f"views must be 0, 1, 2 or 3, not {views}")
         self.images, self.image_size, self.batch_size = images, image_size, batch_size
         self.device, self.train, self.seed, self.workers = device, train, seed, workers
+        # What each sample yields: the original view or not, and how many crops (0-2).
+        self.original = views == 3 or not train
+        self.crops = min(views, 2) if train else 0
         # ContrastiveCrop: (N, 4) boxes of the images (None = RandomResizedCrop) and the Beta parameter.
         # The next epoch's schedule uses whatever is set here: no backend needs restarting.
         self.boxes: np.ndarray | None = None
@@ -67,8 +74,7 @@ class Loader:
             return np.arange(len(self.images)), None
         order = epoch_order(len(self.images), self.seed, epoch)[: len(self) * self.batch_size]
         plan = crop_plan(self.images.heights, self.images.widths, self.seed, epoch, boxes=self.boxes, alpha=self.alpha)
-        windows = plan[order]
-        return order, windows
+        return order, plan[order, : self.crops]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Batches of one epoch in the contract's form."""
@@ -81,15 +87,14 @@ class Loader:
         """Release worker threads/processes; the loader is unusable afterwards."""
 
 
-def to_batch(
-    views_nhwc: list[torch.Tensor], labels: torch.Tensor, indices: torch.Tensor, device: torch.device
-) -> Batch:
-    """Backend output -> `Batch` on `device`: 1 or 3 uint8 (N, S, S, 3) views become (N, 3, S, S) views whose
-    strides are channels_last (a permute, no copy); an evaluation pass has no crops."""
-    views = [v.to(device, non_blocking=True).permute(0, 3, 1, 2) for v in views_nhwc]
-    crops = views[1:] or [None, None]
-    move = dict(device=device, non_blocking=True)
-    return Batch(views[0], crops[0], crops[1], labels.to(**move), indices.to(**move))
+def to_batch(loader: Loader, views_nhwc: list[torch.Tensor], labels: torch.Tensor, indices: torch.Tensor) -> Batch:
+    """Backend output -> `Batch` on the loader's device: uint8 (N, S, S, 3) views, the original first when the
+    loader makes it, become (N, 3, S, S) views whose strides are channels_last (a permute, no copy)."""
+    move = dict(device=loader.device, non_blocking=True)
+    views = [v.to(**move).permute(0, 3, 1, 2) for v in views_nhwc]
+    original = views.pop(0) if loader.original else None
+    crops = views + [None] * (2 - len(views))
+    return Batch(original, crops[0], crops[1], labels.to(**move), indices.to(**move))
 
 
 def make_loader(backend: str, images: ImageList, **kwargs) -> Loader:

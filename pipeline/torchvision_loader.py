@@ -12,11 +12,11 @@ from pipeline.loader import Batch, Loader, to_batch
 
 
 class _Views(Dataset):
-    """Item p -> ((original, [crop1, crop2]) uint8 HWC arrays), label, index of the p-th scheduled sample."""
+    """Item p -> (views as uint8 HWC arrays: [original], crops...), label, index of the p-th scheduled sample."""
 
     def __init__(self, loader: Loader, order: np.ndarray, windows: np.ndarray | None) -> None:
         self.paths, self.labels = loader.images.paths, loader.images.labels
-        self.size, self.order, self.windows = loader.image_size, order, windows
+        self.size, self.order, self.windows, self.original = loader.image_size, order, windows, loader.original
 
     def __len__(self) -> int:
         return len(self.order)
@@ -26,7 +26,7 @@ class _Views(Dataset):
         with Image.open(self.paths[index]) as file:
             image = file.convert("RGB")
         size = (self.size, self.size)
-        views = [np.array(image.resize(size, Image.BILINEAR))]
+        views = [np.array(image.resize(size, Image.BILINEAR))] if self.original else []
         if self.windows is not None:
             for top, left, h, w in self.windows[position]:
                 box = (int(left), int(top), int(left + w), int(top + h))
@@ -45,4 +45,4 @@ class TorchvisionLoader(Loader):
             pin_memory=self.device.type == "cuda",
         )
         for views, labels, indices in data:
-            yield to_batch(views, labels, indices, self.device)
+            yield to_batch(self, views, labels, indices)

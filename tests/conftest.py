@@ -39,7 +39,9 @@ def tiny_beton(tiny_data, tmp_path_factory) -> Path:
     return out
 
 
-def tiny_loader(backend: str, images, train: bool = True, seed: int = 0, size: int = 16, batch: int = 8):
+def tiny_loader(
+    backend: str, images, train: bool = True, seed: int = 0, size: int = 16, batch: int = 8, views: int = 3
+):
     """A CPU loader for the tiny test data (torchvision in-process, the others with one worker thread)."""
     import torch
 
@@ -47,5 +49,5 @@ def tiny_loader(backend: str, images, train: bool = True, seed: int = 0, size: i
 
     return make_loader(
         backend, images, image_size=size, batch_size=batch, device=torch.device("cpu"), train=train, seed=seed,
-        workers=0 if backend == "torchvision" else 1,
+        workers=0 if backend == "torchvision" else 1, views=views,
     )  # fmt: skip

@@ -44,6 +44,21 @@ def test_training_batches_follow_the_contract(backend, split):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fewer_views_give_the_same_crops_and_decode_only_gives_none(backend, split):
+    images = split(backend)
+    full = next(iter(loader(backend, images, seed=2).epoch(0)))
+    for views in (2, 1, 0):
+        batch = next(iter(loader(backend, images, seed=2, views=views).epoch(0)))
+        assert batch.original is None and torch.equal(batch.indices, full.indices)
+        assert torch.equal(batch.labels, full.labels)
+        for name in ("crop1", "crop2")[:views]:
+            assert torch.equal(getattr(batch, name), getattr(full, name))
+            assert getattr(batch, name).is_contiguous(memory_format=torch.channels_last)
+        for name in ("crop1", "crop2")[views:]:
+            assert getattr(batch, name) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_evaluation_pass_yields_every_image_once_in_order(backend, split):
     images = split(backend)
     data = loader(backend, images, train=False)
