@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from model.backbone import ARCHS
 from model.knn import knn_top1
-from model.methods import METHODS
+from model.methods import METHODS, Method
 from model.moco import MomentumContrast
 from pipeline.augment import AugmentConfig, augment, normalize
 from pipeline.ccrop import localize, update_epochs
@@ -97,8 +97,9 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     )
     common = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"], device=device, workers=cfg["workers"])
     method = METHODS[cfg["method"]]
-    views = 3 if "original" in method.views else 2  # MoCo-v2 never decodes or resizes an original it ignores
-    loader = make_loader(cfg["loader"], train_images, train=True, seed=cfg["seed"], views=views, **common)
+    loader = make_loader(
+        cfg["loader"], train_images, train=True, seed=cfg["seed"], views=loader_views(method), **common
+    )
     # The un-augmented pass over the training images: the kNN bank and ContrastiveCrop's localisation.
     ccrop = cfg["crop"] == "ccrop"
     bank_loader = make_loader(cfg["loader"], train_images, train=False, **common) if val_images or ccrop else None
@@ -106,14 +107,7 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     box_updates = update_epochs(cfg["epochs"], cfg["ccrop_warmup"], cfg["ccrop_interval"]) if ccrop else []
     val_loader = make_loader(cfg["loader"], val_images, train=False, **common) if val_images else None
 
-    model = MomentumContrast(
-        cfg["arch"], cfg["image_size"], queue_size=cfg["queue_size"], momentum=cfg["moco_momentum"],
-        bn_splits=cfg["bn_splits"],
-    ).to(device, memory_format=torch.channels_last)  # fmt: skip
-    optimizer = torch.optim.SGD(
-        model.query_encoder.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"]
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+    model, optimizer, scaler = build(cfg, device)
     aug = AugmentConfig(blur_p=0.5 if cfg["blur"] else 0.0)
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
@@ -149,14 +143,8 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
             for group in optimizer.param_groups:
                 group["lr"] = lr
             views = {name: augment(getattr(batch, name), aug, generator) for name in method.views}
-            with autocast(device, cfg["amp"]):
-                loss, keys = method.step(model, views, cfg["temperature"], generator)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            model.enqueue(keys)
-            total_loss += loss.detach() * len(batch.labels)  # stays on the device: no sync per step
+            loss = optimize(model, method, optimizer, scaler, views, cfg, generator)
+            total_loss += loss * len(batch.labels)  # stays on the device: no sync per step
             seen += len(batch.labels)
             if step % 10 == 0:
                 rate = seen / (time.perf_counter() - started)
@@ -176,6 +164,35 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         if each is not None:
             each.close()
     return history
+
+
+def build(cfg: dict, device: torch.device) -> tuple[MomentumContrast, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """The model (channels_last on `device`), its SGD optimizer and the gradient scaler (fp16 only)."""
+    model = MomentumContrast(
+        cfg["arch"], cfg["image_size"], queue_size=cfg["queue_size"], momentum=cfg["moco_momentum"],
+        bn_splits=cfg["bn_splits"],
+    ).to(device, memory_format=torch.channels_last)  # fmt: skip
+    optimizer = torch.optim.SGD(
+        model.query_encoder.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"]
+    )
+    return model, optimizer, torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+
+
+def loader_views(method: Method) -> int:
+    """Views a method's loader makes: MoCo-v2 never decodes or resizes an original it ignores."""
+    return 3 if "original" in method.views else 2
+
+
+def optimize(model, method: Method, optimizer, scaler, views: dict, cfg: dict, generator) -> torch.Tensor:
+    """One training step on augmented float views; returns the loss, detached, on the device."""
+    with autocast(views[method.views[0]].device, cfg["amp"]):
+        loss, keys = method.step(model, views, cfg["temperature"], generator)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    model.enqueue(keys)
+    return loss.detach()
 
 
 def learning_rate(cfg: dict, epoch: int, fraction: float) -> float:

@@ -9,7 +9,8 @@ and the official-MoCo-style torchvision pipeline users run today.
 
 Every configuration runs in a fresh process (its own peak RSS, no threads left over from another): one
 warm-up pass over the images (FFCV's compile, DALI's start, page cache), then --passes timed passes; the
-median and spread of the passes are reported, and the RSS (process + worker processes) after each pass.
+median and spread of the passes are reported, the process's peak RSS and its RSS after each pass, and the
+peak unique memory of DataLoader worker processes.
 Views: 1 = one crop, 2 = two crops (MoCo-v2), 3 = the original + two crops (LeOCLR).
 """
 
@@ -52,7 +53,8 @@ class Result:
     crop: str
     images_per_sec: float  # median over the timed passes
     images_per_sec_passes: list[float]
-    peak_rss_mb: float
+    peak_rss_mb: float  # this process (DALI and FFCV threads run in it)
+    workers_peak_uss_mb: float  # DataLoader worker processes, memory of their own
     base_rss_mb: float  # after imports and data indexing, before the loader starts
     rss_after_pass_mb: list[float]  # the warm-up pass first
     images: int
@@ -65,27 +67,30 @@ class Result:
 
 
 class RssSampler:
-    """Peak RSS (MiB) of this process plus its worker processes, sampled every 20 ms in a thread."""
+    """Peak RSS (MiB) of this process, the loader's, and peak unique memory (USS) of its worker processes
+    (DataLoader workers share most pages with it: their RSS would count those again), sampled in a thread."""
 
     def __init__(self) -> None:
         import psutil
 
-        self.process, self.peak, self._stop = psutil.Process(), 0.0, threading.Event()
+        self.process, self.peak, self.workers_peak, self._stop = psutil.Process(), 0.0, 0.0, threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
     def now(self) -> float:
-        total = self.process.memory_info().rss
-        for child in self.process.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except Exception:  # a worker that just exited
-                pass
-        self.peak = max(self.peak, total / 2**20)
-        return total / 2**20
+        rss = self.process.memory_info().rss / 2**20
+        self.peak = max(self.peak, rss)
+        return rss
 
     def _run(self) -> None:
-        while not self._stop.wait(0.02):
+        while not self._stop.wait(0.05):
             self.now()
+            workers = 0
+            for child in self.process.children(recursive=True):
+                try:
+                    workers += child.memory_full_info().uss
+                except Exception:  # a worker that just exited
+                    pass
+            self.workers_peak = max(self.workers_peak, workers / 2**20)
 
     def stop(self) -> None:
         self._stop.set()
@@ -196,6 +201,7 @@ def run_one(cfg: Config) -> Result:
     return Result(
         loader=cfg.loader, views=cfg.views, crop=cfg.crop, images_per_sec=float(np.median(rates)),
         images_per_sec_passes=rates, peak_rss_mb=round(rss.peak, 1), base_rss_mb=round(base, 1),
+        workers_peak_uss_mb=round(rss.workers_peak, 1),
         rss_after_pass_mb=after, images=count, image_size=cfg.image_size, batch_size=cfg.batch_size,
         workers=cfg.workers, augment=cfg.augment, device=cfg.device,
     )  # fmt: skip

@@ -129,3 +129,16 @@ def test_cpu_path_is_not_fooled_by_a_wrong_draw():
     wrong = dataclasses.replace(params, flip=params.flip ^ (torch.arange(8) == 0))
     error = (denormalize(apply_cpu(x, wrong)) - apply_torch(x.float() / 255, params)).abs()
     assert error[0].mean() > 20 / 255 and error[1:].max() <= 1.5 / 255
+
+
+def test_cpu_output_memory_is_reused_only_after_every_tensor_on_it_is_gone():
+    x, y = views(n=4, size=8, seed=1), views(n=4, size=8, seed=2)
+    a = normalize(x)
+    b = normalize(x)[:, :2]  # a slice keeps its batch's memory alive too
+    assert a.data_ptr() != b.data_ptr()
+    first, kept = a.data_ptr(), b.clone()
+    del a
+    c = normalize(y)
+    assert c.data_ptr() == first  # a's memory came back
+    torch.testing.assert_close(b, kept, rtol=0, atol=0)  # b's was not touched
+    torch.testing.assert_close(c, normalize(y))
