@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end on tiny data and write what they promise. No timing is checked."""
+
+import json
+
+from click.testing import CliRunner
+
+from benchmarks import loaders, train_step
+
+
+def test_loaders_benchmark_writes_every_requested_row(tiny_data, tiny_beton, tmp_path):
+    out, picture = tmp_path / "loaders.json", tmp_path / "loaders.png"
+    args = ["--data", tiny_data, "--ffcv-data", tiny_beton, "--image-size", 16, "--batch-size", 8, "--passes", 2,
+            "--loader", "decode-only-ffcv", "--loader", "official-torchvision", "--loader", "dali", "--views", 1,
+            "--views", 3, "--crop", "random", "--crop", "ccrop", "--json", out, "--plot", picture]  # fmt: skip
+    result = CliRunner().invoke(loaders.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [(r["loader"], r["views"], r["crop"]) for r in rows] == [
+        ("decode-only-ffcv", None, "random"),
+        ("official-torchvision", 1, "random"),
+        ("official-torchvision", 3, "random"),
+        ("dali", 1, "random"),
+        ("dali", 1, "ccrop"),
+        ("dali", 3, "random"),
+        ("dali", 3, "ccrop"),
+    ]
+    for r in rows:
+        assert r["images_per_sec"] > 0 and r["peak_rss_mb"] > 0 and len(r["images_per_sec_passes"]) == 2
+        assert len(r["rss_after_pass_mb"]) == 3  # the warm-up pass and two timed ones
+        assert r["images"] == 24  # the tiny train split, whole batches of 8
+    assert picture.stat().st_size > 0
+    assert "official-torchvision" in result.output
+
+
+def test_loaders_benchmark_reports_a_failed_configuration_and_goes_on(tiny_data, tmp_path):
+    out = tmp_path / "loaders.json"
+    args = ["--data", tiny_data, "--ffcv-data", tmp_path, "--image-size", 16, "--batch-size", 8, "--passes", 1,
+            "--loader", "ffcv", "--loader", "decode-only-pil", "--views", 1, "--crop", "random",
+            "--json", out]  # fmt: skip
+    result = CliRunner().invoke(loaders.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert "error" in rows[0] and "train.beton" in rows[0]["error"] and "FAILED" in result.output
+    assert rows[1]["loader"] == "decode-only-pil" and rows[1]["images_per_sec"] > 0
+
+
+def test_train_step_benchmark_writes_both_methods_and_ratios(tiny_data, tmp_path):
+    out = tmp_path / "train_step.json"
+    args = ["--loader", "torchvision", "--data", tiny_data, "--image-size", 16, "--batch-size", 8, "--steps", 1,
+            "--warmup", 0, "--rounds", 1, "--workers", 1, "--json", out]  # fmt: skip
+    result = CliRunner().invoke(train_step.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    for key in ("mocov2_images_per_sec", "leoclr_images_per_sec", "mocov2_compute_only_images_per_sec",
+                "leoclr_compute_only_images_per_sec", "ratio", "compute_only_ratio"):  # fmt: skip
+        assert report[key] > 0
+    assert report["paper_ratio"] == 81 / 68 and report["device"]
+    assert report["ratio"] == report["mocov2_images_per_sec"] / report["leoclr_images_per_sec"]
