@@ -216,7 +216,10 @@ def _child(cfg: Config, queue) -> None:
     # start fresh interpreters that import torch. Fork, as a training script's DataLoader does on Linux.
     multiprocessing.set_start_method("fork", force=True)
     try:
-        queue.put(asdict(run_one(cfg)))
+        result = asdict(run_one(cfg))
+        if result["views"] is None:  # decode only: no views at all
+            del result["views"]
+        queue.put(result)
     except Exception as error:  # reported by the parent, which goes on with the next configuration
         queue.put({"error": f"{type(error).__name__}: {error}"})
 
@@ -249,10 +252,11 @@ def plot(results: list[dict], path: Path) -> None:
     scale = (width - label_w - 80) / top
     for i, r in enumerate(rows):
         y = 35 + i * row_h
-        name = r["loader"] + ("" if r["views"] is None else f" {r['views']} view{'s' * (r['views'] > 1)}")
+        views = r.get("views")
+        name = r["loader"] + ("" if views is None else f" {views} view{'s' * (views > 1)}")
         name += ", ccrop" if r["crop"] == "ccrop" else ""
         draw.text((10, y + 4), name, fill="black")
-        draw.rectangle((label_w, y + 2, label_w + r["images_per_sec"] * scale, y + row_h - 4), fill=colours[r["views"]])
+        draw.rectangle((label_w, y + 2, label_w + r["images_per_sec"] * scale, y + row_h - 4), fill=colours[views])
         low, high = min(r["images_per_sec_passes"]), max(r["images_per_sec_passes"])
         draw.line((label_w + low * scale, y + row_h // 2, label_w + high * scale, y + row_h // 2), fill="red")
         right = label_w + max(r["images_per_sec"], high) * scale
@@ -265,7 +269,7 @@ def report(results: list[dict]) -> list[str]:
     """The cost model's readings: per backend, seconds per image t0 (decode only), t1, t2, t3 (views), the
     third view's cost against one view's, and the best 3-view loader against the official pipeline."""
     ok = [r for r in results if "error" not in r]
-    rate = {(r["loader"], r["views"], r["crop"]): r["images_per_sec"] for r in ok}
+    rate = {(r["loader"], r.get("views"), r["crop"]): r["images_per_sec"] for r in ok}
     lines = []
     for backend, decode in (
         ("dali", "decode-only-dali"),

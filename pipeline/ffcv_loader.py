@@ -11,6 +11,8 @@ without recompiling or restarting anything, and an iterator still running keeps 
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -233,10 +235,16 @@ class FfcvLoader(Loader):
                 done += n
                 yield to_batch(self, list(views), labels[part], indices[part])
         finally:
+            # An abandoned epoch's thread may be blocked putting a batch (or its final None, which FFCV puts
+            # without a timeout) into the full queue: drain it until the thread has ended, then close.
+            epoch.terminate_event.set()
+            while epoch.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    epoch.output_queue.get(timeout=0.05)
             epoch.close()
             # FFCV's finished worker thread leaves frames in a reference cycle with its EpochIterator, so the
             # epoch's buffers (batch slots and decode scratch, ~37 MiB at 224 px) waited for the cyclic GC:
-            # RSS grew by that much per epoch. Nothing reads them after close().
+            # RSS grew by that much per epoch. The thread is gone: nothing reads them any more.
             epoch.memory_allocations = None
         if done < len(order):
             raise RuntimeError(f"FFCV's loader thread stopped after {done} of {len(order)} images (error above)")
