@@ -25,40 +25,24 @@ import torch
 from tqdm import tqdm
 
 from model.backbone import ARCHS
+from model.evaluation import autocast, extract_features
 from model.knn import knn_top1
 from model.methods import METHODS, Method
 from model.moco import MomentumContrast
-from pipeline.augment import AugmentConfig, augment, normalize
+from pipeline.augment import AugmentConfig, augment
 from pipeline.ccrop import localize, update_epochs
 from pipeline.data import ImageList, load_splits
-from pipeline.loader import BACKENDS, Loader, make_loader
+from pipeline.loader import BACKENDS, make_loader
 
 DEFAULT_DATA = Path("data/fashion-mnist")
-
-
-def autocast(device: torch.device, amp: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-@torch.no_grad()
-def extract_features(model: MomentumContrast, loader: Loader, amp: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (N, D) float32 of the un-augmented original views, and their labels (N,)."""
-    model.eval()
-    features, labels = [], []
-    for batch in tqdm(loader.epoch(0), total=len(loader), desc="  features", leave=False, unit="batch"):
-        with autocast(loader.device, amp):
-            features.append(model.query_encoder.features(normalize(batch.original)).float())
-        labels.append(batch.labels)
-    model.train()
-    return torch.cat(features), torch.cat(labels)
 
 
 def knn_monitor(model, bank_loader, val_loader, cfg) -> float | None:
     if val_loader is None:
         return None
-    bank, bank_labels = extract_features(model, bank_loader, cfg["amp"])
-    val, val_labels = extract_features(model, val_loader, cfg["amp"])
+    net = model.query_encoder.backbone
+    bank, bank_labels = extract_features(net, bank_loader, cfg["amp"], "kNN bank")
+    val, val_labels = extract_features(net, val_loader, cfg["amp"], "kNN val")
     classes = len(bank_loader.images.classes)
     return knn_top1(bank, bank_labels, val, val_labels, classes, cfg["knn_k"], cfg["knn_temperature"])
 

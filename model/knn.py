@@ -6,6 +6,31 @@ import torch
 import torch.nn.functional as F
 
 
+def knn_scores(
+    features: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores (M, num_classes) float for L2-normalised features (M, D) against a normalised bank (N, D).
+
+    Each of the min(k, N) most similar bank entries adds exp(sim / T) to its label's score.
+    Works in chunks of queries so memory stays O(chunk x N).
+    """
+    k = min(k, len(bank))
+    scores = []
+    for start in range(0, len(features), chunk):
+        sim = features[start : start + chunk] @ bank.t()
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(len(sim), num_classes, device=sim.device, dtype=weights.dtype)
+        scores.append(votes.scatter_add_(1, bank_labels[top_idx], weights))
+    return torch.cat(scores)
+
+
 def knn_predict(
     features: torch.Tensor,
     bank: torch.Tensor,
@@ -15,21 +40,8 @@ def knn_predict(
     temperature: float = 0.1,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """Predicted labels (M,) int64 for L2-normalised features (M, D) against a normalised bank (N, D).
-
-    Each of the min(k, N) most similar bank entries adds exp(sim / T) to its label's score.
-    Works in chunks of queries so memory stays O(chunk x N).
-    """
-    k = min(k, len(bank))
-    predictions = []
-    for start in range(0, len(features), chunk):
-        sim = features[start : start + chunk] @ bank.t()
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
-        scores = torch.zeros(len(sim), num_classes, device=sim.device, dtype=weights.dtype)
-        scores.scatter_add_(1, bank_labels[top_idx], weights)
-        predictions.append(scores.argmax(1))
-    return torch.cat(predictions)
+    """Predicted labels (M,) int64: the class with the largest `knn_scores`."""
+    return knn_scores(features, bank, bank_labels, num_classes, k, temperature, chunk).argmax(1)
 
 
 def knn_top1(

@@ -103,3 +103,26 @@ def crop_plan(
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled sample order of one epoch (int64 indices), shared by every backend."""
     return epoch_rng(seed, epoch, stream=0).permutation(n)
+
+
+def center_crop(heights: np.ndarray, widths: np.ndarray, fraction: float = 0.875) -> np.ndarray:
+    """Windows (N, 4) int64 of the evaluation center crop: the central square whose side is `fraction` of the
+    shorter side (ImageNet's resize-to-256, center-crop-224 when fraction = 224/256), to be resized to S x S."""
+    heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+    side = np.maximum(1, np.round(np.minimum(heights, widths) * fraction)).astype(np.int64)
+    return np.stack([(heights - side) // 2, (widths - side) // 2, side, side], axis=1)
+
+
+def random_crop_test(heights: np.ndarray, widths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Windows (N, 4) int64 of LeOCLR's random-crop test (Table 7): the image resized to a square, then
+    torchvision's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) of that square. Drawn on a 1024 x 1024 square
+    and mapped back to each image's pixels, so the squashing is applied exactly as the resize would."""
+    heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+    square = np.full(len(heights), 1024, dtype=np.int64)
+    top, left, h, w = random_resized_crop(square, square, rng, scale=(0.08, 1.0)).T / 1024
+    rows = np.stack([top * heights, h * heights], axis=1)
+    columns = np.stack([left * widths, w * widths], axis=1)
+    start = np.floor(np.stack([rows[:, 0], columns[:, 0]], axis=1)).astype(np.int64)
+    size = np.maximum(1, np.round(np.stack([rows[:, 1], columns[:, 1]], axis=1))).astype(np.int64)
+    size = np.minimum(size, np.stack([heights, widths], axis=1) - start)
+    return np.stack([start[:, 0], start[:, 1], size[:, 0], size[:, 1]], axis=1)

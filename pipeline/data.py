@@ -100,3 +100,32 @@ def load_splits(
         raise FileNotFoundError(f"{data}/train not found (expected DATA/train/<class>/*.jpg)")
     val = scan_split(data / "val", val_limit, seed) if (data / "val").is_dir() else None
     return scan_split(data / "train", train_limit, seed), val
+
+
+def select(images: ImageList, keep: np.ndarray) -> ImageList:
+    """The images at positions `keep` (int array) of a split, from a folder or a .beton alike."""
+    keep = np.asarray(keep, dtype=np.int64)
+    return ImageList(
+        paths=[images.paths[i] for i in keep] if images.paths else [],
+        labels=images.labels[keep],
+        heights=images.heights[keep],
+        widths=images.widths[keep],
+        classes=images.classes,
+        beton=images.beton,
+        ids=None if images.ids is None else images.ids[keep],
+    )
+
+
+def balanced_fraction(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted positions of a seeded, class-balanced `fraction` of the labels: round(fraction x count) of every
+    class (at least one each), as the semi-supervised 1% / 10% ImageNet splits take the same share per class."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], not {fraction}")
+    rng = np.random.default_rng([seed, 7])
+    labels = np.asarray(labels)
+    keep = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, round(fraction * len(members)))
+        keep.append(rng.choice(members, size=count, replace=False))
+    return np.sort(np.concatenate(keep))

@@ -5,7 +5,9 @@ crop 2 (RandomResizedCrop or ContrastiveCrop windows from the shared crop plan),
 channels_last memory on the training device, plus labels and sample indices (int64, (N,)). `views` says
 which a training pass makes, and the others are None: 3 = original + both crops (LeOCLR), 2 = both crops
 (MoCo-v2), 1 = crop 1, 0 = none (decode only, for benchmarks). Crop k's window does not depend on `views`.
-An evaluation pass (`train=False`) yields only the original view, in file order, with nothing dropped.
+An evaluation pass (`train=False`) yields one view per image, in file order, with nothing dropped: the
+original (`eval_view="original"`), or as crop 1 the center crop ("center") or a random crop of LeOCLR's
+crop test ("random", drawn from the seed and the epoch).
 Each image is decoded once per step whatever the number of views.
 """
 
@@ -17,10 +19,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pipeline.crop_plan import crop_plan, epoch_order
+from pipeline.crop_plan import center_crop, crop_plan, epoch_order, epoch_rng, random_crop_test
 from pipeline.data import ImageList
 
 BACKENDS = ("dali", "ffcv", "torchvision")
+EVAL_VIEWS = ("original", "center", "random")
 
 
 class Batch(NamedTuple):
@@ -48,16 +51,22 @@ class Loader:
         seed: int = 0,
         workers: int = 2,
         views: int = 3,
+        eval_view: str = "original",
+        crop_fraction: float = 0.875,
     ) -> None:
         if train and len(images) < batch_size:
             raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size}")
         if views not in (0, 1, 2, 3):
             raise ValueError(f"views must be 0, 1, 2 or 3, not {views}")
+        if eval_view not in EVAL_VIEWS:
+            raise ValueError(f"eval_view must be one of {', '.join(EVAL_VIEWS)}, not {eval_view!r}")
         self.images, self.image_size, self.batch_size = images, image_size, batch_size
         self.device, self.train, self.seed, self.workers = device, train, seed, workers
         # What each sample yields: the original view or not, and how many crops (0-2).
-        self.original = views == 3 or not train
-        self.crops = min(views, 2) if train else 0
+        self.eval_view, self.crop_fraction = eval_view, crop_fraction
+        whole = not train and eval_view == "original"
+        self.original = views == 3 and train or whole
+        self.crops = min(views, 2) if train else int(not whole)
         # ContrastiveCrop: (N, 4) boxes of the images (None = RandomResizedCrop) and the Beta parameter.
         # The next epoch's schedule uses whatever is set here: no backend needs restarting.
         self.boxes: np.ndarray | None = None
@@ -71,7 +80,12 @@ class Loader:
     def schedule(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(order, windows) of one epoch; the same for every backend given the seed."""
         if not self.train:
-            return np.arange(len(self.images)), None
+            order, (heights, widths) = np.arange(len(self.images)), (self.images.heights, self.images.widths)
+            if self.eval_view == "original":
+                return order, None
+            if self.eval_view == "center":
+                return order, center_crop(heights, widths, self.crop_fraction)[:, None]
+            return order, random_crop_test(heights, widths, epoch_rng(self.seed, epoch, stream=2))[:, None]
         order = epoch_order(len(self.images), self.seed, epoch)[: len(self) * self.batch_size]
         plan = crop_plan(self.images.heights, self.images.widths, self.seed, epoch, boxes=self.boxes, alpha=self.alpha)
         return order, plan[order, : self.crops]

@@ -40,7 +40,7 @@ def tiny_beton(tiny_data, tmp_path_factory) -> Path:
 
 
 def tiny_loader(
-    backend: str, images, train: bool = True, seed: int = 0, size: int = 16, batch: int = 8, views: int = 3
+    backend: str, images, train: bool = True, seed: int = 0, size: int = 16, batch: int = 8, views: int = 3, **kwargs
 ):
     """A CPU loader for the tiny test data (torchvision in-process, the others with one worker thread)."""
     import torch
@@ -49,5 +49,5 @@ def tiny_loader(
 
     return make_loader(
         backend, images, image_size=size, batch_size=batch, device=torch.device("cpu"), train=train, seed=seed,
-        workers=0 if backend == "torchvision" else 1, views=views,
+        workers=0 if backend == "torchvision" else 1, views=views, **kwargs,
     )  # fmt: skip

@@ -69,6 +69,40 @@ def test_evaluation_pass_yields_every_image_once_in_order(backend, split):
     data.close()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_center_and_random_crop_evaluation_passes(backend, split, images):
+    ours = split(backend)
+    # FFCV resizes with OpenCV's area filter: the bounds of tests/test_ffcv.py for the same windows.
+    mean_tolerance, max_tolerance = (3.0, 48) if backend == "ffcv" else (MEAN_TOLERANCE, MAX_TOLERANCE)
+    for view in ("center", "random"):
+        data, reference = (
+            loader(backend, ours, train=False, eval_view=view),
+            loader("torchvision", images, train=False, eval_view=view),
+        )
+        order, windows = data.schedule(0)
+        assert order.tolist() == list(range(len(ours))) and windows.shape == (len(ours), 1, 4)
+        assert np.array_equal(windows, reference.schedule(0)[1])
+        top, left, h, w = windows[:, 0].T
+        assert (
+            (top >= 0).all()
+            and (left >= 0).all()
+            and (top + h <= ours.heights).all()
+            and (left + w <= ours.widths).all()
+        )
+        batches = list(data.epoch(0))
+        assert torch.cat([b.indices for b in batches]).tolist() == list(range(len(ours)))
+        for a, b in zip(batches, reference.epoch(0), strict=True):
+            assert a.original is None and a.crop2 is None and a.crop1.shape[1:] == (3, SIZE, SIZE)
+            diff = (a.crop1.int() - b.crop1.int()).abs()
+            assert diff.float().mean() < mean_tolerance and diff.max() <= max_tolerance
+        data.close()
+    center = loader(backend, ours, train=False, eval_view="center").schedule(0)[1]
+    sides = np.round(np.minimum(ours.heights, ours.widths) * 0.875)
+    assert np.array_equal(center[:, 0, 2], sides) and np.array_equal(center[:, 0, 3], sides)
+    random = loader(backend, ours, train=False, eval_view="random")
+    assert not np.array_equal(random.schedule(0)[1], random.schedule(1)[1])  # a new draw per pass
+
+
 def test_backends_give_the_same_pixels_for_the_same_windows(images):
     dali, reference = loader("dali", images, train=True, seed=3), loader("torchvision", images, train=True, seed=3)
     for epoch in (0, 1):  # the second epoch checks that a new schedule reaches DALI

@@ -1,0 +1,329 @@
+"""Evaluate a pre-trained checkpoint with the papers' protocols, or export its backbone.
+
+    python eval.py knn       --checkpoint runs/leoclr-dali/checkpoint.pt            # the training monitor's kNN
+    python eval.py linear    --checkpoint CKPT --cached-features --json linear.json  # frozen backbone + linear
+    python eval.py finetune  --checkpoint CKPT --fraction 0.01                       # semi-supervised, 1% labels
+    python eval.py crop-test --checkpoint CKPT --cached-features                     # LeOCLR Table 7
+    python eval.py export    --checkpoint CKPT --out resnet.pth                      # plain torchvision weights
+
+Data, loader, resolution, subset sizes, batch size and seed default to the checkpoint's training run, so a checkpoint
+from `train.py` evaluates on the data it was trained on with one argument. Accuracies are percentages.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from functools import wraps
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from model.evaluation import (
+    CosineSGD,
+    LinearProbe,
+    autocast,
+    backbone_weights,
+    extract_features,
+    fit_linear,
+    load_backbone,
+    load_checkpoint,
+    topk_accuracy,
+)
+from model.knn import knn_scores
+from pipeline.augment import AugmentConfig, augment
+from pipeline.data import ImageList, balanced_fraction, load_splits, select
+from pipeline.loader import BACKENDS, Loader, make_loader
+
+# Training-time augmentation of the supervised protocols: the crop plan's RandomResizedCrop + flip, no colour.
+FLIP_ONLY = AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.5)
+
+
+@dataclass
+class Setup:
+    """One evaluation's checkpoint, data and options; builds loaders and the backbone on the device."""
+
+    state: dict
+    checkpoint: str
+    train: ImageList
+    val: ImageList
+    options: dict
+    device: torch.device
+
+    def loader(self, images: ImageList, train: bool, batch_size: int | None = None, **kwargs) -> Loader:
+        o = self.options
+        return make_loader(o["loader"], images, image_size=o["image_size"], batch_size=batch_size or o["batch_size"],
+                           device=self.device, train=train, seed=o["seed"], workers=o["workers"],
+                           crop_fraction=o["crop_fraction"], **kwargs)  # fmt: skip
+
+    def backbone(self) -> tuple[nn.Module, int]:
+        net, dim = load_backbone(self.state)
+        return net.to(self.device, memory_format=torch.channels_last), dim
+
+    @property
+    def classes(self) -> int:
+        return len(self.train.classes)
+
+    def features(self, net: nn.Module, images: ImageList, view: str, desc: str):
+        loader = self.loader(images, train=False, eval_view=view)
+        try:
+            return extract_features(net, loader, self.options["amp"], desc)
+        finally:
+            loader.close()
+
+    def record(self, protocol: str, top1: float, top5: float, started: float, **fields) -> dict:
+        cfg = self.state["config"]
+        return {"protocol": protocol, "top1": top1, "top5": top5, **fields, "checkpoint": self.checkpoint,
+                "method": cfg["method"], "pretrain_epochs": self.state.get("epoch"), "arch": cfg["arch"],
+                "image_size": self.options["image_size"], "loader": self.options["loader"],
+                "data": str(self.options["data"]), "train_images": len(self.train), "val_images": len(self.val),
+                "device": str(self.device), "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def common_options(command):
+    """The options every protocol shares, then: load the checkpoint and the splits, run, print, write JSON."""
+    options = [
+        click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+                     help="A train.py checkpoint (RUN_DIR/checkpoint.pt)."),
+        click.option("--data", type=click.Path(path_type=Path), default=None,
+                     help="As train.py --data; must hold a val split. [default: the checkpoint's]"),
+        click.option("--loader", type=click.Choice(BACKENDS), default=None,
+                     help="Loader backend, as in training. [default: the checkpoint's]"),
+        click.option("--train-limit", type=int, default=None,
+                     help="Seeded subset of the train split (0 = all). [default: the checkpoint's]"),
+        click.option("--val-limit", type=int, default=None,
+                     help="Seeded subset of the val split (0 = all). [default: the checkpoint's]"),
+        click.option("--image-size", type=int, default=None, help="Evaluation resolution. [default: the checkpoint's]"),
+        click.option("--crop-fraction", type=float, default=0.875,
+                     help="Center crop side / shorter image side (224/256 as on ImageNet)."),
+        click.option("--batch-size", type=int, default=None, help="[default: the checkpoint's]"),
+        click.option("--workers", type=int, default=2, help="Loader threads/processes."),
+        click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16",
+                     help="Mixed precision of the backbone (fp16 only on CUDA)."),
+        click.option("--device", default="auto", help="auto = cuda if available, else cpu."),
+        click.option("--seed", type=int, default=None, help="Subsets, crops, shuffles. [default: the checkpoint's]"),
+        click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Write the result as a JSON object here."),
+    ]  # fmt: skip
+
+    @wraps(command)
+    def run(checkpoint: Path, json_out: Path | None, **kwargs):
+        started = time.perf_counter()
+        setup = prepare(checkpoint, {k: kwargs.pop(k) for k in COMMON}, kwargs)
+        result = command(setup, started=started, **kwargs)
+        click.echo(f"{result['protocol']}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%")
+        if "drop" in result:
+            click.echo(f"center crop {result['center_top1']:.2f}%, random crop {result['random_top1']:.2f}%, "
+                       f"drop {result['drop']:.2f} points")  # fmt: skip
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=2) + "\n")
+            click.echo(f"wrote {json_out}")
+        return result
+
+    for option in reversed(options):
+        run = option(run)
+    return run
+
+
+COMMON = ("data", "loader", "train_limit", "val_limit", "image_size", "crop_fraction", "batch_size", "workers",
+          "amp", "device", "seed")  # fmt: skip
+
+
+def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
+    try:
+        state = load_checkpoint(checkpoint)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    cfg = state["config"]
+    for key in ("data", "loader", "train_limit", "val_limit", "image_size", "batch_size", "seed"):
+        if options[key] is None:
+            options[key] = cfg[key]
+    if options["device"] == "auto":
+        options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(options["device"])
+    if options["amp"] == "fp16" and device.type != "cuda":
+        raise click.BadParameter("fp16 autocast needs CUDA; use --amp bf16 on CPU", param_hint="--amp")
+    if not 0 < options["crop_fraction"] <= 1:
+        raise click.BadParameter("must be in (0, 1]", param_hint="--crop-fraction")
+    try:
+        train, val = load_splits(options["data"], options["loader"], options["train_limit"], options["val_limit"],
+                                 options["seed"])  # fmt: skip
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    if val is None:
+        raise click.ClickException(f"{options['data']} has no val split: every protocol scores on it")
+    click.echo(f"{checkpoint}: {cfg['method']} {cfg['arch']} after {state.get('epoch')} epochs; "
+               f"{len(train)} train / {len(val)} val images from {options['data']} ({options['loader']}), "
+               f"{options['image_size']} px, device {device}")  # fmt: skip
+    torch.manual_seed(options["seed"])
+    return Setup(state, str(checkpoint), train, val, options, device)
+
+
+@click.group(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Evaluate a train.py checkpoint (kNN, linear, semi-supervised fine-tuning, center/random crop test) or
+    export its query backbone. Every protocol scores the val split; `PROTOCOL --help` lists its options."""
+
+
+@main.command()
+@click.option("--k", "k", type=int, default=200, help="Neighbours.")
+@click.option("--temperature", type=float, default=0.1, help="Vote weight exp(similarity / T).")
+@common_options
+def knn(setup: Setup, started: float, k: int, temperature: float) -> dict:
+    """Weighted kNN (the training monitor's protocol): un-augmented whole-image features of the train split
+    as the bank; each val image's k nearest by cosine vote with exp(sim / T)."""
+    net, _ = setup.backbone()
+    bank, bank_labels = setup.features(net, setup.train, "original", "bank")
+    val, val_labels = setup.features(net, setup.val, "original", "val")
+    scores = knn_scores(F.normalize(val, dim=1), F.normalize(bank, dim=1), bank_labels, setup.classes, k, temperature)
+    top1, top5 = topk_accuracy(scores, val_labels)
+    return setup.record("knn", top1, top5, started, k=k, temperature=temperature)
+
+
+def linear_options(command):
+    options = [
+        click.option("--epochs", type=int, default=100, help="Classifier training epochs (the papers: 100)."),
+        click.option("--lr", type=float, default=0.1, help="SGD learning rate (momentum 0.9, cosine to 0)."),
+        click.option("--weight-decay", type=float, default=0.0),
+        click.option("--cached-features/--augmented", default=False,
+                     help="Compute the train split's center-crop features once and train on them (no augmentation; "
+                     "fast on CPU), instead of RandomResizedCrop + flip images through the frozen backbone every "
+                     "epoch (the papers' protocol)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def train_probe(setup: Setup, net: nn.Module, dim: int, epochs: int, lr: float, weight_decay: float, cached: bool):
+    """A LinearProbe on the frozen backbone `net` (features of size `dim`), trained on the whole train split."""
+    batch_size = setup.options["batch_size"]
+    if cached:
+        features, labels = setup.features(net, setup.train, "center", "train features")
+        return fit_linear(features, labels, setup.classes, epochs, lr, batch_size, weight_decay, setup.options["seed"])
+    batch_size = min(batch_size, len(setup.train))
+    loader = setup.loader(setup.train, train=True, batch_size=batch_size, views=1)
+    probe = LinearProbe(dim, setup.classes).to(setup.device)
+    optimizer = CosineSGD(probe.parameters(), lr, weight_decay, epochs * len(loader))
+    generator = torch.Generator(device=setup.device).manual_seed(setup.options["seed"])
+    net.eval()  # frozen: running BN statistics, no gradients
+    for epoch in range(epochs):
+        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"linear {epoch + 1}/{epochs}", unit="batch")
+        for batch in bar:
+            views = augment(batch.crop1, FLIP_ONLY, generator)  # outside autocast: its own precision
+            with torch.no_grad(), autocast(setup.device, setup.options["amp"]):
+                features = net(views).float()
+            loss = F.cross_entropy(probe(features), batch.labels)
+            optimizer.step(loss)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    loader.close()
+    return probe.eval()
+
+
+@torch.no_grad()
+def score_probe(setup: Setup, net: nn.Module, probe: LinearProbe, view: str) -> list[float]:
+    features, labels = setup.features(net, setup.val, view, f"val {view}")
+    return topk_accuracy(probe(features), labels)
+
+
+@main.command()
+@linear_options
+@common_options
+def linear(setup: Setup, started: float, epochs: int, lr: float, weight_decay: float, cached_features: bool) -> dict:
+    """Linear evaluation: frozen backbone, a linear classifier on its pooled features (RandomResizedCrop + flip
+    training, or --cached-features), top-1/top-5 on center crops of the val split."""
+    net, dim = setup.backbone()
+    probe = train_probe(setup, net, dim, epochs, lr, weight_decay, cached_features)
+    top1, top5 = score_probe(setup, net, probe, "center")
+    return setup.record("linear", top1, top5, started, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                        cached_features=cached_features)  # fmt: skip
+
+
+@main.command("crop-test")
+@linear_options
+@common_options
+def crop_test(setup: Setup, started: float, epochs: int, lr: float, weight_decay: float, cached_features: bool) -> dict:
+    """LeOCLR's center vs random crop test (Table 7): the linear classifier (trained as `linear`) scored on
+    center crops and on random crops (the image squashed to a square, then RandomResizedCrop, scale 0.08-1,
+    seeded) of the val split; `drop` = center - random top-1, smaller = more robust features."""
+    net, dim = setup.backbone()
+    probe = train_probe(setup, net, dim, epochs, lr, weight_decay, cached_features)
+    center_top1, center_top5 = score_probe(setup, net, probe, "center")
+    random_top1, random_top5 = score_probe(setup, net, probe, "random")
+    return setup.record("crop-test", center_top1, center_top5, started, center_top1=center_top1,
+                        random_top1=random_top1, random_top5=random_top5, drop=center_top1 - random_top1,
+                        epochs=epochs, lr=lr, weight_decay=weight_decay, cached_features=cached_features)  # fmt: skip
+
+
+@main.command()
+@click.option("--fraction", type=float, default=0.1, help="Share of the train labels used, the same in every class.")
+@click.option(
+    "--epochs",
+    type=int,
+    default=None,
+    help="Fine-tuning epochs over the labelled subset. [default: 60 for a fraction <= 1%, else 30 (SimCLR)]",
+)
+@click.option("--lr", type=float, default=0.05, help="SGD learning rate (Nesterov momentum 0.9, cosine to 0).")
+@click.option("--weight-decay", type=float, default=0.0)
+@common_options
+def finetune(setup: Setup, started: float, fraction: float, epochs: int, lr: float, weight_decay: float) -> dict:
+    """Semi-supervised fine-tuning: the whole network plus a new linear layer trained on a class-balanced,
+    seeded --fraction of the train labels (RandomResizedCrop + flip), top-1/top-5 on center crops of val."""
+    try:
+        labelled = select(setup.train, balanced_fraction(setup.train.labels, fraction, setup.options["seed"]))
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--fraction") from error
+    epochs = epochs if epochs is not None else 60 if fraction <= 0.01 else 30
+    net, dim = setup.backbone()
+    model = nn.Sequential(net, nn.Linear(dim, setup.classes)).to(setup.device, memory_format=torch.channels_last)
+    loader = setup.loader(labelled, train=True, batch_size=min(setup.options["batch_size"], len(labelled)), views=1)
+    fp16 = setup.options["amp"] == "fp16"
+    optimizer = CosineSGD(model.parameters(), lr, weight_decay, epochs * len(loader), nesterov=True,
+                          scaler=torch.amp.GradScaler(setup.device.type, enabled=fp16))  # fmt: skip
+    generator = torch.Generator(device=setup.device).manual_seed(setup.options["seed"])
+    model.train()
+    for epoch in range(epochs):
+        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"finetune {epoch + 1}/{epochs}", unit="batch")
+        for batch in bar:
+            views = augment(batch.crop1, FLIP_ONLY, generator)
+            with autocast(setup.device, setup.options["amp"]):
+                logits = model(views)
+            loss = F.cross_entropy(logits.float(), batch.labels)
+            optimizer.step(loss)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    loader.close()
+    logits, labels = setup.features(model, setup.val, "center", "val center")
+    top1, top5 = topk_accuracy(logits, labels)
+    return setup.record("finetune", top1, top5, started, fraction=fraction, labelled_images=len(labelled),
+                        epochs=epochs, lr=lr, weight_decay=weight_decay)  # fmt: skip
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="A train.py checkpoint (RUN_DIR/checkpoint.pt).")  # fmt: skip
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .pth file.")
+def export(checkpoint: Path, out: Path) -> None:
+    """Write the query backbone as a plain torchvision ResNet state_dict (every key but fc)."""
+    try:
+        state = load_checkpoint(checkpoint)
+        weights = backbone_weights(state)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(weights, out)
+    arch, size = state["config"]["arch"], state["config"]["image_size"]
+    load = f"torchvision.models.{arch}().load_state_dict(torch.load('{out}'), strict=False)"
+    click.echo(f"wrote {out}: {len(weights)} tensors of a {arch}; load with {load} (fc stays missing)")
+    if size <= 64:
+        click.echo(f"trained at {size} px with the small-image stem: first set net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, "
+                   "bias=False) and net.maxpool = nn.Identity()")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Evaluation parts shared by eval.py and the trainer: features of a loader pass, top-k accuracy, the linear
+probe (frozen features -> classes), and the query backbone of a training checkpoint."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from model.backbone import resnet
+from pipeline.augment import normalize
+from pipeline.loader import Loader
+
+BACKBONE_PREFIX = "query_encoder.backbone."
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def view_of(batch) -> torch.Tensor:
+    """The one view of an evaluation batch: the original, else crop 1 (center or random crop)."""
+    return batch.original if batch.original is not None else batch.crop1
+
+
+@torch.no_grad()
+def extract_features(net: nn.Module, loader: Loader, amp: str, desc: str = "features") -> tuple[torch.Tensor, ...]:
+    """Features (N, D) float32 of `net` (run in eval mode, restored after) on an evaluation pass of `loader`,
+    un-augmented and normalised, and their labels (N,) int64, in the loader's file order."""
+    training = net.training
+    net.eval()
+    features, labels = [], []
+    for batch in tqdm(loader.epoch(0), total=len(loader), desc=f"  {desc}", leave=False, unit="batch"):
+        with autocast(loader.device, amp):
+            features.append(net(normalize(view_of(batch))).float())
+        labels.append(batch.labels)
+    net.train(training)
+    return torch.cat(features), torch.cat(labels)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
+    """Percent (0-100) of rows of scores (M, C) whose label (M,) is among the k highest, for each k (k is
+    capped at C: with fewer than 5 classes top-5 is 100)."""
+    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hits = ranked == labels[:, None]
+    return [100 * hits[:, : min(k, scores.shape[1])].any(1).float().mean().item() for k in ks]
+
+
+class LinearProbe(nn.Module):
+    """A linear classifier on frozen features (N, D) -> logits (N, C): batch norm without affine parameters
+    (as MAE's probe; it folds into the linear map at evaluation, so the classifier stays linear, and makes
+    one learning rate fit backbones whose feature scales differ), then Linear(D, C)."""
+
+    def __init__(self, dim: int, classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.linear = nn.Linear(dim, classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(features.float()))
+
+
+class CosineSGD:
+    """SGD (momentum 0.9) whose learning rate follows a cosine from `lr` to 0 over `steps` steps; with an
+    enabled `scaler` (fp16) the loss is scaled for backward."""
+
+    def __init__(self, params, lr: float, weight_decay: float, steps: int, nesterov: bool = False, scaler=None):
+        self.optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=nesterov)
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(enabled=False)
+        self.lr, self.steps, self.done = lr, max(1, steps), 0
+
+    def step(self, loss: torch.Tensor) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * self.done / self.steps))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.done += 1
+
+
+def fit_linear(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    classes: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> LinearProbe:
+    """Train a `LinearProbe` on fixed features (N, D) float and labels (N,) int64 with shuffled mini-batches
+    (the cached-features protocol: no augmentation). Returns it in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    probe = LinearProbe(features.shape[1], classes).to(features.device)
+    batch_size = min(batch_size, len(features))
+    optimizer = CosineSGD(probe.parameters(), lr, weight_decay, epochs * (len(features) // batch_size))
+    for _ in tqdm(range(epochs), desc="  linear (cached features)", leave=False, unit="epoch"):
+        order = torch.randperm(len(features), generator=generator).to(features.device)
+        for start in range(0, len(order) - batch_size + 1, batch_size):  # whole batches: BN needs > 1 sample
+            part = order[start : start + batch_size]
+            optimizer.step(F.cross_entropy(probe(features[part]), labels[part]))
+    return probe.eval()
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A train.py checkpoint ({"model", "config", "epoch", ...}); ValueError saying what is wrong otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for files it cannot read
+        raise ValueError(f"cannot read {path} as a checkpoint: {error}") from error
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
+    return state
+
+
+def backbone_weights(state: dict) -> dict[str, torch.Tensor]:
+    """The query encoder's backbone from a checkpoint, as a torchvision ResNet state_dict (no fc)."""
+    weights = {k[len(BACKBONE_PREFIX) :]: v for k, v in state["model"].items() if k.startswith(BACKBONE_PREFIX)}
+    if not weights:
+        raise ValueError("the checkpoint holds no query_encoder.backbone weights")
+    return weights
+
+
+def load_backbone(state: dict) -> tuple[nn.Module, int]:
+    """The checkpoint's query backbone (N, 3, S, S) -> (N, D), with plain batch norm (split BN is a training
+    device only; its parameters and statistics are those of BatchNorm2d). Returns (net, D) on the CPU."""
+    cfg = state["config"]
+    net, dim = resnet(cfg["arch"], cfg["image_size"], bn_splits=1)
+    net.load_state_dict(backbone_weights(state))
+    return net, dim
