@@ -33,6 +33,7 @@ from pipeline.augment import AugmentConfig, augment
 from pipeline.ccrop import localize, update_epochs
 from pipeline.data import ImageList, load_splits
 from pipeline.loader import BACKENDS, make_loader
+from pipeline.pairs import read_pairs
 
 DEFAULT_DATA = Path("data/fashion-mnist")
 
@@ -81,8 +82,11 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     )
     common = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"], device=device, workers=cfg["workers"])
     method = METHODS[cfg["method"]]
+    pairs = read_pairs(cfg["pairs"], len(train_images)) if method.pairs else None
+    if pairs is not None:
+        click.echo(f"SePP-ID: {len(pairs)} semantic pairs from {cfg['pairs']} added to the {len(train_images)} images")
     loader = make_loader(
-        cfg["loader"], train_images, train=True, seed=cfg["seed"], views=loader_views(method), **common
+        cfg["loader"], train_images, train=True, seed=cfg["seed"], views=loader_views(method), pairs=pairs, **common
     )
     # The un-augmented pass over the training images: the kNN bank and ContrastiveCrop's localisation.
     ccrop = cfg["crop"] == "ccrop"
@@ -210,7 +214,18 @@ def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time, area
     help="Data loading backend: dali (JPEG folder; GPU decode on CUDA), ffcv (.beton files) or torchvision "
     "(the PIL reference).",
 )
-@click.option("--method", type=click.Choice(sorted(METHODS)), default="leoclr", help="Training objective.")
+@click.option(
+    "--method",
+    type=click.Choice(sorted(METHODS)),
+    default="leoclr",
+    help="Training objective: leoclr, mocov2, or sepp (MoCo-v2 on the images plus SePP-ID's semantic pairs, --pairs).",
+)
+@click.option(
+    "--pairs",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Semantic positive pairs for --method sepp, from python -m pipeline.pairs (same data, --train-limit, --seed).",
+)
 @click.option(
     "--data",
     type=click.Path(path_type=Path),
@@ -286,6 +301,8 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
     cfg = resolve(options)
     try:
         splits = load_splits(cfg["data"], cfg["loader"], cfg["train_limit"], cfg["val_limit"], cfg["seed"])
+        if cfg["pairs"] is not None:
+            read_pairs(cfg["pairs"], len(splits[0]))  # a clear error now rather than a trace later
     except (FileNotFoundError, ValueError) as error:
         hint = ""
         if Path(cfg["data"]) == DEFAULT_DATA and not DEFAULT_DATA.is_dir():
@@ -300,6 +317,7 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
 def resolve(options: dict) -> dict:
     """Fill the automatic defaults and check combinations; the result is what config.json records."""
     cfg = dict(options)
+    cfg.setdefault("pairs", None)  # checkpoints from before --pairs existed
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg["blur"] is None:
@@ -312,6 +330,10 @@ def resolve(options: dict) -> dict:
     cfg["data"], cfg["out"] = str(cfg["data"]), str(cfg["out"])
     if cfg["amp"] == "fp16" and cfg["device"] == "cpu":
         raise click.BadParameter("fp16 autocast needs CUDA; use --amp bf16 on CPU", param_hint="--amp")
+    if METHODS[cfg["method"]].pairs != (cfg["pairs"] is not None):
+        raise click.BadParameter("--method sepp needs --pairs, and only it takes them", param_hint="--pairs")
+    if cfg["pairs"] is not None:
+        cfg["pairs"] = str(cfg["pairs"])
     if cfg["batch_size"] % cfg["bn_splits"]:
         raise click.BadParameter(f"must be a multiple of --bn-splits ({cfg['bn_splits']})", param_hint="--batch-size")
     return cfg

@@ -22,6 +22,7 @@ Views = dict[str, torch.Tensor]
 class Method:
     views: tuple[str, ...]
     step: Callable[[MomentumContrast, Views, float, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    pairs: bool = False  # trains on the combined set of instances and semantic positive pairs (train.py --pairs)
 
 
 def mocov2_step(
@@ -54,4 +55,7 @@ def leoclr_step(
 METHODS = {
     "mocov2": Method(views=("crop1", "crop2"), step=mocov2_step),
     "leoclr": Method(views=("original", "crop1", "crop2"), step=leoclr_step),
+    # SePP-ID (Eq. 2, lambda = 1): MoCo-v2's step; the loader adds every semantic pair (a, b) as a sample whose
+    # crop 1 comes from a and crop 2 from b, so each pair's term is computed as a positive pair's.
+    "sepp": Method(views=("crop1", "crop2"), step=mocov2_step, pairs=True),
 }

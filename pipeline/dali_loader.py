@@ -27,9 +27,10 @@ class _ScheduledSource:
     def __init__(self, loader: Loader) -> None:
         self.paths, self.labels, self.batch_size = loader.images.paths, loader.images.labels, loader.batch_size
         self.order, self.windows, self.next_batch = np.empty(0, np.int64), None, 0
+        self.pairs, self.second = loader.pairs is not None, None
 
-    def start(self, order: np.ndarray, windows: np.ndarray | None) -> None:
-        self.order, self.windows, self.next_batch = order, windows, 0
+    def start(self, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None = None) -> None:
+        self.order, self.windows, self.second, self.next_batch = order, windows, second, 0
 
     def __call__(self):
         begin = self.next_batch * self.batch_size
@@ -40,24 +41,45 @@ class _ScheduledSource:
         jpegs = [np.fromfile(self.paths[i], dtype=np.uint8) for i in indices]
         labels = [np.array(self.labels[i], dtype=np.int64) for i in indices]
         positions = [np.array(i, dtype=np.int64) for i in indices]
+        seconds = []
+        if self.pairs:  # pair samples: the second image's bytes and a flag; others an empty array, not decoded
+            second = self.second[begin : begin + len(indices)]
+            flags = [np.array(a != b) for a, b in zip(indices, second)]
+            seconds = [
+                [np.fromfile(self.paths[b], dtype=np.uint8) if f else _EMPTY for b, f in zip(second, flags)],
+                flags,
+            ]
         rois = []
         if self.windows is not None:
             windows = self.windows[begin : begin + len(indices)].astype(np.float32)  # (n, crops, 4) top, left, h, w
             for v in range(windows.shape[1]):
                 rois += [list(windows[:, v, :2]), list(windows[:, v, :2] + windows[:, v, 2:])]
-        return jpegs, *rois, labels, positions
+        return jpegs, *seconds, *rois, labels, positions
 
 
-@pipeline_def(enable_conditionals=False)
-def _views_pipeline(source: _ScheduledSource, decode_device: str, size: int, original: bool, crops: int):
-    jpegs, *rois, labels, indices = fn.external_source(
-        source=source, num_outputs=3 + 2 * crops, batch=True, parallel=False
-    )
+_EMPTY = np.zeros(0, dtype=np.uint8)
+
+
+@pipeline_def(enable_conditionals=True)
+def _views_pipeline(source: _ScheduledSource, decode_device: str, size: int, original: bool, crops: int, pairs: bool):
+    jpegs, *rest = fn.external_source(source=source, num_outputs=3 + 2 * crops + 2 * pairs, batch=True, parallel=False)
     images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+    sources = [images] * crops
+    if pairs:  # a Python bool: the graph has this branch only for SePP-ID loaders
+        second_jpegs, is_pair, *rest = rest
+        # DALI's conditional runs the decoder on the pair samples only; the others reuse their one decode.
+        if is_pair:
+            second = fn.decoders.image(second_jpegs, device=decode_device, output_type=types.RGB)
+        else:
+            second = images
+        sources[-1] = second
+    *rois, labels, indices = rest
     resize = partial(fn.resize, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
     views = [resize(images)] if original else []
     # ROI in (y, x) pixels of the decoded image: crop + resize in one op, no intermediate copy.
-    views += [resize(images, roi_start=s, roi_end=e, roi_relative=False) for s, e in zip(rois[::2], rois[1::2])]
+    views += [
+        resize(image, roi_start=s, roi_end=e, roi_relative=False) for image, s, e in zip(sources, rois[::2], rois[1::2])
+    ]
     if not views:  # decode only (a benchmark): the decoded shapes keep the decoder in the graph
         views = [images.shape()]
     return (*views, labels, indices)
@@ -75,6 +97,7 @@ class DaliLoader(Loader):
             size=self.image_size,
             original=self.original,
             crops=self.crops,
+            pairs=self.pairs is not None,
             batch_size=self.batch_size,
             num_threads=max(1, self.workers),
             device_id=(self.device.index or 0) if cuda else None,
@@ -83,8 +106,8 @@ class DaliLoader(Loader):
         )
         self._iterator: DALIGenericIterator | None = None
 
-    def _batches(self, order: np.ndarray, windows: np.ndarray | None) -> Iterator[Batch]:
-        self._source.start(order, windows)
+    def _batches(self, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None) -> Iterator[Batch]:
+        self._source.start(order, windows, second)
         if self._iterator is None:  # building the iterator already prefetches from the schedule just set
             self._iterator = DALIGenericIterator(
                 self._pipe,

@@ -45,6 +45,8 @@ IMAGE_FIELD, LABEL_FIELD = "image", "label"
 JPEG_MODE = int(IMAGE_MODES["jpg"])  # the other mode stores raw RGB
 _decode_jpeg, _resize = Compiler.compile(imdecode), Compiler.compile(resize_crop)
 _READ_ONLY_BYTES = numba.types.Array(numba.uint8, 1, "C", readonly=True)
+# Fields of a stored image that a table row repeats for the image its last crop comes from.
+_SECOND = {"data_ptr": "second_ptr", "height": "second_height", "width": "second_width", "mode": "second_mode"}
 
 
 def _os_cache_state_type(self) -> numba.types.Tuple:
@@ -98,16 +100,17 @@ class ViewsDecoder(Operation):
     """Decodes each image once (JPEG or raw) and resizes `views` windows of it to size x size.
 
     The windows (views, 4) = [top, left, height, width] in stored-image pixels come from the "window" column
-    of the metadata row being decoded. The batch is written view-major, uint8 (views, n, size, size, 3), so
-    each view is one contiguous NHWC block (channels_last after a permute, no copy); FFCV sees it as
-    (n, views * size * size * 3). With `fresh` every batch gets new memory (CPU: the trainer's tensors are
-    never overwritten by later batches); without it the batch goes into FFCV's pinned buffers, the source of
-    its asynchronous copy to the GPU.
+    of the metadata row being decoded. A row whose "second_*" fields name another image (a SePP-ID pair
+    sample) takes its last view from that image, decoded once into a second scratch buffer.
+    The batch is written view-major, uint8 (views, n, size, size, 3), so each view is one contiguous NHWC
+    block (channels_last after a permute, no copy); FFCV sees it as (n, views * size * size * 3). With
+    `fresh` every batch gets new memory (CPU: the trainer's tensors are never overwritten by later batches);
+    without it the batch goes into FFCV's pinned buffers, the source of its asynchronous copy to the GPU.
     """
 
-    def __init__(self, size: int, views: int, fresh: bool) -> None:
+    def __init__(self, size: int, views: int, fresh: bool, pairs: bool = False) -> None:
         super().__init__()
-        self.size, self.views, self.fresh = size, views, fresh
+        self.size, self.views, self.fresh, self.pairs = size, views, fresh, pairs
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
         largest = np.uint64(self.metadata["height"].max()) * np.uint64(self.metadata["width"].max())
@@ -116,14 +119,16 @@ class ViewsDecoder(Operation):
         state = replace(previous_state, jit_mode=True, shape=shape, dtype=uint8)
         # FFCV's output slots (unused when fresh), and one scratch image per sample: the decode views come from.
         output = AllocationQuery((1,) if self.fresh else shape, uint8)
-        return state, (output, AllocationQuery((largest * np.uint64(3),), uint8))
+        scratch = AllocationQuery((largest * np.uint64(3),), uint8)
+        second = scratch if self.pairs else AllocationQuery((1,), uint8)  # untouched without pair samples
+        return state, (output, scratch, second)
 
     def generate_code(self):
         read, decode_jpeg, resize = self.memory_read, _decode_jpeg, _resize
         loop, views, size, fresh = Compiler.get_iterator(), self.views, self.size, self.fresh
 
         def decode(positions, buffers, table, storage_state):
-            slots, scratch = buffers
+            slots, scratch, second_scratch = buffers
             n = len(positions)
             if views == 0:
                 out = np.zeros((1, n, 1, 1, 1), dtype=np.uint8)
@@ -142,8 +147,17 @@ class ViewsDecoder(Operation):
                     image = data.reshape(height, width, 3)
                 window = row["window"]
                 for v in range(views):
+                    source = image
+                    if v == views - 1 and row["second_ptr"] != row["data_ptr"]:
+                        data = read(row["second_ptr"], storage_state)
+                        h2, w2 = np.uint32(row["second_height"]), np.uint32(row["second_width"])
+                        if row["second_mode"] == JPEG_MODE:
+                            decode_jpeg(data, second_scratch[k], h2, w2, h2, w2, 0, 0, 1, 1, False, False)
+                            source = second_scratch[k][: 3 * h2 * w2].reshape(h2, w2, 3)
+                        else:
+                            source = data.reshape(h2, w2, 3)
                     top, left = window[v, 0], window[v, 1]
-                    resize(image, top, top + window[v, 2], left, left + window[v, 3], out[v, k])
+                    resize(source, top, top + window[v, 2], left, left + window[v, 3], out[v, k])
             return out.reshape(n, -1)
 
         decode.is_parallel = True
@@ -152,7 +166,7 @@ class ViewsDecoder(Operation):
 
 class _EpochPositions(TraversalOrder):
     """FFCV calls a custom order object with its Loader; this one then walks positions 0..n-1 of the epoch's
-    table. FFCV caps an epoch at the length seen at construction, so that is the split's size."""
+    table. FFCV caps an epoch at the length seen at construction: the split's size plus its pair samples."""
 
     def __init__(self, count: int) -> None:
         self.positions = np.arange(count, dtype=np.uint64)
@@ -170,7 +184,7 @@ class FfcvLoader(Loader):
             raise ValueError("the ffcv loader reads .beton files: convert the folder with python -m pipeline.convert")
         super().__init__(images, **kwargs)
         self._views = self.original + self.crops
-        self._positions = _EpochPositions(len(images))
+        self._positions = _EpochPositions(len(images) + (0 if self.pairs is None else len(self.pairs)))
         cuda = self.device.type == "cuda"
         to_device = [ToDevice(self.device, non_blocking=True)] if cuda else []
         threads = torch.get_num_threads()  # FFCV sets torch's thread count to its worker count
@@ -185,7 +199,7 @@ class FfcvLoader(Loader):
             pipelines={
                 IMAGE_FIELD: PipelineSpec(
                     IMAGE_FIELD,
-                    decoder=ViewsDecoder(self.image_size, self._views, fresh=not cuda),
+                    decoder=ViewsDecoder(self.image_size, self._views, fresh=not cuda, pairs=self.pairs is not None),
                     transforms=[ToTensor(), *to_device],
                 ),
                 **{name: None for name in Reader(images.beton).handlers if name != IMAGE_FIELD},
@@ -198,14 +212,18 @@ class FfcvLoader(Loader):
         self._stored = stored[images.ids]
         columns = [(name, stored.dtype[name]) for name in stored.dtype.names]
         window = ("window", "<i4", (max(1, self._views), 4))  # numpy drops a zero-length axis: keep one
-        self._table_dtype = np.dtype([(self._column, [*columns, window])])
+        second = [(field, stored.dtype[name]) for name, field in _SECOND.items()]
+        self._table_dtype = np.dtype([(self._column, [*columns, window, *second])])
 
-    def _table(self, order: np.ndarray, windows: np.ndarray | None) -> np.ndarray:
-        """One metadata row per scheduled sample: its stored image plus the windows of its views."""
+    def _table(self, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None) -> np.ndarray:
+        """One metadata row per scheduled sample: its stored image, the windows of its views and the image its
+        last crop comes from (itself unless it is a pair sample)."""
         table = np.empty(len(order), dtype=self._table_dtype)
         rows = table[self._column]
         for name in self._stored.dtype.names:
             rows[name] = self._stored[name][order]
+        for name, field in _SECOND.items():
+            rows[field] = self._stored[name][order if second is None else second]
         whole = np.zeros((len(order), int(self.original), 4), dtype=np.int32)
         whole[:, :, 2], whole[:, :, 3] = self.images.heights[order, None], self.images.widths[order, None]
         crops = np.zeros((len(order), 0, 4)) if windows is None else windows
@@ -213,9 +231,9 @@ class FfcvLoader(Loader):
             rows["window"] = np.concatenate([whole, crops.astype(np.int32)], axis=1)
         return table
 
-    def _batches(self, order: np.ndarray, windows: np.ndarray | None) -> Iterator[Batch]:
+    def _batches(self, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None) -> Iterator[Batch]:
         # A new table per epoch: the running compiled code reads it through the metadata argument.
-        self._pipeline.reader.metadata = self._table(order, windows)
+        self._pipeline.reader.metadata = self._table(order, windows, second)
         self._positions.positions = np.arange(len(order), dtype=np.uint64)
         threads = torch.get_num_threads()
         epoch = iter(self._pipeline)

@@ -9,6 +9,10 @@ An evaluation pass (`train=False`) yields one view per image, in file order, wit
 original (`eval_view="original"`), or as crop 1 the center crop ("center") or a random crop of LeOCLR's
 crop test ("random", drawn from the seed and the epoch).
 Each image is decoded once per step whatever the number of views.
+
+With `pairs` (SePP-ID's semantic positive pairs, (P, 2) image indices) a training epoch runs over N + P
+samples: every image as usual, and every pair (a, b) as an extra sample whose crop 1 (and original) come
+from a and crop 2 from b, with crop windows of their own; a pair sample decodes its two images once each.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pipeline.crop_plan import center_crop, crop_plan, epoch_order, epoch_rng, random_crop_test
+from pipeline.crop_plan import center_crop, crop_plan, epoch_order, epoch_rng, random_crop_test, random_resized_crop
 from pipeline.data import ImageList
 
 BACKENDS = ("dali", "ffcv", "torchvision")
@@ -34,11 +38,18 @@ class Batch(NamedTuple):
     indices: torch.Tensor
 
 
+class Schedule(NamedTuple):
+    """One epoch's samples, as backends apply them."""
+
+    order: np.ndarray  # (M,) int64: the image of each sample (its original, crop 1, label and index)
+    windows: np.ndarray | None  # (M, crops, 4) crop windows, None when no crops are made
+    second: np.ndarray | None  # (M,) int64: the image crop 2 comes from; None = `order` (no pair samples)
+
+
 class Loader:
     """Base of every backend: owns the epoch schedule (sample order + crop windows), backends apply it.
 
-    Subclasses implement `_batches(order, windows)`; `windows` is (len(order), self.crops, 4) aligned with
-    `order`, or None for an evaluation pass.
+    Subclasses implement `_batches(order, windows, second)` as `Schedule`'s fields.
     """
 
     def __init__(
@@ -53,6 +64,7 @@ class Loader:
         views: int = 3,
         eval_view: str = "original",
         crop_fraction: float = 0.875,
+        pairs: np.ndarray | None = None,
     ) -> None:
         if train and len(images) < batch_size:
             raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size}")
@@ -71,30 +83,48 @@ class Loader:
         # The next epoch's schedule uses whatever is set here: no backend needs restarting.
         self.boxes: np.ndarray | None = None
         self.alpha = 0.6
+        if pairs is not None and (not train or self.crops < 2):
+            raise ValueError("semantic pairs need a training loader that makes both crops")
+        self.pairs = None if pairs is None else np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:
         """Steps per epoch: training drops the last partial batch, evaluation keeps it."""
-        n = len(self.images)
+        n = len(self.images) + (0 if self.pairs is None else len(self.pairs))
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def schedule(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(order, windows) of one epoch; the same for every backend given the seed."""
+    def schedule(self, epoch: int) -> Schedule:
+        """One epoch's samples; the same for every backend given the seed."""
+        heights, widths = self.images.heights, self.images.widths
         if not self.train:
-            order, (heights, widths) = np.arange(len(self.images)), (self.images.heights, self.images.widths)
+            order = np.arange(len(self.images))
             if self.eval_view == "original":
-                return order, None
+                return Schedule(order, None, None)
             if self.eval_view == "center":
-                return order, center_crop(heights, widths, self.crop_fraction)[:, None]
-            return order, random_crop_test(heights, widths, epoch_rng(self.seed, epoch, stream=2))[:, None]
-        order = epoch_order(len(self.images), self.seed, epoch)[: len(self) * self.batch_size]
-        plan = crop_plan(self.images.heights, self.images.widths, self.seed, epoch, boxes=self.boxes, alpha=self.alpha)
-        return order, plan[order, : self.crops]
+                return Schedule(order, center_crop(heights, widths, self.crop_fraction)[:, None], None)
+            windows = random_crop_test(heights, widths, epoch_rng(self.seed, epoch, stream=2))[:, None]
+            return Schedule(order, windows, None)
+        n, pairs = len(self.images), self.pairs
+        samples = epoch_order(n + (0 if pairs is None else len(pairs)), self.seed, epoch)[: len(self) * self.batch_size]
+        plan = crop_plan(heights, widths, self.seed, epoch, boxes=self.boxes, alpha=self.alpha)
+        if pairs is None:
+            return Schedule(samples, plan[samples, : self.crops], None)
+        # Pair samples get their own windows (on a, then on b), drawn in one go per epoch.
+        rng, paired = epoch_rng(self.seed, epoch, stream=3), np.flatnonzero(samples >= n)
+        first, second = samples.copy(), samples.copy()
+        first[paired], second[paired] = pairs[samples[paired] - n, 0], pairs[samples[paired] - n, 1]
+        windows = plan[samples.clip(max=n - 1)]
+        for view, image in enumerate((first[paired], second[paired])):
+            boxes = None if self.boxes is None else self.boxes[image]
+            windows[paired, view] = random_resized_crop(
+                heights[image], widths[image], rng, boxes=boxes, alpha=self.alpha
+            )
+        return Schedule(first, windows, second)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Batches of one epoch in the contract's form."""
         return self._batches(*self.schedule(epoch))
 
-    def _batches(self, order: np.ndarray, windows: np.ndarray | None) -> Iterator[Batch]:
+    def _batches(self, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None) -> Iterator[Batch]:
         raise NotImplementedError
 
     def close(self) -> None:

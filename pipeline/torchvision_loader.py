@@ -12,11 +12,13 @@ from pipeline.loader import Batch, Loader, to_batch
 
 
 class _Views(Dataset):
-    """Item p -> (views as uint8 HWC arrays: [original], crops...), label, index of the p-th scheduled sample."""
+    """Item p -> (views as uint8 HWC arrays: [original], crops...), label, index of the p-th scheduled sample.
+    A pair sample's last crop comes from its second image, decoded once too."""
 
-    def __init__(self, loader: Loader, order: np.ndarray, windows: np.ndarray | None) -> None:
+    def __init__(self, loader: Loader, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None):
         self.paths, self.labels = loader.images.paths, loader.images.labels
         self.size, self.order, self.windows, self.original = loader.image_size, order, windows, loader.original
+        self.second = order if second is None else second
 
     def __len__(self) -> int:
         return len(self.order)
@@ -28,17 +30,21 @@ class _Views(Dataset):
         size = (self.size, self.size)
         views = [np.array(image.resize(size, Image.BILINEAR))] if self.original else []
         if self.windows is not None:
-            for top, left, h, w in self.windows[position]:
+            sources = [image] * len(self.windows[position])
+            if self.second[position] != index:
+                with Image.open(self.paths[int(self.second[position])]) as file:
+                    sources[-1] = file.convert("RGB")
+            for (top, left, h, w), source in zip(self.windows[position], sources):
                 box = (int(left), int(top), int(left + w), int(top + h))
-                views.append(np.array(image.resize(size, Image.BILINEAR, box=box)))
+                views.append(np.array(source.resize(size, Image.BILINEAR, box=box)))
         return tuple(views), self.labels[index], index
 
 
 class TorchvisionLoader(Loader):
-    def _batches(self, order: np.ndarray, windows: np.ndarray | None) -> Iterator[Batch]:
+    def _batches(self, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None) -> Iterator[Batch]:
         # A fresh DataLoader per epoch: workers fork with this epoch's schedule.
         data = DataLoader(
-            _Views(self, order, windows),
+            _Views(self, order, windows, second),
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.workers,

@@ -72,7 +72,7 @@ def main(data, backend, boxes, alpha, train_limit, seed, epoch, count, size, out
     loader = make_loader(backend, images, image_size=size, batch_size=count, device=torch.device("cpu"),
                          train=True, seed=seed, workers=0 if backend == "torchvision" else 1)  # fmt: skip
     loader.boxes, loader.alpha = table, alpha
-    order, windows = loader.schedule(epoch)
+    order, windows, _ = loader.schedule(epoch)
     batches = loader.epoch(epoch)
     batch = next(batches)
     batches.close()

@@ -51,3 +51,21 @@ def tiny_loader(
         backend, images, image_size=size, batch_size=batch, device=torch.device("cpu"), train=train, seed=seed,
         workers=0 if backend == "torchvision" else 1, views=views, **kwargs,
     )  # fmt: skip
+
+
+TINY_TRAIN = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--epochs", "1",
+              "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "0",
+              "--loader", "torchvision"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    """RUN_DIR/checkpoint.pt of one LeOCLR epoch on `tiny_data` (16 px, torchvision loader)."""
+    from click.testing import CliRunner
+
+    import train
+
+    out = tmp_path_factory.mktemp("pretrained")
+    result = CliRunner().invoke(train.main, [*TINY_TRAIN, "--data", str(tiny_data), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out / "checkpoint.pt"

@@ -113,7 +113,7 @@ def test_every_backend_applies_the_same_ccrop_windows(backend, splits, tiny_data
     boxes = random_boxes(np.random.default_rng(3), len(images))
     loader = tiny_loader(backend, images, seed=4)
     loader.boxes, loader.alpha = boxes, 0.3
-    order, windows = loader.schedule(0)
+    order, windows, _ = loader.schedule(0)
     reference = crop_plan(images.heights, images.widths, 4, 0, boxes=boxes, alpha=0.3)[order]
     assert np.array_equal(windows, reference)
     batch = next(iter(loader.epoch(0)))

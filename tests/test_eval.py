@@ -8,25 +8,18 @@ from click.testing import CliRunner
 from torch import nn
 
 import eval as evaluation
-import train
 from model.backbone import resnet
 from model.evaluation import LinearProbe, fit_linear, topk_accuracy
 from model.moco import MomentumContrast
 from pipeline.crop_plan import center_crop, random_crop_test
 from pipeline.data import balanced_fraction, scan_split, select
 
-TINY_TRAIN = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--epochs", "1",
-              "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "0",
-              "--loader", "torchvision"]  # fmt: skip
 FAST = ["--batch-size", "8", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrained")
-    result = CliRunner().invoke(train.main, [*TINY_TRAIN, "--data", str(tiny_data), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out / "checkpoint.pt"
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def run_eval(*args, ok: bool = True):

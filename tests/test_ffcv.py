@@ -64,7 +64,7 @@ def test_a_limit_picks_the_same_images_as_from_the_folder(tiny_data, tiny_beton)
 def test_views_are_the_planned_windows_of_one_decode(folder, beton):
     data = loader("ffcv", beton, seed=5)
     for epoch in (0, 1):  # the second epoch checks that new windows reach the compiled decoder
-        order, windows = data.schedule(epoch)
+        order, windows, _ = data.schedule(epoch)
         for k, batch in enumerate(data.epoch(epoch)):
             for j in range(len(batch.indices)):
                 p = k * BATCH + j

@@ -28,7 +28,7 @@ def split(tiny_data, tiny_beton):
 def test_training_batches_follow_the_contract(backend, split):
     images = split(backend)
     data = loader(backend, images, train=True)
-    order, _ = data.schedule(epoch=1)
+    order, _, _ = data.schedule(epoch=1)
     batches = list(data.epoch(1))
     assert len(batches) == len(data) == len(images) // BATCH
     seen = torch.cat([b.indices for b in batches])
@@ -79,7 +79,7 @@ def test_center_and_random_crop_evaluation_passes(backend, split, images):
             loader(backend, ours, train=False, eval_view=view),
             loader("torchvision", images, train=False, eval_view=view),
         )
-        order, windows = data.schedule(0)
+        order, windows, _ = data.schedule(0)
         assert order.tolist() == list(range(len(ours))) and windows.shape == (len(ours), 1, 4)
         assert np.array_equal(windows, reference.schedule(0)[1])
         top, left, h, w = windows[:, 0].T
@@ -116,7 +116,7 @@ def test_backends_give_the_same_pixels_for_the_same_windows(images):
 
 def test_reference_crop_is_the_planned_window(images):
     data = loader("torchvision", images, train=True)
-    order, windows = data.schedule(epoch=0)
+    order, windows, _ = data.schedule(epoch=0)
     batch = next(iter(data.epoch(0)))
     top, left, h, w = (int(v) for v in windows[0, 0])
     with Image.open(images.paths[order[0]]) as f:
@@ -142,3 +142,48 @@ def test_dali_gpu_decode_matches_cpu(images):
         assert a.original.device.type == "cuda" and a.original.is_contiguous(memory_format=torch.channels_last)
         diff = (a.crop1.cpu().int() - b.crop1.int()).abs()
         assert diff.float().mean() < MEAN_TOLERANCE
+
+
+PAIRS = np.array([[0, 5], [3, 20], [10, 2], [17, 9]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pair_samples_take_crop_2_from_their_second_image(backend, split, images):
+    ours = split(backend)
+    data = loader(backend, ours, views=2, pairs=PAIRS, seed=4)
+    reference = loader("torchvision", images, views=2, pairs=PAIRS, seed=4)
+    assert len(data) == (len(ours) + len(PAIRS)) // BATCH
+    order, windows, second = data.schedule(0)
+    paired = second != order
+    assert paired.any() and np.array_equal(order, reference.schedule(0).order)
+    assert {(int(a), int(b)) for a, b in zip(order[paired], second[paired])} <= {tuple(p) for p in PAIRS.tolist()}
+    for view, image in ((0, order), (1, second)):  # each window lies inside the image it is cut from
+        top, left, h, w = windows[:, view].T
+        assert (top + h <= ours.heights[image]).all() and (left + w <= ours.widths[image]).all()
+    mean_tolerance, max_tolerance = (3.0, 48) if backend == "ffcv" else (MEAN_TOLERANCE, MAX_TOLERANCE)
+    for a, b in zip(data.epoch(0), reference.epoch(0), strict=True):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+        for view_a, view_b in ((a.crop1, b.crop1), (a.crop2, b.crop2)):
+            diff = (view_a.int() - view_b.int()).abs()
+            assert diff.float().mean() < mean_tolerance and diff.max() <= max_tolerance
+    data.close()
+
+
+def test_reference_pair_crop_is_the_second_images_window(images):
+    data = loader("torchvision", images, views=2, pairs=PAIRS, seed=4)
+    order, windows, second = data.schedule(0)
+    position = int(np.flatnonzero(second != order)[0])
+    batch = list(data.epoch(0))[position // BATCH]
+    top, left, h, w = (int(v) for v in windows[position, 1])
+    with Image.open(images.paths[second[position]]) as f:
+        expected = np.array(f.convert("RGB").crop((left, top, left + w, top + h)).resize((SIZE, SIZE), Image.BILINEAR))
+    got = batch.crop2[position % BATCH].permute(1, 2, 0).numpy()
+    assert np.abs(got.astype(int) - expected.astype(int)).mean() < 1.0
+
+
+def test_no_pairs_is_the_plain_schedule(images):
+    plain = loader("torchvision", images, views=2, seed=4).schedule(1)
+    empty = loader("torchvision", images, views=2, seed=4, pairs=np.zeros((0, 2), dtype=np.int64)).schedule(1)
+    assert np.array_equal(plain.order, empty.order) and np.array_equal(plain.windows, empty.windows)
+    with pytest.raises(ValueError, match="both crops"):
+        loader("torchvision", images, views=1, pairs=PAIRS)

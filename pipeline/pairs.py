@@ -1,0 +1,165 @@
+"""SePP-ID's semantic sampler: semantic positive pairs of training images, mined with a pre-trained model.
+
+    python -m pipeline.pairs --checkpoint runs/mocov2-dali/checkpoint.pt --out pairs.npy
+    python train.py --method sepp --pairs pairs.npy
+
+A seeded `--fraction` of the training images is embedded un-augmented (the whole image resized, through the
+training loader backend) by the checkpoint's query encoder with its projection head; every ordered pair
+(i, j), i != j, whose cosine similarity lies in [--low, --high] is kept (the upper bound drops near
+duplicates; an anchor may get several positives). Similarities are computed a block of rows at a time, so
+memory is O(block x n), never n x n. Writes the pairs as int64 (P, 2) indices into the training split (the
+same data, --train-limit and --seed as the run that will train with them) and a JSON report beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.evaluation import autocast, load_checkpoint
+from model.moco import Encoder
+from pipeline.augment import normalize
+from pipeline.data import load_splits, select
+from pipeline.loader import BACKENDS, make_loader
+
+
+def band_pairs(embeddings: torch.Tensor, low: float, high: float, block: int = 1024) -> torch.Tensor:
+    """Ordered pairs (P, 2) int64 (i, j), i != j, with low <= cos(e_i, e_j) <= high, sorted by (i, j), for
+    L2-normalised embeddings (n, d); one (block, n) similarity block at a time."""
+    found = []
+    for start in tqdm(range(0, len(embeddings), block), desc="  similarities", leave=False, unit="block"):
+        sim = embeddings[start : start + block].float() @ embeddings.float().t()
+        rows, columns = torch.nonzero((sim >= low) & (sim <= high), as_tuple=True)
+        rows = rows + start
+        keep = rows != columns
+        found.append(torch.stack([rows[keep], columns[keep]], dim=1).cpu())
+    return torch.cat(found) if found else torch.zeros((0, 2), dtype=torch.int64)
+
+
+def pair_accuracy(pairs: np.ndarray, labels: np.ndarray) -> float | None:
+    """Fraction of pairs whose two images share a label (SePP-ID's Table 1 metric); None without pairs."""
+    if len(pairs) == 0:
+        return None
+    return float(np.mean(labels[pairs[:, 0]] == labels[pairs[:, 1]]))
+
+
+def sample_fraction(count: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded random `fraction` of `count` images (at least two)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], not {fraction}")
+    size = min(count, max(2, round(fraction * count)))
+    return np.sort(np.random.default_rng([seed, 11]).choice(count, size=size, replace=False))
+
+
+def read_pairs(path: str | Path, train_images: int) -> np.ndarray:
+    """Pairs written by this module, checked against the training split they index: (P, 2) int64."""
+    path = Path(path)
+    try:
+        pairs = np.load(path)
+    except Exception as error:  # numpy raises several types for foreign files
+        raise ValueError(f"cannot read {path} as a pairs .npy file: {error}") from error
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or not np.issubdtype(pairs.dtype, np.integer):
+        raise ValueError(f"{path} holds an array of shape {pairs.shape} ({pairs.dtype}), not (P, 2) integers")
+    report = path.with_suffix(".json")
+    if report.is_file():
+        mined = json.loads(report.read_text()).get("train_images")
+        if mined is not None and mined != train_images:
+            raise ValueError(f"{path} indexes a training split of {mined} images, this run has {train_images}: "
+                             "mine the pairs with the same --data, --train-limit and --seed")  # fmt: skip
+    if len(pairs) and (pairs.min() < 0 or pairs.max() >= train_images):
+        raise ValueError(f"{path} has indices outside the {train_images} training images")
+    return pairs.astype(np.int64)
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A train.py checkpoint (the paper: MoCo-v2); its query encoder and projection head embed.",
+)
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="As train.py. [default: the checkpoint's]")
+@click.option("--loader", type=click.Choice(BACKENDS), default=None, help="[default: the checkpoint's]")
+@click.option(
+    "--train-limit",
+    type=int,
+    default=None,
+    help="Must match the run that trains with the pairs. [default: the checkpoint's]",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("pairs.npy"),
+    help="Pairs (P, 2) int64; the report goes to the same name with .json.",
+)
+@click.option("--fraction", type=float, default=0.1, help="K: share of the training images embedded.")
+@click.option("--low", type=float, default=0.97, help="Lowest cosine similarity of a semantic pair.")
+@click.option("--high", type=float, default=0.99, help="Highest (drops near-duplicates).")
+@click.option("--block", type=int, default=1024, help="Rows of the similarity matrix computed at once.")
+@click.option("--image-size", type=int, default=None, help="[default: the checkpoint's]")
+@click.option("--batch-size", type=int, default=None, help="[default: the checkpoint's]")
+@click.option("--workers", type=int, default=2)
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16")
+@click.option("--device", default="auto", help="auto = cuda if available, else cpu.")
+@click.option("--seed", type=int, default=None,
+              help="Training subset (as train.py) and embedded fraction. [default: the checkpoint's]")  # fmt: skip
+def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block, image_size, batch_size, workers, amp,
+         device, seed) -> None:  # fmt: skip
+    """Mine SePP-ID's semantic positive pairs from a pre-trained checkpoint."""
+    started = time.perf_counter()
+    if low > high:
+        raise click.BadParameter("need --low <= --high", param_hint="--low/--high")
+    try:
+        state = load_checkpoint(checkpoint)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    cfg = state["config"]
+    data, loader = data or cfg["data"], loader or cfg["loader"]
+    train_limit = cfg["train_limit"] if train_limit is None else train_limit
+    seed, image_size = cfg["seed"] if seed is None else seed, image_size or cfg["image_size"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    try:
+        train, _ = load_splits(data, loader, train_limit, 0, seed)
+        chosen = sample_fraction(len(train), fraction, seed)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    encoder = Encoder(cfg["arch"], cfg["image_size"], bn_splits=1)
+    encoder.load_state_dict({k[len("query_encoder.") :]: v for k, v in state["model"].items()
+                             if k.startswith("query_encoder.")})  # fmt: skip
+    encoder = encoder.to(device, memory_format=torch.channels_last).eval()
+    images = select(train, chosen)
+    passes = make_loader(loader, images, image_size=image_size, batch_size=batch_size or cfg["batch_size"],
+                         device=device, train=False, workers=workers)  # fmt: skip
+    embeddings = []
+    with torch.no_grad():
+        for batch in tqdm(passes.epoch(0), total=len(passes), desc="embed", unit="batch"):
+            with autocast(device, amp):
+                embeddings.append(encoder(normalize(batch.original)))
+    passes.close()
+    found = band_pairs(torch.cat(embeddings), low, high, block)
+    pairs = chosen[found.numpy()] if len(found) else np.zeros((0, 2), dtype=np.int64)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, pairs.astype(np.int64))
+    report = {
+        "checkpoint": str(checkpoint), "method": cfg["method"], "pretrain_epochs": state.get("epoch"),
+        "data": str(data), "train_limit": train_limit, "seed": seed, "train_images": len(train),
+        "images_embedded": len(chosen), "low": low, "high": high, "pairs": len(pairs),
+        "anchors_with_pairs": int(len(np.unique(pairs[:, 0]))), "pair_accuracy": pair_accuracy(pairs, train.labels),
+        "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    accuracy = "n/a" if report["pair_accuracy"] is None else f"{100 * report['pair_accuracy']:.2f}%"
+    click.echo(f"{len(chosen)} images embedded, {len(pairs)} pairs over {report['anchors_with_pairs']} anchors, "
+               f"pair accuracy {accuracy} -> {out} (+ {out.with_suffix('.json')})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
