@@ -57,6 +57,17 @@ def sample_fraction(count: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 11]).choice(count, size=size, replace=False))
 
 
+def sampler_encoder(state: dict, random_init: bool = False, seed: int = 0) -> Encoder:
+    """The checkpoint's query encoder with its projection head (plain BN), or with `random_init` a seeded fresh
+    one of the same architecture."""
+    torch.manual_seed(seed)
+    encoder = Encoder(state["config"]["arch"], state["config"]["image_size"], bn_splits=1)
+    if not random_init:
+        prefix = "query_encoder."
+        encoder.load_state_dict({k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)})
+    return encoder
+
+
 def read_pairs(path: str | Path, train_images: int) -> np.ndarray:
     """Pairs written by this module, checked against the training split they index: (P, 2) int64."""
     path = Path(path)
@@ -107,10 +118,13 @@ def read_pairs(path: str | Path, train_images: int) -> np.ndarray:
 @click.option("--workers", type=int, default=2)
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16")
 @click.option("--device", default="auto", help="auto = cuda if available, else cpu.")
+@click.option("--random-init", is_flag=True,
+              help="Embed with a randomly initialised encoder of the checkpoint's architecture (seeded; a baseline "
+              "for the sampler's pair accuracy) instead of its trained weights.")  # fmt: skip
 @click.option("--seed", type=int, default=None,
               help="Training subset (as train.py) and embedded fraction. [default: the checkpoint's]")  # fmt: skip
 def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block, image_size, batch_size, workers, amp,
-         device, seed) -> None:  # fmt: skip
+         device, random_init, seed) -> None:  # fmt: skip
     """Mine SePP-ID's semantic positive pairs from a pre-trained checkpoint."""
     started = time.perf_counter()
     if low > high:
@@ -131,10 +145,7 @@ def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block,
         chosen = sample_fraction(len(train), fraction, seed)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error
-    encoder = Encoder(cfg["arch"], cfg["image_size"], bn_splits=1)
-    encoder.load_state_dict({k[len("query_encoder.") :]: v for k, v in state["model"].items()
-                             if k.startswith("query_encoder.")})  # fmt: skip
-    encoder = encoder.to(device, memory_format=torch.channels_last).eval()
+    encoder = sampler_encoder(state, random_init, seed).to(device, memory_format=torch.channels_last).eval()
     images = select(train, chosen)
     passes = make_loader(loader, images, image_size=image_size, batch_size=batch_size or cfg["batch_size"],
                          device=device, train=False, workers=workers)  # fmt: skip
@@ -149,7 +160,8 @@ def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block,
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, pairs.astype(np.int64))
     report = {
-        "checkpoint": str(checkpoint), "method": cfg["method"], "pretrain_epochs": state.get("epoch"),
+        "checkpoint": str(checkpoint), "random_init": random_init, "method": cfg["method"],
+        "pretrain_epochs": 0 if random_init else state.get("epoch"),
         "data": str(data), "train_limit": train_limit, "seed": seed, "train_images": len(train),
         "images_embedded": len(chosen), "low": low, "high": high, "pairs": len(pairs),
         "anchors_with_pairs": int(len(np.unique(pairs[:, 0]))), "pair_accuracy": pair_accuracy(pairs, train.labels),

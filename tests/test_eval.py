@@ -54,6 +54,16 @@ def test_each_protocol_runs_and_writes_its_json(checkpoint, tmp_path, protocol, 
         assert result["labelled_images"] == 12  # half of each of the 3 classes of 8
 
 
+@pytest.mark.parametrize("loader", ["dali", "ffcv"])
+def test_evaluation_runs_through_every_loader(checkpoint, tiny_beton, tmp_path, loader):
+    data = ["--data", tiny_beton] if loader == "ffcv" else []
+    out = tmp_path / "crop.json"
+    run_eval("crop-test", "--checkpoint", checkpoint, "--loader", loader, *data, "--batch-size", 8, "--workers", 1,
+             "--epochs", 1, "--augmented", "--json", out)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["loader"] == loader and result["val_images"] == 12 and 0 <= result["random_top1"] <= 100
+
+
 def test_knn_matches_the_training_monitor(checkpoint, tmp_path):
     """The standalone kNN is the monitor's protocol: same data, k and T give the logged top-1."""
     logged = json.loads((checkpoint.parent / "metrics.jsonl").read_text().splitlines()[-1])["knn_top1"]

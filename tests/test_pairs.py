@@ -9,7 +9,7 @@ from conftest import TINY_TRAIN
 
 import train
 from pipeline.data import scan_split
-from pipeline.pairs import band_pairs, main, pair_accuracy, read_pairs, sample_fraction
+from pipeline.pairs import band_pairs, main, pair_accuracy, read_pairs, sample_fraction, sampler_encoder
 
 
 def brute_force(embeddings: torch.Tensor, low: float, high: float) -> list[tuple[int, int]]:
@@ -102,3 +102,24 @@ def test_sepp_and_pairs_go_together(tiny_data, tmp_path):
     np.save(pairs, np.array([[0, 99]]))
     result = CliRunner().invoke(train.main, [*TINY_TRAIN, "--data", tiny_data, "--method", "sepp", "--pairs", pairs])
     assert result.exit_code != 0 and "outside the 24 training images" in result.output
+
+
+def test_random_init_embeds_with_untrained_weights(tiny_checkpoint, tiny_data, tmp_path):
+    reports = []
+    for flags in ([], ["--random-init"]):
+        out = tmp_path / f"pairs{len(flags)}.npy"
+        args = ["--checkpoint", tiny_checkpoint, "--data", tiny_data, "--loader", "torchvision", "--out", out,
+                "--fraction", 1, "--low", 0.5, "--high", 2, "--workers", 0, *flags]  # fmt: skip
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(out.with_suffix(".json").read_text()))
+    assert reports[0]["random_init"] is False and reports[0]["pretrain_epochs"] == 1
+    assert reports[1]["random_init"] is True and reports[1]["pretrain_epochs"] == 0
+    state = torch.load(tiny_checkpoint, weights_only=False)
+    trained, fresh = sampler_encoder(state), sampler_encoder(state, random_init=True, seed=3)
+    weight = "backbone.conv1.weight"
+    assert torch.equal(trained.state_dict()[weight], state["model"][f"query_encoder.{weight}"])
+    assert not torch.equal(fresh.state_dict()[weight], trained.state_dict()[weight])
+    assert torch.equal(
+        fresh.state_dict()[weight], sampler_encoder(state, random_init=True, seed=3).state_dict()[weight]
+    )
