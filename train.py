@@ -27,7 +27,7 @@ from tqdm import tqdm
 from model.backbone import ARCHS
 from model.evaluation import autocast, extract_features
 from model.knn import knn_top1
-from model.methods import METHODS, Method
+from model.methods import METHODS, Method, method_for
 from model.moco import MomentumContrast
 from pipeline.augment import AugmentConfig, augment
 from pipeline.ccrop import localize, update_epochs
@@ -81,13 +81,12 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         + f", {len(train_images.classes)} classes; device {device}, loader {cfg['loader']}"
     )
     common = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"], device=device, workers=cfg["workers"])
-    method = METHODS[cfg["method"]]
+    method = method_for(cfg["method"], cfg["symmetric"], cfg["attract_all"])
     pairs = read_pairs(cfg["pairs"], len(train_images)) if method.pairs else None
     if pairs is not None:
         click.echo(f"SePP-ID: {len(pairs)} semantic pairs from {cfg['pairs']} added to the {len(train_images)} images")
-    loader = make_loader(
-        cfg["loader"], train_images, train=True, seed=cfg["seed"], views=loader_views(method), pairs=pairs, **common
-    )
+    loader = make_loader(cfg["loader"], train_images, train=True, seed=cfg["seed"], views=loader_views(method),
+                         pairs=pairs, original_crop=cfg["original"] == "random-crop", **common)  # fmt: skip
     # The un-augmented pass over the training images: the kNN bank and ContrastiveCrop's localisation.
     ccrop = cfg["crop"] == "ccrop"
     bank_loader = make_loader(cfg["loader"], train_images, train=False, **common) if val_images or ccrop else None
@@ -96,7 +95,7 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     val_loader = make_loader(cfg["loader"], val_images, train=False, **common) if val_images else None
 
     model, optimizer, scaler = build(cfg, device)
-    aug = AugmentConfig(blur_p=0.5 if cfg["blur"] else 0.0)
+    aug = augment_config(cfg)
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
 
@@ -166,6 +165,12 @@ def build(cfg: dict, device: torch.device) -> tuple[MomentumContrast, torch.opti
     return model, optimizer, torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
 
 
+def augment_config(cfg: dict) -> AugmentConfig:
+    """MoCo-v2 aug+ with the parts --no-color-jitter, --no-grayscale and --no-blur remove (Figure 4)."""
+    return AugmentConfig(jitter_p=0.8 if cfg["color_jitter"] else 0.0, grayscale_p=0.2 if cfg["grayscale"] else 0.0,
+                         blur_p=0.5 if cfg["blur"] else 0.0)  # fmt: skip
+
+
 def loader_views(method: Method) -> int:
     """Views a method's loader makes: MoCo-v2 never decodes or resizes an original it ignores."""
     return 3 if "original" in method.views else 2
@@ -218,7 +223,22 @@ def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time, area
     "--method",
     type=click.Choice(sorted(METHODS)),
     default="leoclr",
-    help="Training objective: leoclr, mocov2, or sepp (MoCo-v2 on the images plus SePP-ID's semantic pairs, --pairs).",
+    help="Training objective: leoclr, mocov2, sepp (MoCo-v2 on the images plus SePP-ID's semantic pairs, --pairs), "
+    "simclr (end to end, in-batch negatives) or leoclr-e2e (LeOCLR end to end, Table 5).",
+)
+@click.option(
+    "--symmetric", is_flag=True, help="mocov2/sepp: both directions, l(q1, k2) + l(q2, k1), both keys enqueued."
+)
+@click.option(
+    "--attract-all",
+    is_flag=True,
+    help="leoclr, Table 8 ablation: also pull crop 1 toward crop 2 (every pair of the three views attracted).",
+)
+@click.option(
+    "--original",
+    type=click.Choice(["whole", "random-crop"]),
+    default="whole",
+    help="The original view: the whole image resized, or (Table 8 ablation) a RandomResizedCrop of its own.",
 )
 @click.option(
     "--pairs",
@@ -273,6 +293,12 @@ def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time, area
 )
 @click.option("--ccrop-interval", type=int, default=None, help="Epochs between box updates. [default: 20% of --epochs]")
 @click.option("--blur/--no-blur", default=None, help="Gaussian blur p=0.5. [default: on when S > 64]")
+@click.option("--color-jitter/--no-color-jitter", default=True, help="Colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8.")
+@click.option(
+    "--grayscale/--no-grayscale",
+    default=True,
+    help="Random grayscale p=0.2. Without jitter, grayscale and blur: only random crop (+ flip), Figure 4.",
+)
 @click.option(
     "--train-limit", type=int, default=4000, help="Use a seeded random subset of this many train images (0 = all)."
 )
@@ -317,7 +343,10 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
 def resolve(options: dict) -> dict:
     """Fill the automatic defaults and check combinations; the result is what config.json records."""
     cfg = dict(options)
-    cfg.setdefault("pairs", None)  # checkpoints from before --pairs existed
+    # Checkpoints from before these options existed ran with what they now default to.
+    for key, value in (("pairs", None), ("symmetric", False), ("attract_all", False), ("original", "whole"),
+                       ("color_jitter", True), ("grayscale", True)):  # fmt: skip
+        cfg.setdefault(key, value)
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg["blur"] is None:
@@ -330,7 +359,13 @@ def resolve(options: dict) -> dict:
     cfg["data"], cfg["out"] = str(cfg["data"]), str(cfg["out"])
     if cfg["amp"] == "fp16" and cfg["device"] == "cpu":
         raise click.BadParameter("fp16 autocast needs CUDA; use --amp bf16 on CPU", param_hint="--amp")
-    if METHODS[cfg["method"]].pairs != (cfg["pairs"] is not None):
+    try:
+        method = method_for(cfg["method"], cfg["symmetric"], cfg["attract_all"])
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--symmetric/--attract-all") from error
+    if cfg["original"] == "random-crop" and "original" not in method.views:
+        raise click.BadParameter(f"--method {cfg['method']} has no original view", param_hint="--original")
+    if method.pairs != (cfg["pairs"] is not None):
         raise click.BadParameter("--method sepp needs --pairs, and only it takes them", param_hint="--pairs")
     if cfg["pairs"] is not None:
         cfg["pairs"] = str(cfg["pairs"])

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from model.moco import MomentumContrast
-from model.objectives import leoclr_loss, mocov2_loss
+from model.objectives import (
+    leoclr_attract_all_loss,
+    leoclr_e2e_loss,
+    leoclr_loss,
+    mocov2_loss,
+    nt_xent,
+    symmetric_mocov2_loss,
+)
 
 Views = dict[str, torch.Tensor]
 
@@ -52,10 +59,77 @@ def leoclr_step(
     return leoclr_loss(query, key1, key2, model.queue, temperature), keys
 
 
+def symmetric_mocov2_step(
+    model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo-v2 in both directions: both crops through f_q and f_k, l(q1, k2) + l(q2, k1), both keys enqueued."""
+    query1, query2 = model.query_encoder(torch.cat([views["crop1"], views["crop2"]])).chunk(2)
+    with torch.no_grad():
+        model.update_key_encoder()
+        keys = model.encode_keys(torch.cat([views["crop1"], views["crop2"]]), generator)
+    key1, key2 = keys.chunk(2)
+    return symmetric_mocov2_loss(query1, query2, key1, key2, model.queue, temperature), keys
+
+
+def leoclr_attract_all_step(
+    model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LeOCLR Table 8 ablation: original and crop 1 -> f_q, both crops -> f_k, the crops also attracted."""
+    original, query1 = model.query_encoder(torch.cat([views["original"], views["crop1"]])).chunk(2)
+    with torch.no_grad():
+        model.update_key_encoder()
+        keys = model.encode_keys(torch.cat([views["crop1"], views["crop2"]]), generator)
+    key1, key2 = keys.chunk(2)
+    return leoclr_attract_all_loss(original, query1, key1, key2, model.queue, temperature), keys
+
+
+def _no_keys(embeddings: torch.Tensor) -> torch.Tensor:
+    return embeddings.new_zeros((0, embeddings.shape[1])).detach()
+
+
+def simclr_step(
+    model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimCLR (end to end): both crops through f_q in one forward, NT-Xent with in-batch negatives.
+    The momentum encoder and the queue are unused (nothing is enqueued)."""
+    z1, z2 = model.query_encoder(torch.cat([views["crop1"], views["crop2"]])).chunk(2)
+    return nt_xent(z1, z2, temperature), _no_keys(z1)
+
+
+def leoclr_e2e_step(
+    model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LeOCLR end to end (Table 5): original and both crops through f_q (trained by backprop, one forward),
+    each crop pulled toward the original with in-batch negatives; no momentum encoder, no queue."""
+    u, v1, v2 = model.query_encoder(torch.cat([views["original"], views["crop1"], views["crop2"]])).chunk(3)
+    return leoclr_e2e_loss(u, v1, v2, temperature), _no_keys(u)
+
+
 METHODS = {
     "mocov2": Method(views=("crop1", "crop2"), step=mocov2_step),
     "leoclr": Method(views=("original", "crop1", "crop2"), step=leoclr_step),
     # SePP-ID (Eq. 2, lambda = 1): MoCo-v2's step; the loader adds every semantic pair (a, b) as a sample whose
     # crop 1 comes from a and crop 2 from b, so each pair's term is computed as a positive pair's.
     "sepp": Method(views=("crop1", "crop2"), step=mocov2_step, pairs=True),
+    "simclr": Method(views=("crop1", "crop2"), step=simclr_step),
+    "leoclr-e2e": Method(views=("original", "crop1", "crop2"), step=leoclr_e2e_step),
 }
+# Variants selected by train.py's flags: (method, flag) -> the method's variant.
+VARIANTS = {
+    ("mocov2", "symmetric"): Method(views=("crop1", "crop2"), step=symmetric_mocov2_step),
+    ("sepp", "symmetric"): Method(views=("crop1", "crop2"), step=symmetric_mocov2_step, pairs=True),
+    ("leoclr", "attract_all"): Method(views=("original", "crop1", "crop2"), step=leoclr_attract_all_step),
+}
+
+
+def method_for(name: str, symmetric: bool = False, attract_all: bool = False) -> Method:
+    """The method `name` with train.py's --symmetric / --attract-all; ValueError for a flag it has no variant of."""
+    flags = [flag for flag, on in (("symmetric", symmetric), ("attract_all", attract_all)) if on]
+    if len(flags) > 1:
+        raise ValueError("--symmetric and --attract-all are variants of different methods")
+    if not flags:
+        return METHODS[name]
+    if (name, flags[0]) not in VARIANTS:
+        takers = ", ".join(m for m, f in VARIANTS if f == flags[0])
+        raise ValueError(f"--{flags[0].replace('_', '-')} applies to --method {takers}, not {name}")
+    return VARIANTS[(name, flags[0])]

@@ -38,3 +38,39 @@ def leoclr_loss(
     MoCo-v2 loss in scale (the paper's sum over i only rescales the learning rate).
     """
     return info_nce(original, key1, queue, temperature) + info_nce(original, key2, queue, temperature)
+
+
+def symmetric_mocov2_loss(
+    query1: torch.Tensor, query2: torch.Tensor, key1: torch.Tensor, key2: torch.Tensor, queue: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:  # fmt: skip
+    """Symmetric MoCo-v2: both directions, l(q1, k2) + l(q2, k1)."""
+    return info_nce(query1, key2, queue, temperature) + info_nce(query2, key1, queue, temperature)
+
+
+def leoclr_attract_all_loss(
+    original: torch.Tensor, query1: torch.Tensor, key1: torch.Tensor, key2: torch.Tensor, queue: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:  # fmt: skip
+    """LeOCLR Table 8 "attract all crops": every pair of the three views attracted once,
+    l(u, v1) + l(u, v2) + l(q1, v2), where q1 is crop 1's query."""
+    return leoclr_loss(original, key1, key2, queue, temperature) + info_nce(query1, key2, queue, temperature)
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent with in-batch negatives for views a, b (N, D): each of the 2N embeddings has its
+    partner as the positive and the other 2N - 2 as negatives; mean over the 2N. Float32 scalar."""
+    a, b = a.float(), b.float()
+    with torch.autocast(a.device.type, enabled=False):
+        z = torch.cat([a, b])
+        n = len(a)
+        logits = (z @ z.t()) / temperature
+        logits.fill_diagonal_(float("-inf"))  # an embedding is never its own negative
+        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(a.device)
+        return F.cross_entropy(logits, partner)
+
+
+def leoclr_e2e_loss(original: torch.Tensor, crop1: torch.Tensor, crop2: torch.Tensor, temperature: float):
+    """LeOCLR end to end (Table 5): each crop pulled toward the original with in-batch negatives,
+    NT-Xent(u, v1) + NT-Xent(u, v2); the crops are never compared with each other."""
+    return nt_xent(original, crop1, temperature) + nt_xent(original, crop2, temperature)

@@ -61,8 +61,18 @@ _EMPTY = np.zeros(0, dtype=np.uint8)
 
 
 @pipeline_def(enable_conditionals=True)
-def _views_pipeline(source: _ScheduledSource, decode_device: str, size: int, original: bool, crops: int, pairs: bool):
-    jpegs, *rest = fn.external_source(source=source, num_outputs=3 + 2 * crops + 2 * pairs, batch=True, parallel=False)
+def _views_pipeline(
+    source: _ScheduledSource,
+    decode_device: str,
+    size: int,
+    original: bool,
+    crops: int,
+    pairs: bool,
+    original_crop: bool,
+):
+    jpegs, *rest = fn.external_source(
+        source=source, num_outputs=3 + 2 * (crops + original_crop) + 2 * pairs, batch=True, parallel=False
+    )
     images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
     sources = [images] * crops
     if pairs:  # a Python bool: the graph has this branch only for SePP-ID loaders
@@ -75,7 +85,10 @@ def _views_pipeline(source: _ScheduledSource, decode_device: str, size: int, ori
         sources[-1] = second
     *rois, labels, indices = rest
     resize = partial(fn.resize, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
-    views = [resize(images)] if original else []
+    views = [resize(images)] if original and not original_crop else []
+    if original_crop:  # the original's own window comes first
+        start, end, *rois = rois
+        views = [resize(images, roi_start=start, roi_end=end, roi_relative=False)]
     # ROI in (y, x) pixels of the decoded image: crop + resize in one op, no intermediate copy.
     views += [
         resize(image, roi_start=s, roi_end=e, roi_relative=False) for image, s, e in zip(sources, rois[::2], rois[1::2])
@@ -98,6 +111,7 @@ class DaliLoader(Loader):
             original=self.original,
             crops=self.crops,
             pairs=self.pairs is not None,
+            original_crop=self.original_crop,
             batch_size=self.batch_size,
             num_threads=max(1, self.workers),
             device_id=(self.device.index or 0) if cuda else None,

@@ -224,7 +224,7 @@ class FfcvLoader(Loader):
             rows[name] = self._stored[name][order]
         for name, field in _SECOND.items():
             rows[field] = self._stored[name][order if second is None else second]
-        whole = np.zeros((len(order), int(self.original), 4), dtype=np.int32)
+        whole = np.zeros((len(order), int(self.original and not self.original_crop), 4), dtype=np.int32)
         whole[:, :, 2], whole[:, :, 3] = self.images.heights[order, None], self.images.widths[order, None]
         crops = np.zeros((len(order), 0, 4)) if windows is None else windows
         if self._views:

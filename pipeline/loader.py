@@ -42,7 +42,7 @@ class Schedule(NamedTuple):
     """One epoch's samples, as backends apply them."""
 
     order: np.ndarray  # (M,) int64: the image of each sample (its original, crop 1, label and index)
-    windows: np.ndarray | None  # (M, crops, 4) crop windows, None when no crops are made
+    windows: np.ndarray | None  # (M, crops, 4) crop windows (the cropped original's first), None without crops
     second: np.ndarray | None  # (M,) int64: the image crop 2 comes from; None = `order` (no pair samples)
 
 
@@ -65,6 +65,7 @@ class Loader:
         eval_view: str = "original",
         crop_fraction: float = 0.875,
         pairs: np.ndarray | None = None,
+        original_crop: bool = False,
     ) -> None:
         if train and len(images) < batch_size:
             raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size}")
@@ -86,6 +87,11 @@ class Loader:
         if pairs is not None and (not train or self.crops < 2):
             raise ValueError("semantic pairs need a training loader that makes both crops")
         self.pairs = None if pairs is None else np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        # LeOCLR's Table 8 ablation: the "original" is a RandomResizedCrop of its own (a third window of the plan,
+        # first in `windows`), not the whole image.
+        self.original_crop = original_crop and self.original and train
+        if self.original_crop and self.pairs is not None:
+            raise ValueError("a cropped original and semantic pairs do not combine")
 
     def __len__(self) -> int:
         """Steps per epoch: training drops the last partial batch, evaluation keeps it."""
@@ -105,7 +111,10 @@ class Loader:
             return Schedule(order, windows, None)
         n, pairs = len(self.images), self.pairs
         samples = epoch_order(n + (0 if pairs is None else len(pairs)), self.seed, epoch)[: len(self) * self.batch_size]
-        plan = crop_plan(heights, widths, self.seed, epoch, boxes=self.boxes, alpha=self.alpha)
+        views = 3 if self.original_crop else 2  # the third draw leaves the crops' windows as they were
+        plan = crop_plan(heights, widths, self.seed, epoch, views=views, boxes=self.boxes, alpha=self.alpha)
+        if self.original_crop:
+            return Schedule(samples, np.concatenate([plan[samples, 2:], plan[samples, : self.crops]], axis=1), None)
         if pairs is None:
             return Schedule(samples, plan[samples, : self.crops], None)
         # Pair samples get their own windows (on a, then on b), drawn in one go per epoch.

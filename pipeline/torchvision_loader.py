@@ -19,6 +19,7 @@ class _Views(Dataset):
         self.paths, self.labels = loader.images.paths, loader.images.labels
         self.size, self.order, self.windows, self.original = loader.image_size, order, windows, loader.original
         self.second = order if second is None else second
+        self.original_crop = loader.original_crop
 
     def __len__(self) -> int:
         return len(self.order)
@@ -28,13 +29,18 @@ class _Views(Dataset):
         with Image.open(self.paths[index]) as file:
             image = file.convert("RGB")
         size = (self.size, self.size)
-        views = [np.array(image.resize(size, Image.BILINEAR))] if self.original else []
-        if self.windows is not None:
-            sources = [image] * len(self.windows[position])
+        windows = [] if self.windows is None else list(self.windows[position])
+        views = []
+        if self.original:
+            top, left, h, w = windows.pop(0) if self.original_crop else (0, 0, image.height, image.width)
+            box = (int(left), int(top), int(left + w), int(top + h))
+            views.append(np.array(image.resize(size, Image.BILINEAR, box=box)))
+        if windows:
+            sources = [image] * len(windows)
             if self.second[position] != index:
                 with Image.open(self.paths[int(self.second[position])]) as file:
                     sources[-1] = file.convert("RGB")
-            for (top, left, h, w), source in zip(self.windows[position], sources):
+            for (top, left, h, w), source in zip(windows, sources):
                 box = (int(left), int(top), int(left + w), int(top + h))
                 views.append(np.array(source.resize(size, Image.BILINEAR, box=box)))
         return tuple(views), self.labels[index], index

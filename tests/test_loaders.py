@@ -187,3 +187,20 @@ def test_no_pairs_is_the_plain_schedule(images):
     assert np.array_equal(plain.order, empty.order) and np.array_equal(plain.windows, empty.windows)
     with pytest.raises(ValueError, match="both crops"):
         loader("torchvision", images, views=1, pairs=PAIRS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cropped_original_is_a_window_of_its_own(backend, split, images):
+    ours = split(backend)
+    data = loader(backend, ours, seed=6, original_crop=True)
+    plain = loader(backend, ours, seed=6)
+    order, windows, _ = data.schedule(0)
+    assert windows.shape == (len(order), 3, 4) and np.array_equal(windows[:, 1:], plain.schedule(0).windows)
+    assert not np.array_equal(windows[:, 0, 2:], np.stack([ours.heights, ours.widths], 1)[order])
+    reference = loader("torchvision", images, seed=6, original_crop=True)
+    mean_tolerance, max_tolerance = (3.0, 48) if backend == "ffcv" else (MEAN_TOLERANCE, MAX_TOLERANCE)
+    for a, b, c in zip(data.epoch(0), reference.epoch(0), plain.epoch(0), strict=True):
+        assert torch.equal(a.crop1, c.crop1) and torch.equal(a.crop2, c.crop2)  # the crops are unchanged
+        diff = (a.original.int() - b.original.int()).abs()
+        assert diff.float().mean() < mean_tolerance and diff.max() <= max_tolerance
+    data.close()

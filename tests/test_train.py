@@ -73,3 +73,40 @@ def test_learning_rate_warms_up_then_follows_cosine():
     cfg["warmup_epochs"] = 0.0
     assert train.learning_rate(cfg, 0, 0.1) == pytest.approx(0.1)
     assert train.learning_rate(cfg, 3, 0.9) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+
+
+@pytest.mark.parametrize(
+    "args, recorded",
+    [
+        (["--method", "simclr"], {"method": "simclr"}),
+        (["--method", "leoclr-e2e"], {"method": "leoclr-e2e"}),
+        (["--method", "mocov2", "--symmetric"], {"symmetric": True}),
+        (["--method", "leoclr", "--attract-all"], {"attract_all": True}),
+        (["--method", "leoclr", "--original", "random-crop"], {"original": "random-crop"}),
+        (["--method", "mocov2", "--no-color-jitter", "--no-grayscale", "--no-blur"],
+         {"color_jitter": False, "grayscale": False, "blur": False}),
+    ],
+)  # fmt: skip
+def test_variants_train_and_record_their_flags(tiny_data, tmp_path, args, recorded):
+    out = tmp_path / "run"
+    run("--loader", "torchvision", "--workers", 0, "--data", tiny_data, "--out", out, "--epochs", 1, *args)
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in recorded} == recorded
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(last["loss"]) and last["loss"] > 0
+
+
+def test_variant_flags_only_where_they_apply(tmp_path):
+    for args, message in (
+        (["--method", "leoclr", "--symmetric"], "--symmetric applies to --method mocov2, sepp"),
+        (["--method", "mocov2", "--attract-all"], "--attract-all applies to --method leoclr"),
+        (["--method", "mocov2", "--original", "random-crop"], "has no original view"),
+    ):
+        result = CliRunner().invoke(train.main, [*args, "--data", tmp_path])
+        assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_augmentation_removal_reaches_the_augment_config():
+    cfg = {"color_jitter": False, "grayscale": True, "blur": False}
+    config = train.augment_config(cfg)
+    assert config.jitter_p == 0 and config.grayscale_p == 0.2 and config.blur_p == 0
