@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model import distributed
 from model.backbone import ARCHS
+from model.distributed import gather, gather_uneven, sum_arrays
 from model.evaluation import autocast, extract_features
 from model.knn import knn_top1
 from model.methods import METHODS, Method, method_for
@@ -42,8 +44,9 @@ def knn_monitor(model, bank_loader, val_loader, cfg) -> float | None:
     if val_loader is None:
         return None
     net = model.query_encoder.backbone
-    bank, bank_labels = extract_features(net, bank_loader, cfg["amp"], "kNN bank")
-    val, val_labels = extract_features(net, val_loader, cfg["amp"], "kNN val")
+    # Each rank embeds its part of the files; the parts, gathered in rank order, are the files in order.
+    bank, bank_labels = map(gather_uneven, extract_features(net, bank_loader, cfg["amp"], "kNN bank"))
+    val, val_labels = map(gather_uneven, extract_features(net, val_loader, cfg["amp"], "kNN val"))
     classes = len(bank_loader.images.classes)
     return knn_top1(bank, bank_labels, val, val_labels, classes, cfg["knn_k"], cfg["knn_temperature"])
 
@@ -70,21 +73,29 @@ def set_rng_states(states: dict) -> None:
 
 
 def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: ImageList | None) -> list[dict]:
-    device = torch.device(cfg["device"])
+    cuda = cfg["device"].startswith("cuda")
+    rank, world, local_rank = distributed.init_from_env(cuda)
+    device = torch.device("cuda", local_rank) if cuda and world > 1 else torch.device(cfg["device"])
+    main_rank = rank == 0  # the only one that prints and writes
+    echo = click.echo if main_rank else lambda *args, **kwargs: None
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     torch.manual_seed(cfg["seed"])
-    click.echo(
+    if world > 1:
+        echo(f"{world} processes ({'nccl' if cuda else 'gloo'}), {cfg['batch_size'] // world} images per rank and step")
+    echo(
         f"data {cfg['data']}: {len(train_images)} train images"
         + (f", {len(val_images)} val images" if val_images else ", no val split (kNN off)")
         + f", {len(train_images.classes)} classes; device {device}, loader {cfg['loader']}"
     )
-    common = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"], device=device, workers=cfg["workers"])
+    common = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"] // world, device=device,
+                  workers=cfg["workers"], rank=rank, world=world)  # fmt: skip
     method = method_for(cfg["method"], cfg["symmetric"], cfg["attract_all"])
     pairs = read_pairs(cfg["pairs"], len(train_images)) if method.pairs else None
     if pairs is not None:
-        click.echo(f"SePP-ID: {len(pairs)} semantic pairs from {cfg['pairs']} added to the {len(train_images)} images")
+        echo(f"SePP-ID: {len(pairs)} semantic pairs from {cfg['pairs']} added to the {len(train_images)} images")
     loader = make_loader(cfg["loader"], train_images, train=True, seed=cfg["seed"], views=loader_views(method),
                          pairs=pairs, original_crop=cfg["original"] == "random-crop", **common)  # fmt: skip
     # The un-augmented pass over the training images: the kNN bank and ContrastiveCrop's localisation.
@@ -95,6 +106,8 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     val_loader = make_loader(cfg["loader"], val_images, train=False, **common) if val_images else None
 
     model, optimizer, scaler = build(cfg, device)
+    if world > 1:
+        model.distribute([local_rank] if cuda else None)
     aug = augment_config(cfg)
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
@@ -107,24 +120,27 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         set_rng_states(resume["rng"])
         loader.boxes = resume.get("boxes")
         start_epoch = resume["epoch"]
-        click.echo(f"resumed after epoch {start_epoch}")
+        echo(f"resumed after epoch {start_epoch}")
     else:
-        metrics_path.write_text("")
+        if main_rank:
+            metrics_path.write_text("")
         knn = knn_monitor(model, bank_loader, val_loader, cfg)
-        history.append(log_epoch(metrics_path, 0, None, knn, None, None, None, None))
+        history.append(log_epoch(metrics_path if main_rank else None, 0, None, knn, None, None, None, None))
 
     for epoch in range(start_epoch, cfg["epochs"]):
         if epoch in box_updates:
             context = partial(autocast, device, cfg["amp"])
-            loader.boxes = localize(model.query_encoder, bank_loader, cfg["ccrop_k"], context)
-            np.save(out / "boxes.npy", loader.boxes)
-            click.echo(
-                f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}"
-            )
-        generator = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch)
+            # Each rank boxes its part of the images (zeros elsewhere): the sum over ranks is every box.
+            loader.boxes = sum_arrays(localize(model.query_encoder, bank_loader, cfg["ccrop_k"], context))
+            if main_rank:
+                np.save(out / "boxes.npy", loader.boxes)
+            echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}")
+        # Per rank: its own augmentation draws (the key shuffle over ranks uses rank 0's).
+        generator = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch + 7_919 * rank)
         model.train()
         total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
-        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch")
+        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch",
+                   disable=not main_rank)  # fmt: skip
         for step, batch in enumerate(bar):
             lr = learning_rate(cfg, epoch, (step + 1) / len(loader))
             for group in optimizer.param_groups:
@@ -138,18 +154,27 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                 bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", img_s=f"{rate:.0f}")
         bar.close()
         epoch_time = time.perf_counter() - started
-        epoch_loss = total_loss.item() / seen
-        save_atomic(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": epoch + 1, "config": cfg, "rng": rng_states(), "boxes": loader.boxes},
-            out / "checkpoint.pt",
-        )  # fmt: skip
+        # Every rank's loss sum and images: the epoch's loss and throughput over the whole world.
+        total_loss, seen = (
+            gather(torch.stack([total_loss.float(), torch.tensor(float(seen), device=device)])[None]).sum(0).tolist()
+        )
+        epoch_loss = total_loss / seen
+        if main_rank:
+            save_atomic(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch + 1, "config": cfg, "rng": rng_states(), "boxes": loader.boxes},
+                out / "checkpoint.pt",
+            )  # fmt: skip
         knn = knn_monitor(model, bank_loader, val_loader, cfg)
         area = None if loader.boxes is None else box_area(loader.boxes)
-        history.append(log_epoch(metrics_path, epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area))
+        record = (epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
+        history.append(log_epoch(metrics_path if main_rank else None, *record))
     for each in (loader, bank_loader, val_loader):
         if each is not None:
             each.close()
+    if world > 1:
+        torch.distributed.barrier()  # rank 0's checkpoint is complete before anyone leaves
+        torch.distributed.destroy_process_group()
     return history
 
 
@@ -201,9 +226,12 @@ def box_area(boxes: np.ndarray) -> float:
     return float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
 
 
-def log_epoch(path: Path, epoch, loss, knn, images_per_sec, lr, epoch_time, area) -> dict:
+def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_time, area) -> dict:
+    """The epoch's record, appended to metrics.jsonl and printed; with no path (ranks > 0) only returned."""
     record = {"epoch": epoch, "loss": loss, "knn_top1": knn, "images_per_sec": images_per_sec, "lr": lr,
               "epoch_time_s": epoch_time, "box_area": area}  # fmt: skip
+    if path is None:
+        return record
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
     shown = "n/a" if knn is None else f"{100 * knn:.2f}%"
@@ -324,7 +352,13 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
         given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
         options = {**state["config"], **{k: options[k] for k in given}}
         options["out"] = options["out"] if "out" in given else str(resume.parent)
+    saved_world = options.get("world_size", 1)
     cfg = resolve(options)
+    if resume is not None and cfg["world_size"] != saved_world:
+        raise click.ClickException(
+            f"{resume} was trained by {saved_world} process(es); resume it with as many "
+            f"(this run has {cfg['world_size']}): the sample shards and the queue depend on it"
+        )
     try:
         splits = load_splits(cfg["data"], cfg["loader"], cfg["train_limit"], cfg["val_limit"], cfg["seed"])
         if cfg["pairs"] is not None:
@@ -336,7 +370,7 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
         raise click.ClickException(f"{error}{hint}") from error
     history = train(cfg, state, *splits)
     final = history[-1]["knn_top1"] if history else None
-    if final is not None:
+    if final is not None and os.environ.get("RANK", "0") == "0":
         click.echo(f"final kNN top-1: {100 * final:.2f}% (run directory {cfg['out']})")
 
 
@@ -369,8 +403,14 @@ def resolve(options: dict) -> dict:
         raise click.BadParameter("--method sepp needs --pairs, and only it takes them", param_hint="--pairs")
     if cfg["pairs"] is not None:
         cfg["pairs"] = str(cfg["pairs"])
-    if cfg["batch_size"] % cfg["bn_splits"]:
-        raise click.BadParameter(f"must be a multiple of --bn-splits ({cfg['bn_splits']})", param_hint="--batch-size")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; --batch-size is the global batch
+    cfg["world_size"] = world
+    if cfg["batch_size"] % world:
+        raise click.BadParameter(f"must be a multiple of the {world} processes", param_hint="--batch-size")
+    if cfg["batch_size"] // world % cfg["bn_splits"]:
+        per_rank = f" per process ({world})" if world > 1 else ""
+        raise click.BadParameter(f"must be a multiple of --bn-splits ({cfg['bn_splits']}){per_rank}",
+                                 param_hint="--batch-size")  # fmt: skip
     return cfg
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model.backbone import resnet
+from model.distributed import is_main
 from pipeline.augment import normalize
 from pipeline.loader import Loader
 
@@ -35,7 +36,8 @@ def extract_features(net: nn.Module, loader: Loader, amp: str, desc: str = "feat
     training = net.training
     net.eval()
     features, labels = [], []
-    for batch in tqdm(loader.epoch(0), total=len(loader), desc=f"  {desc}", leave=False, unit="batch"):
+    bar = tqdm(loader.epoch(0), total=len(loader), desc=f"  {desc}", leave=False, unit="batch", disable=not is_main())
+    for batch in bar:
         with autocast(loader.device, amp):
             features.append(net(normalize(view_of(batch))).float())
         labels.append(batch.labels)

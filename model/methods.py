@@ -36,7 +36,7 @@ def mocov2_step(
     model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Official asymmetric MoCo-v2: crop 1 -> f_q, crop 2 -> f_k; the original view is not used."""
-    query = model.query_encoder(views["crop1"])
+    query = model.query(views["crop1"])
     with torch.no_grad():
         model.update_key_encoder()
         key = model.encode_keys(views["crop2"], generator)
@@ -51,7 +51,7 @@ def leoclr_step(
     Enqueuing both keeps every image's crops as future negatives, the natural reading of the paper
     (it is silent); the queue then turns over twice as fast per step as MoCo-v2's.
     """
-    query = model.query_encoder(views["original"])
+    query = model.query(views["original"])
     with torch.no_grad():
         model.update_key_encoder()
         keys = model.encode_keys(torch.cat([views["crop1"], views["crop2"]]), generator)
@@ -63,7 +63,7 @@ def symmetric_mocov2_step(
     model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MoCo-v2 in both directions: both crops through f_q and f_k, l(q1, k2) + l(q2, k1), both keys enqueued."""
-    query1, query2 = model.query_encoder(torch.cat([views["crop1"], views["crop2"]])).chunk(2)
+    query1, query2 = model.query(torch.cat([views["crop1"], views["crop2"]])).chunk(2)
     with torch.no_grad():
         model.update_key_encoder()
         keys = model.encode_keys(torch.cat([views["crop1"], views["crop2"]]), generator)
@@ -75,7 +75,7 @@ def leoclr_attract_all_step(
     model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LeOCLR Table 8 ablation: original and crop 1 -> f_q, both crops -> f_k, the crops also attracted."""
-    original, query1 = model.query_encoder(torch.cat([views["original"], views["crop1"]])).chunk(2)
+    original, query1 = model.query(torch.cat([views["original"], views["crop1"]])).chunk(2)
     with torch.no_grad():
         model.update_key_encoder()
         keys = model.encode_keys(torch.cat([views["crop1"], views["crop2"]]), generator)
@@ -92,7 +92,7 @@ def simclr_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SimCLR (end to end): both crops through f_q in one forward, NT-Xent with in-batch negatives.
     The momentum encoder and the queue are unused (nothing is enqueued)."""
-    z1, z2 = model.query_encoder(torch.cat([views["crop1"], views["crop2"]])).chunk(2)
+    z1, z2 = model.query(torch.cat([views["crop1"], views["crop2"]])).chunk(2)
     return nt_xent(z1, z2, temperature), _no_keys(z1)
 
 
@@ -101,7 +101,7 @@ def leoclr_e2e_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LeOCLR end to end (Table 5): original and both crops through f_q (trained by backprop, one forward),
     each crop pulled toward the original with in-batch negatives; no momentum encoder, no queue."""
-    u, v1, v2 = model.query_encoder(torch.cat([views["original"], views["crop1"], views["crop2"]])).chunk(3)
+    u, v1, v2 = model.query(torch.cat([views["original"], views["crop1"], views["crop2"]])).chunk(3)
     return leoclr_e2e_loss(u, v1, v2, temperature), _no_keys(u)
 
 

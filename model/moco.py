@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import distributed
 from model.backbone import resnet
 
 
@@ -52,6 +53,15 @@ class MomentumContrast(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """f_q(x): through DistributedDataParallel when `distribute` set it up (gradients averaged over ranks)."""
+        wrapped = self.__dict__.get("_ddp")
+        return self.query_encoder(x) if wrapped is None else wrapped(x)
+
+    def distribute(self, device_ids: list[int] | None = None) -> None:
+        """Wrap f_q in DistributedDataParallel (kept out of the module tree: checkpoints keep their keys)."""
+        self.__dict__["_ddp"] = nn.parallel.DistributedDataParallel(self.query_encoder, device_ids=device_ids)
+
     @torch.no_grad()
     def update_key_encoder(self) -> None:
         """theta_k <- m * theta_k + (1 - m) * theta_q for parameters; f_k keeps its own BN statistics (as MoCo)."""
@@ -65,17 +75,24 @@ class MomentumContrast(nn.Module):
         """Key embeddings (N, out_dim) of x (N, 3, S, S), computed on a shuffled batch and restored to x's order.
 
         Shuffle BN on one device: split BN groups samples by position, so without the shuffle query i and
-        key i would share their BN group and the statistics would leak which key is the positive.
+        key i would share their BN group and the statistics would leak which key is the positive. With several
+        ranks the global batch is shuffled across them, as in the official MoCo code.
         """
+        if distributed.active():
+            mine, inverse = distributed.shuffle_across_ranks(x, generator)
+            return distributed.unshuffle(self.key_encoder(mine), inverse)
         order = torch.randperm(len(x), device=x.device, generator=generator)
         keys = self.key_encoder(x[order])
         return keys[torch.argsort(order)]
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        """Write keys (M, out_dim) over the oldest entries, wrapping around; M need not divide K."""
+        """Write keys (M, out_dim) over the oldest entries, wrapping around; M need not divide K. With several
+        ranks every rank's keys are written, in rank order, so all queues stay identical."""
+        if len(keys) == 0:  # end-to-end methods keep no queue
+            return
         size = self.queue.shape[0]
-        keys = keys.detach()[-size:].to(self.queue.dtype)
+        keys = distributed.gather(keys.detach())[-size:].to(self.queue.dtype)
         slots = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % size
         self.queue[slots] = keys
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % size)

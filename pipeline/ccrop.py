@@ -60,7 +60,8 @@ def localize(
     encoder.eval()
     boxes = np.zeros((len(loader.images), 4), dtype=np.float32)
     size = (loader.image_size, loader.image_size)
-    for batch in tqdm(loader.epoch(0), total=len(loader), desc="  boxes", leave=False, unit="batch"):
+    bar = tqdm(loader.epoch(0), total=len(loader), desc="  boxes", leave=False, unit="batch", disable=loader.rank > 0)
+    for batch in bar:
         with context():
             maps = encoder.feature_map(normalize(batch.original))
         boxes[batch.indices.cpu().numpy()] = heatmap_boxes(maps, size, k).cpu().numpy()

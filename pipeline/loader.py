@@ -66,9 +66,15 @@ class Loader:
         crop_fraction: float = 0.875,
         pairs: np.ndarray | None = None,
         original_crop: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
-        if train and len(images) < batch_size:
-            raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size}")
+        if train and len(images) < batch_size * world:
+            raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size} x {world} ranks")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
+        # Distributed: this rank's share of every global batch (training) or a contiguous part (evaluation).
+        self.rank, self.world = rank, world
         if views not in (0, 1, 2, 3):
             raise ValueError(f"views must be 0, 1, 2 or 3, not {views}")
         if eval_view not in EVAL_VIEWS:
@@ -94,12 +100,27 @@ class Loader:
             raise ValueError("a cropped original and semantic pairs do not combine")
 
     def __len__(self) -> int:
-        """Steps per epoch: training drops the last partial batch, evaluation keeps it."""
-        n = len(self.images) + (0 if self.pairs is None else len(self.pairs))
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        """Steps per epoch: training drops the last partial (global) batch, evaluation keeps it."""
+        if self.train:
+            return (len(self.images) + (0 if self.pairs is None else len(self.pairs))) // (self.batch_size * self.world)
+        return -(-len(np.array_split(np.arange(len(self.images)), self.world)[self.rank]) // self.batch_size)
 
     def schedule(self, epoch: int) -> Schedule:
-        """One epoch's samples; the same for every backend given the seed."""
+        """This rank's samples of one epoch; the same for every backend given the seed. With several ranks,
+        training batch k of rank r is the r-th slice of the global batch k of `world` x `batch_size` samples
+        of the single-process schedule with that global batch (same order, same windows); evaluation gives
+        each rank a contiguous part of the files."""
+        schedule = self._global_schedule(epoch)
+        if self.world == 1:
+            return schedule
+        positions = np.arange(len(schedule.order))
+        if self.train:
+            mine = positions.reshape(-1, self.world, self.batch_size)[:, self.rank].reshape(-1)
+        else:
+            mine = np.array_split(positions, self.world)[self.rank]
+        return Schedule(*(None if part is None else part[mine] for part in schedule))
+
+    def _global_schedule(self, epoch: int) -> Schedule:
         heights, widths = self.images.heights, self.images.widths
         if not self.train:
             order = np.arange(len(self.images))
@@ -110,7 +131,8 @@ class Loader:
             windows = random_crop_test(heights, widths, epoch_rng(self.seed, epoch, stream=2))[:, None]
             return Schedule(order, windows, None)
         n, pairs = len(self.images), self.pairs
-        samples = epoch_order(n + (0 if pairs is None else len(pairs)), self.seed, epoch)[: len(self) * self.batch_size]
+        samples = epoch_order(n + (0 if pairs is None else len(pairs)), self.seed, epoch)
+        samples = samples[: len(self) * self.batch_size * self.world]
         views = 3 if self.original_crop else 2  # the third draw leaves the crops' windows as they were
         plan = crop_plan(heights, widths, self.seed, epoch, views=views, boxes=self.boxes, alpha=self.alpha)
         if self.original_crop:

@@ -204,3 +204,22 @@ def test_cropped_original_is_a_window_of_its_own(backend, split, images):
         diff = (a.original.int() - b.original.int()).abs()
         assert diff.float().mean() < mean_tolerance and diff.max() <= max_tolerance
     data.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_share_each_global_batch_with_the_single_process_windows(backend, split):
+    ours = split(backend)
+    single = loader(backend, ours, seed=8, batch=8, views=2)
+    ranks = [loader(backend, ours, seed=8, batch=4, views=2, rank=r, world=2) for r in (0, 1)]
+    whole, parts = single.schedule(1), [r.schedule(1) for r in ranks]
+    assert len(ranks[0]) == len(ranks[1]) == len(single)
+    for step in range(len(single)):  # global batch k = rank 0's batch k, then rank 1's
+        joined = np.concatenate([p.order[4 * step : 4 * step + 4] for p in parts])
+        assert np.array_equal(joined, whole.order[8 * step : 8 * step + 8])
+        windows = np.concatenate([p.windows[4 * step : 4 * step + 4] for p in parts])
+        assert np.array_equal(windows, whole.windows[8 * step : 8 * step + 8])
+    seen = [torch.cat([b.indices for b in r.epoch(1)]).numpy() for r in ranks]
+    assert not set(seen[0]) & set(seen[1]) and sorted([*seen[0], *seen[1]]) == sorted(whole.order.tolist())
+    evaluation = [loader(backend, ours, train=False, rank=r, world=2) for r in (0, 1)]
+    files = [torch.cat([b.indices for b in e.epoch(0)]).tolist() for e in evaluation]
+    assert files[0] + files[1] == list(range(len(ours)))  # contiguous parts, nothing dropped

@@ -1,0 +1,85 @@
+"""Several processes (torchrun): the process group from torchrun's environment, gathers, and MoCo's shuffle BN
+across ranks, all with torch.distributed's own collectives. With one process every function is the identity."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def init_from_env(cuda: bool) -> tuple[int, int, int]:
+    """(rank, world size, local rank). Under torchrun (WORLD_SIZE > 1) joins the process group: nccl on CUDA,
+    gloo on CPU; otherwise (0, 1, 0) and nothing is initialised."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x (same shape on each) concatenated in rank order along dim 0; no gradient."""
+    if not active():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def gather_uneven(x: torch.Tensor) -> torch.Tensor:
+    """As `gather`, for parts whose first dimension differs between ranks (an evaluation pass's shards)."""
+    if not active():
+        return x
+    sizes = gather(torch.tensor([len(x)], device=x.device)).tolist()
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x
+    parts = gather(padded).split(max(sizes))
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def sum_arrays(array: np.ndarray) -> np.ndarray:
+    """The element-wise sum of a numpy array over ranks (rows each rank filled, zeros elsewhere, combine)."""
+    if not active():
+        return array
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    dist.all_reduce(total)
+    return total.cpu().numpy()
+
+
+@torch.no_grad()
+def shuffle_across_ranks(x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's shuffle BN over ranks: gather every rank's x (B, ...), permute the global batch with rank 0's
+    draw (broadcast), and return this rank's slice of it plus the permutation's inverse for `unshuffle`."""
+    gathered = gather(x)
+    order = torch.randperm(len(gathered), device=x.device, generator=generator)
+    dist.broadcast(order, src=0)
+    mine = order.view(dist.get_world_size(), -1)[dist.get_rank()]
+    return gathered[mine], torch.argsort(order)
+
+
+@torch.no_grad()
+def unshuffle(y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """This rank's rows, in its original order, of the outputs `y` each rank computed on its shuffled slice."""
+    return gather(y)[inverse.view(dist.get_world_size(), -1)[dist.get_rank()]]
