@@ -27,7 +27,7 @@ from tqdm import tqdm
 from model import distributed
 from model.backbone import ARCHS
 from model.distributed import gather, gather_uneven, sum_arrays
-from model.evaluation import autocast, extract_features
+from model.evaluation import autocast, extract_features, load_checkpoint
 from model.knn import knn_top1
 from model.methods import METHODS, Method, method_for
 from model.moco import MomentumContrast
@@ -52,9 +52,21 @@ def knn_monitor(model, bank_loader, val_loader, cfg) -> float | None:
 
 
 def save_atomic(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash leaves the previous checkpoint whole."""
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def append_atomic(path: Path, line: str) -> None:
+    """Append a line by rewriting the file through a temporary one: never a half-written metrics line."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text((path.read_text() if path.exists() else "") + line + "\n")
+    os.replace(tmp, path)
+
+
+class NonFiniteLoss(click.ClickException):
+    """The loss became NaN or infinite: the run stops before writing a checkpoint of the broken weights."""
 
 
 def rng_states() -> dict:
@@ -151,8 +163,10 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
             seen += len(batch.labels)
             if step % 10 == 0:
                 rate = seen / (time.perf_counter() - started)
+                check_finite(total_loss, epoch, step, out)
                 bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", img_s=f"{rate:.0f}")
         bar.close()
+        check_finite(total_loss, epoch, len(loader) - 1, out)
         epoch_time = time.perf_counter() - started
         # Every rank's loss sum and images: the epoch's loss and throughput over the whole world.
         total_loss, seen = (
@@ -176,6 +190,18 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         torch.distributed.barrier()  # rank 0's checkpoint is complete before anyone leaves
         torch.distributed.destroy_process_group()
     return history
+
+
+def check_finite(total_loss: torch.Tensor, epoch: int, step: int, out: Path) -> None:
+    """Stop (every rank) when the running loss sum is NaN or infinite; the last good checkpoint stays."""
+    if not torch.isfinite(total_loss).item():
+        kept = (
+            f"{out / 'checkpoint.pt'} holds the last good epoch"
+            if (out / "checkpoint.pt").exists()
+            else "no checkpoint yet"
+        )
+        raise NonFiniteLoss(f"the loss became {total_loss.item()} in epoch {epoch + 1} (by step {step + 1}); stopped "
+                            f"without saving ({kept}). Lower --lr or use --amp off/bf16.")  # fmt: skip
 
 
 def build(cfg: dict, device: torch.device) -> tuple[MomentumContrast, torch.optim.Optimizer, torch.amp.GradScaler]:
@@ -232,8 +258,7 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
               "epoch_time_s": epoch_time, "box_area": area}  # fmt: skip
     if path is None:
         return record
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_atomic(path, json.dumps(record))
     shown = "n/a" if knn is None else f"{100 * knn:.2f}%"
     click.echo(f"epoch {epoch}: loss {'-' if loss is None else f'{loss:.4f}'}, kNN top-1 {shown}")
     return record
@@ -294,16 +319,35 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
     help="Continue from RUN_DIR/checkpoint.pt with its options; options given here override them.",
 )
 @click.option("--arch", type=click.Choice(ARCHS), default="resnet18")
-@click.option("--image-size", type=int, default=32, help="Training resolution S; S <= 64 uses the small-image stem.")
-@click.option("--epochs", type=int, default=6)
-@click.option("--batch-size", type=int, default=64)
-@click.option("--lr", type=float, default=0.015, help="Base learning rate (cosine decay per epoch).")
-@click.option("--warmup-epochs", type=float, default=0.0, help="Linear learning-rate warm-up, in epochs.")
-@click.option("--weight-decay", type=float, default=5e-4)
-@click.option("--moco-momentum", type=float, default=0.99, help="Key-encoder momentum m.")
-@click.option("--queue-size", type=int, default=1024, help="Number of negative keys K.")
-@click.option("--temperature", type=float, default=0.1, help="InfoNCE temperature T.")
-@click.option("--bn-splits", type=int, default=8, help="Split batch norm groups (1 = plain BN).")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=8),
+    default=32,
+    help="Training resolution S; S <= 64 uses the small-image stem.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=6)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, help="Global batch (split over torchrun's processes)."
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.015,
+    help="Base learning rate (cosine decay per epoch).",
+)
+@click.option(
+    "--warmup-epochs", type=click.FloatRange(min=0), default=0.0, help="Linear learning-rate warm-up, in epochs."
+)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4)
+@click.option("--moco-momentum", type=click.FloatRange(0, 1), default=0.99, help="Key-encoder momentum m.")
+@click.option(
+    "--queue-size",
+    type=click.IntRange(min=1),
+    default=1024,
+    help="Number of negative keys K (a multiple of --batch-size).",
+)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.1, help="InfoNCE temperature T.")
+@click.option("--bn-splits", type=click.IntRange(min=1), default=8, help="Split batch norm groups (1 = plain BN).")
 @click.option(
     "--crop",
     type=click.Choice(["random", "ccrop"]),
@@ -311,15 +355,25 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
     help="Crops of the two augmented views: RandomResizedCrop, or ContrastiveCrop (centres sampled around a "
     "box per image found from the model's own heatmap; the LeOCLR original is never cropped).",
 )
-@click.option("--ccrop-k", type=float, default=0.1, help="ContrastiveCrop heatmap threshold k.")
-@click.option("--ccrop-alpha", type=float, default=0.6, help="ContrastiveCrop Beta(alpha, alpha) for crop centres.")
+@click.option("--ccrop-k", type=click.FloatRange(0, 1), default=0.1, help="ContrastiveCrop heatmap threshold k.")
+@click.option(
+    "--ccrop-alpha",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.6,
+    help="ContrastiveCrop Beta(alpha, alpha) for crop centres.",
+)
 @click.option(
     "--ccrop-warmup",
-    type=int,
+    type=click.IntRange(min=0),
     default=None,
     help="Epochs of RandomResizedCrop before the first boxes. [default: 20% of --epochs]",
 )
-@click.option("--ccrop-interval", type=int, default=None, help="Epochs between box updates. [default: 20% of --epochs]")
+@click.option(
+    "--ccrop-interval",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Epochs between box updates. [default: 20% of --epochs]",
+)
 @click.option("--blur/--no-blur", default=None, help="Gaussian blur p=0.5. [default: on when S > 64]")
 @click.option("--color-jitter/--no-color-jitter", default=True, help="Colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8.")
 @click.option(
@@ -328,18 +382,26 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
     help="Random grayscale p=0.2. Without jitter, grayscale and blur: only random crop (+ flip), Figure 4.",
 )
 @click.option(
-    "--train-limit", type=int, default=4000, help="Use a seeded random subset of this many train images (0 = all)."
+    "--train-limit",
+    type=click.IntRange(min=0),
+    default=4000,
+    help="Use a seeded random subset of this many train images (0 = all).",
 )
-@click.option("--val-limit", type=int, default=1000, help="Same for the val split used by the kNN monitor (0 = all).")
-@click.option("--knn-k", type=int, default=200)
-@click.option("--knn-temperature", type=float, default=0.1)
+@click.option(
+    "--val-limit",
+    type=click.IntRange(min=0),
+    default=1000,
+    help="Same for the val split used by the kNN monitor (0 = all).",
+)
+@click.option("--knn-k", type=click.IntRange(min=1), default=200)
+@click.option("--knn-temperature", type=click.FloatRange(min=0, min_open=True), default=0.1)
 @click.option(
     "--amp",
     type=click.Choice(["bf16", "fp16", "off"]),
     default="bf16",
     help="Mixed precision (fp16 only on CUDA, with a gradient scaler).",
 )
-@click.option("--workers", type=int, default=2, help="Loader threads/processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, help="Loader threads/processes.")
 @click.option("--device", default="auto", help="auto = cuda if available, else cpu.")
 @click.option("--seed", type=int, default=0)
 @click.pass_context
@@ -348,7 +410,10 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
     encoder) or MoCo-v2, monitoring weighted kNN top-1 on the val split before training and after each epoch."""
     state = None
     if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
+        try:
+            state = load_checkpoint(resume)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from error
         given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
         options = {**state["config"], **{k: options[k] for k in given}}
         options["out"] = options["out"] if "out" in given else str(resume.parent)
@@ -403,6 +468,8 @@ def resolve(options: dict) -> dict:
         raise click.BadParameter("--method sepp needs --pairs, and only it takes them", param_hint="--pairs")
     if cfg["pairs"] is not None:
         cfg["pairs"] = str(cfg["pairs"])
+    if cfg["queue_size"] % cfg["batch_size"]:  # MoCo's rule: the queue turns over in whole batches
+        raise click.BadParameter(f"must be a multiple of --batch-size ({cfg['batch_size']})", param_hint="--queue-size")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; --batch-size is the global batch
     cfg["world_size"] = world
     if cfg["batch_size"] % world:
