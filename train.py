@@ -393,6 +393,11 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
     default=1000,
     help="Same for the val split used by the kNN monitor (0 = all).",
 )
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="Leave out images no loader can decode (listed) instead of stopping before training with their list.",
+)
 @click.option("--knn-k", type=click.IntRange(min=1), default=200)
 @click.option("--knn-temperature", type=click.FloatRange(min=0, min_open=True), default=0.1)
 @click.option(
@@ -425,7 +430,11 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
             f"(this run has {cfg['world_size']}): the sample shards and the queue depend on it"
         )
     try:
-        splits = load_splits(cfg["data"], cfg["loader"], cfg["train_limit"], cfg["val_limit"], cfg["seed"])
+        splits = load_splits(cfg["data"], cfg["loader"], cfg["train_limit"], cfg["val_limit"], cfg["seed"],
+                             cfg["skip_bad"])  # fmt: skip
+        for split in splits:
+            for path, reason in split.skipped if split is not None else ():
+                click.echo(f"skipped {path}: {reason}", err=True)
         if cfg["pairs"] is not None:
             read_pairs(cfg["pairs"], len(splits[0]))  # a clear error now rather than a trace later
     except (FileNotFoundError, ValueError) as error:
@@ -444,7 +453,7 @@ def resolve(options: dict) -> dict:
     cfg = dict(options)
     # Checkpoints from before these options existed ran with what they now default to.
     for key, value in (("pairs", None), ("symmetric", False), ("attract_all", False), ("original", "whole"),
-                       ("color_jitter", True), ("grayscale", True)):  # fmt: skip
+                       ("color_jitter", True), ("grayscale", True), ("skip_bad", False)):  # fmt: skip
         cfg.setdefault(key, value)
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"

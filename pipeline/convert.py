@@ -70,10 +70,14 @@ def convert_split(
     compress_probability: float = 0.5,
     smart_threshold: int | None = None,
     workers: int = 0,
+    skip_bad: bool = False,
 ) -> int:
-    """Write SPLIT/<class>/*.jpg to `out` (.beton); returns the image count. A file that cannot be read raises
-    ValueError naming it, and no partial file is left behind."""
-    images = scan_split(split_dir)
+    """Write SPLIT/<class>/*.jpg to `out` (.beton); returns the image count. Files that cannot be decoded raise
+    ValueError naming every one (the index pass finds them first, before anything is written), or with
+    `skip_bad` are left out and printed; no partial file is left behind."""
+    images = scan_split(split_dir, skip_bad=skip_bad)
+    for path, reason in images.skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = _Decoded(images, max_resolution)
     field = RGBImageField(
@@ -93,7 +97,7 @@ def convert_split(
     failed = [images.paths[i] for i in np.flatnonzero(np.frombuffer(source.failed, dtype=np.int8))]
     if failed:
         out.unlink(missing_ok=True)
-        listed = "\n  ".join(failed[:10]) + (f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else "")
+        listed = "\n  ".join(failed)
         raise ValueError(f"cannot decode {len(failed)} image(s) of {split_dir}; nothing written:\n  {listed}")
     return len(images)
 
@@ -123,6 +127,7 @@ def page_size(images: ImageList, max_resolution: int) -> int:
 @click.option("--compress-probability", type=click.FloatRange(0, 1), default=0.5, help="For --write-mode proportion.")
 @click.option("--smart-threshold", type=int, default=None, help="Raw-size bytes above which smart mode stores JPEG.")
 @click.option("--workers", type=int, default=0, help="Writer processes (0 = one per CPU core).")
+@click.option("--skip-bad", is_flag=True, help="Leave out (and list) images no loader can decode instead of stopping.")
 def main(src: Path, out: Path, **options) -> None:
     """Convert SRC to .beton: SRC holding train/ (and val/) split folders gives OUT/train.beton (and
     OUT/val.beton); SRC being one split (SRC/<class>/*.jpg) gives the file OUT."""

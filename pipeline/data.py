@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".JPG", ".JPEG"}
+DECODED_FORMATS = ("JPEG", "PNG")  # what DALI, FFCV's converter (through PIL) and PIL all decode to RGB
 
 
 @dataclass(frozen=True)
@@ -28,15 +30,18 @@ class ImageList:
     classes: list[str]
     beton: str | None = None
     ids: np.ndarray | None = None
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of the files --skip-bad left out
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def scan_split(split_dir: str | Path, limit: int = 0, seed: int = 0) -> ImageList:
+def scan_split(split_dir: str | Path, limit: int = 0, seed: int = 0, skip_bad: bool = False) -> ImageList:
     """List SPLIT/<class>/*.jpg; with limit > 0 keep a seeded random subset of that many images.
 
-    Image sizes come from the JPEG headers (no decode): the crop plan needs them.
+    An index pass reads every kept file's header (no decode): the crop plan needs the sizes, and `check_image`
+    finds the files no loader could decode. Those stop the scan with a ValueError naming every one of them,
+    or with `skip_bad` are left out and listed in `skipped`.
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
@@ -51,20 +56,55 @@ def scan_split(split_dir: str | Path, limit: int = 0, seed: int = 0) -> ImageLis
         raise FileNotFoundError(f"no JPEG files in {split_dir}/<class>/ (expected an ImageNet-layout folder)")
     keep = subset(len(paths), limit, seed)
     paths, labels = [paths[i] for i in keep], np.asarray(labels, dtype=np.int64)[keep]
-    heights = np.empty(len(paths), dtype=np.int64)
-    widths = np.empty(len(paths), dtype=np.int64)
-    for i, path in enumerate(tqdm(paths, desc=f"sizes {split_dir.name}", unit="img", leave=False, mininterval=1)):
-        widths[i], heights[i] = read_size(path)
+    heights = np.zeros(len(paths), dtype=np.int64)
+    widths = np.zeros(len(paths), dtype=np.int64)
+    bad: list[tuple[int, str]] = []
+    for i, path in enumerate(tqdm(paths, desc=f"index {split_dir.name}", unit="img", leave=False, mininterval=1)):
+        try:
+            widths[i], heights[i] = check_image(path)
+        except BadImage as error:
+            bad.append((i, str(error)))
+    if bad and not skip_bad:
+        listed = "\n".join(f"  {paths[i]}: {reason}" for i, reason in bad)
+        raise ValueError(f"{len(bad)} of {len(paths)} images in {split_dir} cannot be decoded (nothing was trained; "
+                         f"--skip-bad leaves them out):\n{listed}")  # fmt: skip
+    if bad:
+        keep = np.setdiff1d(np.arange(len(paths)), [i for i, _ in bad])
+        skipped = tuple((paths[i], reason) for i, reason in bad)
+        return ImageList([paths[i] for i in keep], labels[keep], heights[keep], widths[keep], classes, skipped=skipped)
     return ImageList(paths, labels, heights, widths, classes)
 
 
-def read_size(path: str) -> tuple[int, int]:
-    """(width, height) from the file header; a file PIL cannot read raises ValueError naming it."""
+class BadImage(ValueError):
+    """A file no loader can decode; the message says why."""
+
+
+def check_image(path: str) -> tuple[int, int]:
+    """(width, height) of an image every loader decodes, from its header; BadImage otherwise: unreadable,
+    empty, not an image, or a JPEG/PNG cut short (no end marker in its last bytes: a truncated download).
+    Readable odd files pass: PNG or grayscale/CMYK JPEG data under a .jpg name, tiny or huge images."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            size = file.tell()
+            file.seek(max(0, size - 1024))
+            tail = file.read()
+    except OSError as error:
+        raise BadImage(f"unreadable ({error.strerror or error})") from error
+    if size == 0:
+        raise BadImage("empty file")
     try:
         with Image.open(path) as image:
-            return image.size
-    except Exception as error:  # PIL raises several unrelated types for broken files
-        raise ValueError(f"cannot read image {path}: {error}") from error
+            width, height, kind = image.width, image.height, image.format
+    except Exception as error:  # PIL raises several unrelated types for foreign files
+        raise BadImage(f"not an image ({type(error).__name__}: {error})") from error
+    if kind not in DECODED_FORMATS:
+        raise BadImage(f"{kind} data: the loaders decode {', '.join(DECODED_FORMATS)}")
+    if kind == "JPEG" and b"\xff\xd9" not in tail or kind == "PNG" and b"IEND" not in tail:
+        raise BadImage(f"truncated {kind} (no end marker)")
+    if width < 1 or height < 1:
+        raise BadImage(f"{width} x {height} pixels")
+    return width, height
 
 
 def subset(count: int, limit: int, seed: int) -> np.ndarray:
@@ -79,7 +119,7 @@ def subset(count: int, limit: int, seed: int) -> np.ndarray:
 
 
 def load_splits(
-    data: str | Path, backend: str, train_limit: int = 0, val_limit: int = 0, seed: int = 0
+    data: str | Path, backend: str, train_limit: int = 0, val_limit: int = 0, seed: int = 0, skip_bad: bool = False
 ) -> tuple[ImageList, ImageList | None]:
     """(train, val or None) for a loader backend. FFCV reads DATA/train.beton (+ DATA/val.beton) or one .beton
     file; the others read DATA/train/<class>/*.jpg (+ DATA/val/...). Errors say what to do instead."""
@@ -98,8 +138,8 @@ def load_splits(
         raise ValueError(f"{data} holds FFCV .beton files, which only --loader ffcv reads")
     if not (data / "train").is_dir():
         raise FileNotFoundError(f"{data}/train not found (expected DATA/train/<class>/*.jpg)")
-    val = scan_split(data / "val", val_limit, seed) if (data / "val").is_dir() else None
-    return scan_split(data / "train", train_limit, seed), val
+    val = scan_split(data / "val", val_limit, seed, skip_bad) if (data / "val").is_dir() else None
+    return scan_split(data / "train", train_limit, seed, skip_bad), val
 
 
 def select(images: ImageList, keep: np.ndarray) -> ImageList:

@@ -69,3 +69,28 @@ def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
     result = CliRunner().invoke(train.main, [*TINY_TRAIN, "--data", str(tiny_data), "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out / "checkpoint.pt"
+
+
+ODD_IMAGES = ("png-data.jpg", "cmyk.jpg", "gray.jpg", "tiny-16px.jpg", "huge-5000px.jpg")
+BAD_IMAGES = ("truncated.jpg", "empty.jpg", "text.jpg", "dangling-link.jpg")
+
+
+def write_hostile_dataset(root: Path, good_per_class: int = 6) -> Path:
+    """An ImageNet-layout folder with good images, readable odd ones (`ODD_IMAGES`, in class0) and files no
+    loader can decode (`BAD_IMAGES`, in class1); the val split is good images only."""
+    write_tiny_dataset(root, per_class=good_per_class, classes=2)
+    rng = np.random.default_rng(5)
+    odd, bad = root / "train" / "class0", root / "train" / "class1"
+    picture = rng.integers(0, 255, size=(40, 48, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(odd / "png-data.jpg", format="PNG")
+    Image.fromarray(picture).convert("CMYK").save(odd / "cmyk.jpg", quality=95)
+    Image.fromarray(picture).convert("L").save(odd / "gray.jpg", quality=95)
+    Image.fromarray(picture[:16, :16]).save(odd / "tiny-16px.jpg", quality=95)
+    ramp = np.linspace(0, 255, 5000, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(ramp, (300, 1))] * 3, axis=2)).save(odd / "huge-5000px.jpg", quality=90)
+    whole = (root / "train" / "class1" / "000.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("this is not an image\n")
+    (bad / "dangling-link.jpg").symlink_to(root / "nowhere.jpg")
+    return root

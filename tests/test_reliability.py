@@ -1,11 +1,18 @@
 import json
+import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_TRAIN
+from conftest import BAD_IMAGES, ODD_IMAGES, TINY_TRAIN, write_hostile_dataset
+from PIL import Image
 
 import train
+from pipeline import convert
+from pipeline.data import BadImage, check_image, load_splits, scan_split
+from pipeline.loader import make_loader
 
 
 def invoke(*args):
@@ -65,3 +72,70 @@ def test_metrics_lines_are_written_whole(tmp_path):
         train.append_atomic(path, json.dumps({"epoch": i}))
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1, 2]
     assert not (tmp_path / "metrics.tmp").exists()
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> Path:
+    return write_hostile_dataset(tmp_path_factory.mktemp("hostile"))
+
+
+def test_index_pass_names_every_bad_file_or_skips_them(hostile):
+    with pytest.raises(ValueError) as error:
+        scan_split(hostile / "train")
+    for name in BAD_IMAGES:
+        assert f"{name}: " in str(error.value)
+    images = scan_split(hostile / "train", skip_bad=True)
+    assert sorted(Path(p).name for p, _ in images.skipped) == sorted(BAD_IMAGES)
+    kept = {Path(p).name for p in images.paths}
+    assert set(ODD_IMAGES) <= kept and not set(BAD_IMAGES) & kept
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_permissions_are_bad(tmp_path):
+    path = tmp_path / "locked.jpg"
+    Image.new("RGB", (8, 8)).save(path)
+    path.chmod(0)
+    with pytest.raises(BadImage, match="unreadable"):
+        check_image(str(path))
+
+
+def test_training_stops_before_the_first_step_naming_every_bad_file(hostile, tmp_path):
+    result = invoke(*TINY_TRAIN, "--data", hostile, "--out", tmp_path / "run")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert all(name in result.output for name in BAD_IMAGES) and "--skip-bad" in result.output
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def hostile_beton(hostile, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hostile-ffcv")
+    result = CliRunner().invoke(convert.main, [str(hostile), str(out), "--workers", "1"])
+    assert result.exit_code == 1 and all(name in result.output for name in BAD_IMAGES)
+    assert not list(out.glob("*.beton"))  # nothing half-written
+    result = CliRunner().invoke(convert.main, [str(hostile), str(out), "--workers", "1", "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert all(f"skipped {hostile / 'train' / 'class1' / name}" in result.output for name in BAD_IMAGES)
+    return out
+
+
+@pytest.mark.parametrize("loader", ["dali", "ffcv", "torchvision"])
+def test_skip_bad_trains_and_odd_images_decode_to_rgb(hostile, hostile_beton, tmp_path, loader):
+    data = hostile_beton if loader == "ffcv" else hostile
+    result = invoke(*TINY_TRAIN, "--loader", loader, "--workers", 1, "--data", data, "--out", tmp_path / "run",
+                    "--skip-bad", "--image-size", 32)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    if loader != "ffcv":  # the converter already left them out
+        assert all(f"skipped {hostile / 'train' / 'class1' / name}" in result.output for name in BAD_IMAGES)
+    images = scan_split(hostile / "train", skip_bad=True)
+    split = load_splits(data, loader, skip_bad=True)[0]
+    batch = next(iter(make_loader(loader, split, image_size=32, batch_size=len(split), device=torch.device("cpu"),
+                                  train=False, workers=1).epoch(0)))  # fmt: skip
+    for i, path in enumerate(images.paths):
+        if Path(path).name in ODD_IMAGES:
+            with Image.open(path) as file:
+                expected = np.asarray(file.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=int)
+            got = batch.original[i].permute(1, 2, 0).numpy().astype(int)
+            if loader == "ffcv":  # re-encoded JPEG (q 90) of noise, resized by OpenCV: compare the colours
+                assert np.abs(got.mean((0, 1)) - expected.mean((0, 1))).max() < 4, Path(path).name
+            else:
+                assert np.abs(got - expected).mean() < 1.5, Path(path).name
