@@ -98,7 +98,7 @@ def test_an_undecodable_file_is_named_and_nothing_is_written(tiny_data, tmp_path
     out = tmp_path / "out.beton"
     result = CliRunner().invoke(convert.main, [str(split), str(out), "--workers", "1"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "cannot decode 1 image" in result.output and str(broken) in result.output
+    assert "1 of 24 images" in result.output and "cannot be decoded" in result.output and str(broken) in result.output
     assert not out.exists()
 
 
