@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -124,65 +125,92 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
 
-    start_epoch = 0
+    start_epoch, start_step, partial_sums = 0, 0, (0.0, 0, 0.0)
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         set_rng_states(resume["rng"])
         loader.boxes = resume.get("boxes")
-        start_epoch = resume["epoch"]
-        echo(f"resumed after epoch {start_epoch}")
+        start_epoch, start_step = resume["epoch"], resume.get("step", 0)
+        partial_sums = resume.get("partial", partial_sums)
+        where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
+        echo(f"resumed after {where}")
     else:
         if main_rank:
             metrics_path.write_text("")
         knn = knn_monitor(model, bank_loader, val_loader, cfg)
         history.append(log_epoch(metrics_path if main_rank else None, 0, None, knn, None, None, None, None))
 
-    for epoch in range(start_epoch, cfg["epochs"]):
-        if epoch in box_updates:
-            context = partial(autocast, device, cfg["amp"])
-            # Each rank boxes its part of the images (zeros elsewhere): the sum over ranks is every box.
-            loader.boxes = sum_arrays(localize(model.query_encoder, bank_loader, cfg["ccrop_k"], context))
+    with StopSignals() as signals:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            skip = start_step if epoch == start_epoch else 0  # batches an interrupted run already trained on
+            if epoch in box_updates and not skip:
+                context = partial(autocast, device, cfg["amp"])
+                # Each rank boxes its part of the images (zeros elsewhere): the sum over ranks is every box.
+                loader.boxes = sum_arrays(localize(model.query_encoder, bank_loader, cfg["ccrop_k"], context))
+                if main_rank:
+                    np.save(out / "boxes.npy", loader.boxes)
+                echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}")
+            # Per rank: its own augmentation draws (the key shuffle over ranks uses rank 0's).
+            generator = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch + 7_919 * rank)
+            model.train()
+            total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
+            if skip:
+                generator.set_state(resume["generator"].to(generator.device) if cuda else resume["generator"])
+                total_loss += partial_sums[0]
+                seen, started = partial_sums[1], started - partial_sums[2]
+            bar = tqdm(loader.epoch(epoch, skip), total=len(loader), initial=skip, unit="batch",
+                       desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not main_rank)  # fmt: skip
+            for step, batch in enumerate(bar, start=skip):
+                lr = learning_rate(cfg, epoch, (step + 1) / len(loader))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                views = {name: augment(getattr(batch, name), aug, generator) for name in method.views}
+                loss = optimize(model, method, optimizer, scaler, views, cfg, generator)
+                total_loss += loss * len(batch.labels)  # stays on the device: no sync per step
+                seen += len(batch.labels)
+                if step % 10 == 0:
+                    rate = seen / (time.perf_counter() - started)
+                    check_finite(total_loss, epoch, step, out)
+                    bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", img_s=f"{rate:.0f}")
+                if signals.received(device) and step + 1 < len(loader):
+                    bar.close()
+                    check_finite(total_loss, epoch, step, out)
+                    if main_rank:  # mid-epoch: where the epoch stands, so a resume replays nothing and skips nothing
+                        save_atomic(
+                            {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "epoch": epoch, "step": step + 1, "config": cfg,
+                             "rng": rng_states(), "boxes": loader.boxes, "generator": generator.get_state().cpu(),
+                             "partial": (total_loss.item(), seen, time.perf_counter() - started)},
+                            out / "checkpoint.pt",
+                        )  # fmt: skip
+                    echo(f"{signals.name}: checkpoint written at epoch {epoch + 1}, step {step + 1}/{len(loader)}; "
+                         f"continue with: python train.py --resume {out / 'checkpoint.pt'}", err=True)  # fmt: skip
+                    for each in (loader, bank_loader, val_loader):
+                        if each is not None:
+                            each.close()
+                    raise SystemExit(128 + signals.number)
+            bar.close()
+            check_finite(total_loss, epoch, len(loader) - 1, out)
+            epoch_time = time.perf_counter() - started
+            # Every rank's loss sum and images: the epoch's loss and throughput over the whole world.
+            total_loss, seen = (
+                gather(torch.stack([total_loss.float(), torch.tensor(float(seen), device=device)])[None])
+                .sum(0)
+                .tolist()
+            )
+            epoch_loss = total_loss / seen
             if main_rank:
-                np.save(out / "boxes.npy", loader.boxes)
-            echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}")
-        # Per rank: its own augmentation draws (the key shuffle over ranks uses rank 0's).
-        generator = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch + 7_919 * rank)
-        model.train()
-        total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
-        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch",
-                   disable=not main_rank)  # fmt: skip
-        for step, batch in enumerate(bar):
-            lr = learning_rate(cfg, epoch, (step + 1) / len(loader))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            views = {name: augment(getattr(batch, name), aug, generator) for name in method.views}
-            loss = optimize(model, method, optimizer, scaler, views, cfg, generator)
-            total_loss += loss * len(batch.labels)  # stays on the device: no sync per step
-            seen += len(batch.labels)
-            if step % 10 == 0:
-                rate = seen / (time.perf_counter() - started)
-                check_finite(total_loss, epoch, step, out)
-                bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", img_s=f"{rate:.0f}")
-        bar.close()
-        check_finite(total_loss, epoch, len(loader) - 1, out)
-        epoch_time = time.perf_counter() - started
-        # Every rank's loss sum and images: the epoch's loss and throughput over the whole world.
-        total_loss, seen = (
-            gather(torch.stack([total_loss.float(), torch.tensor(float(seen), device=device)])[None]).sum(0).tolist()
-        )
-        epoch_loss = total_loss / seen
-        if main_rank:
-            save_atomic(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch + 1, "config": cfg, "rng": rng_states(), "boxes": loader.boxes},
-                out / "checkpoint.pt",
-            )  # fmt: skip
-        knn = knn_monitor(model, bank_loader, val_loader, cfg)
-        area = None if loader.boxes is None else box_area(loader.boxes)
-        record = (epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
-        history.append(log_epoch(metrics_path if main_rank else None, *record))
+                save_atomic(
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch + 1, "config": cfg, "rng": rng_states(), "boxes": loader.boxes},
+                    out / "checkpoint.pt",
+                )  # fmt: skip
+            knn = knn_monitor(model, bank_loader, val_loader, cfg)
+            area = None if loader.boxes is None else box_area(loader.boxes)
+            record = (epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
+            history.append(log_epoch(metrics_path if main_rank else None, *record))
     for each in (loader, bank_loader, val_loader):
         if each is not None:
             each.close()
@@ -190,6 +218,37 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         torch.distributed.barrier()  # rank 0's checkpoint is complete before anyone leaves
         torch.distributed.destroy_process_group()
     return history
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (a preempted job, Ctrl-C) set a flag instead of killing the run; the loop checks it
+    after every step and stops there with a checkpoint. With several ranks all stop at the same step."""
+
+    def __init__(self) -> None:
+        self.number, self.previous = 0, {}
+
+    def __enter__(self) -> StopSignals:
+        for each in (signal.SIGTERM, signal.SIGINT):
+            self.previous[each] = signal.signal(each, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for each, handler in self.previous.items():
+            signal.signal(each, handler)
+
+    def _note(self, number, frame) -> None:
+        self.number = number
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.number).name if self.number else ""
+
+    def received(self, device: torch.device) -> bool:
+        if distributed.active():
+            flag = torch.tensor([self.number], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.number = int(flag.item())
+        return self.number != 0
 
 
 def check_finite(total_loss: torch.Tensor, epoch: int, step: int, out: Path) -> None:

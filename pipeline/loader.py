@@ -151,9 +151,10 @@ class Loader:
             )
         return Schedule(first, windows, second)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Batches of one epoch in the contract's form."""
-        return self._batches(*self.schedule(epoch))
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        """Batches of one epoch in the contract's form, from batch `skip` on (a run resumed mid-epoch)."""
+        cut = skip * self.batch_size
+        return self._batches(*(None if part is None else part[cut:] for part in self.schedule(epoch)))
 
     def _batches(self, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None) -> Iterator[Batch]:
         raise NotImplementedError

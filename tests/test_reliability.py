@@ -1,18 +1,24 @@
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import BAD_IMAGES, ODD_IMAGES, TINY_TRAIN, write_hostile_dataset
+from conftest import BAD_IMAGES, ODD_IMAGES, TINY_TRAIN, write_hostile_dataset, write_tiny_dataset
 from PIL import Image
 
 import train
 from pipeline import convert
 from pipeline.data import BadImage, check_image, load_splits, scan_split
 from pipeline.loader import make_loader
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def invoke(*args):
@@ -139,3 +145,66 @@ def test_skip_bad_trains_and_odd_images_decode_to_rgb(hostile, hostile_beton, tm
                 assert np.abs(got.mean((0, 1)) - expected.mean((0, 1))).max() < 4, Path(path).name
             else:
                 assert np.abs(got - expected).mean() < 1.5, Path(path).name
+
+
+INTERRUPTED = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--epochs", "4",
+               "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "0", "--loader", "torchvision",
+               "--method", "mocov2"]  # fmt: skip
+
+
+def start(*args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str]:
+    out, err = process.communicate(timeout=600)
+    return process.returncode, out + err
+
+
+def interrupt_after_first_epoch(run: Path, data: Path, signal_number: int) -> tuple[int, str]:
+    process = start(*INTERRUPTED, "--data", data, "--out", run)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # epoch 1 and its checkpoint are written
+            process.send_signal(signal_number)
+            break
+        time.sleep(0.02)
+    return finish(process)
+
+
+@pytest.fixture(scope="module")
+def longer_data(tmp_path_factory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("longer"), per_class=40)  # 15 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def straight(longer_data, tmp_path_factory) -> dict:
+    run = tmp_path_factory.mktemp("straight")
+    code, output = finish(start(*INTERRUPTED, "--data", longer_data, "--out", run))
+    assert code == 0, output
+    return torch.load(run / "checkpoint.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_run_interrupted_and_resumed_ends_with_the_straight_runs_weights(longer_data, straight, tmp_path,
+                                                                           signal_number):  # fmt: skip
+    run = tmp_path / "run"
+    code, output = interrupt_after_first_epoch(run, longer_data, signal_number)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    if signal_number == signal.SIGKILL:
+        assert code == -signal.SIGKILL and state["epoch"] >= 1 and "step" not in state  # the last whole epoch
+    else:
+        name = signal.Signals(signal_number).name
+        assert code == 128 + signal_number and f"{name}: checkpoint written" in output, output
+        assert "Traceback" not in output and state["step"] > 0
+    code, output = finish(start("--resume", run / "checkpoint.pt"))
+    assert code == 0, output
+    resumed = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert resumed["epoch"] == 4
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3, 4]

@@ -54,7 +54,9 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tiny_data, tmp_path):
 def test_clear_errors(tmp_path):
     result = CliRunner().invoke(train.main, ["--data", tmp_path / "missing"])
     assert result.exit_code != 0 and "train not found" in result.output
-    result = CliRunner().invoke(train.main, ["--batch-size", "12", "--bn-splits", "8", "--data", tmp_path])
+    result = CliRunner().invoke(
+        train.main, ["--batch-size", "12", "--queue-size", "1200", "--bn-splits", "8", "--data", tmp_path]
+    )
     assert result.exit_code != 0 and "multiple of --bn-splits" in result.output
 
 
