@@ -339,11 +339,15 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
     "simclr (end to end, in-batch negatives) or leoclr-e2e (LeOCLR end to end, Table 5).",
 )
 @click.option(
-    "--symmetric", is_flag=True, help="mocov2/sepp: both directions, l(q1, k2) + l(q2, k1), both keys enqueued."
+    "--symmetric",
+    is_flag=True,
+    default=False,
+    help="mocov2/sepp: both directions, l(q1, k2) + l(q2, k1), both keys enqueued.",
 )
 @click.option(
     "--attract-all",
     is_flag=True,
+    default=False,
     help="leoclr, Table 8 ablation: also pull crop 1 toward crop 2 (every pair of the three views attracted).",
 )
 @click.option(
@@ -455,6 +459,7 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
 @click.option(
     "--skip-bad",
     is_flag=True,
+    default=False,
     help="Leave out images no loader can decode (listed) instead of stopping before training with their list.",
 )
 @click.option("--knn-k", type=click.IntRange(min=1), default=200)
