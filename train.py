@@ -476,7 +476,8 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
 @click.pass_context
 def main(ctx: click.Context, resume: Path | None, **options) -> None:
     """Pre-train a ResNet without labels with LeOCLR (original -> query encoder, two crops -> momentum
-    encoder) or MoCo-v2, monitoring weighted kNN top-1 on the val split before training and after each epoch."""
+    encoder), MoCo-v2, SePP-ID, SimCLR or end-to-end LeOCLR, monitoring weighted kNN top-1 on the val split
+    before training and after each epoch. Under torchrun, one process per GPU (DDP)."""
     state = None
     if resume is not None:
         try:
