@@ -187,9 +187,7 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                         )  # fmt: skip
                     echo(f"{signals.name}: checkpoint written at epoch {epoch + 1}, step {step + 1}/{len(loader)}; "
                          f"continue with: python train.py --resume {out / 'checkpoint.pt'}", err=True)  # fmt: skip
-                    for each in (loader, bank_loader, val_loader):
-                        if each is not None:
-                            each.close()
+                    close_all(loader, bank_loader, val_loader)
                     raise SystemExit(128 + signals.number)
             bar.close()
             check_finite(total_loss, epoch, len(loader) - 1, out)
@@ -211,13 +209,18 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
             area = None if loader.boxes is None else box_area(loader.boxes)
             record = (epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
             history.append(log_epoch(metrics_path if main_rank else None, *record))
-    for each in (loader, bank_loader, val_loader):
-        if each is not None:
-            each.close()
+    close_all(loader, bank_loader, val_loader)
     if world > 1:
         torch.distributed.barrier()  # rank 0's checkpoint is complete before anyone leaves
         torch.distributed.destroy_process_group()
     return history
+
+
+def close_all(*loaders) -> None:
+    """Release every loader that was built (None = not built)."""
+    for each in loaders:
+        if each is not None:
+            each.close()
 
 
 class StopSignals:
