@@ -134,7 +134,7 @@ def test_unknown_backend_and_too_few_images(images):
         make_loader("torchvision", images, image_size=SIZE, batch_size=1000, device=torch.device("cpu"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DALI mixed decode)")
+@pytest.mark.gpu
 def test_dali_gpu_decode_matches_cpu(images):
     gpu = make_loader("dali", images, image_size=SIZE, batch_size=BATCH, device=torch.device("cuda"), train=True)
     cpu = loader("dali", images, train=True)
