@@ -27,7 +27,6 @@ from tqdm import tqdm
 from model.evaluation import (
     CosineSGD,
     LinearProbe,
-    autocast,
     backbone_weights,
     extract_features,
     fit_linear,
@@ -36,6 +35,7 @@ from model.evaluation import (
     topk_accuracy,
 )
 from model.knn import knn_scores
+from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from pipeline.augment import AugmentConfig, augment
 from pipeline.data import ImageList, balanced_fraction, load_splits, select
 from pipeline.loader import BACKENDS, Loader, make_loader
@@ -103,8 +103,8 @@ def common_options(command):
                      help="Center crop side / shorter image side (224/256 as on ImageNet)."),
         click.option("--batch-size", type=int, default=None, help="[default: the checkpoint's]"),
         click.option("--workers", type=int, default=2, help="Loader threads/processes."),
-        click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16",
-                     help="Mixed precision of the backbone (fp16 only on CUDA)."),
+        click.option("--amp", type=click.Choice(AMP_CHOICES), default="auto",
+                     help="Precision of the backbone, as train.py's --amp (auto: picked by the hardware)."),
         click.option("--device", default="auto", help="auto = cuda if available, else cpu."),
         click.option("--seed", type=int, default=None, help="Subsets, crops, shuffles. [default: the checkpoint's]"),
         click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -148,7 +148,9 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
         options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(options["device"])
     if options["amp"] == "fp16" and device.type != "cuda":
-        raise click.BadParameter("fp16 autocast needs CUDA; use --amp bf16 on CPU", param_hint="--amp")
+        raise click.BadParameter("fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off", param_hint="--amp")
+    options["amp"], reason = resolve_amp(options["amp"], device, cfg["arch"], options["image_size"])
+    click.echo(describe(options["amp"], reason))
     if not 0 < options["crop_fraction"] <= 1:
         raise click.BadParameter("must be in (0, 1]", param_hint="--crop-fraction")
     try:

@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -28,10 +29,11 @@ from tqdm import tqdm
 from model import distributed
 from model.backbone import ARCHS
 from model.distributed import gather, gather_uneven, sum_arrays
-from model.evaluation import autocast, extract_features, load_checkpoint
+from model.evaluation import extract_features, load_checkpoint
 from model.knn import knn_top1
 from model.methods import METHODS, Method, method_for
 from model.moco import MomentumContrast
+from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from pipeline.augment import AugmentConfig, augment
 from pipeline.ccrop import localize, update_epochs
 from pipeline.data import ImageList, load_splits
@@ -92,9 +94,6 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     main_rank = rank == 0  # the only one that prints and writes
     echo = click.echo if main_rank else lambda *args, **kwargs: None
     out = Path(cfg["out"])
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     torch.manual_seed(cfg["seed"])
     if world > 1:
         echo(f"{world} processes ({'nccl' if cuda else 'gloo'}), {cfg['batch_size'] // world} images per rank and step")
@@ -118,7 +117,13 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     box_updates = update_epochs(cfg["epochs"], cfg["ccrop_warmup"], cfg["ccrop_interval"]) if ccrop else []
     val_loader = make_loader(cfg["loader"], val_images, train=False, **common) if val_images else None
 
-    model, optimizer, scaler = build(cfg, device)
+    model = build_model(cfg, device)
+    settle_amp(cfg, device, model.query_encoder.backbone)
+    echo(describe(cfg["amp"], cfg["amp_auto"]))
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    optimizer, scaler = optimizer_and_scaler(cfg, model, device)
     if world > 1:
         model.distribute([local_rank] if cuda else None)
     aug = augment_config(cfg)
@@ -126,6 +131,7 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     history: list[dict] = []
 
     start_epoch, start_step, partial_sums = 0, 0, (0.0, 0, 0.0)
+    clock = RunClock(echo)
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -139,9 +145,11 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     else:
         if main_rank:
             metrics_path.write_text("")
-        knn = knn_monitor(model, bank_loader, val_loader, cfg)
+        with clock.timing_knn():
+            knn = knn_monitor(model, bank_loader, val_loader, cfg)
         history.append(log_epoch(metrics_path if main_rank else None, 0, None, knn, None, None, None, None))
 
+    clock.start_loop()
     with StopSignals() as signals:
         for epoch in range(start_epoch, cfg["epochs"]):
             skip = start_step if epoch == start_epoch else 0  # batches an interrupted run already trained on
@@ -170,10 +178,13 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                 loss = optimize(model, method, optimizer, scaler, views, cfg, generator)
                 total_loss += loss * len(batch.labels)  # stays on the device: no sync per step
                 seen += len(batch.labels)
-                if step % 10 == 0:
+                if step % 10 == 0 or step + 1 == len(loader):
                     rate = seen / (time.perf_counter() - started)
-                    check_finite(total_loss, epoch, step, out)
+                    check_finite(total_loss, epoch, step, out)  # reads the loss: the device has caught up
                     bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", img_s=f"{rate:.0f}")
+                    if epoch == start_epoch:
+                        left = remaining_work(cfg, epoch, step, len(loader), box_updates, val_loader is not None)
+                        clock.steps_done(step - skip + 1, left, step + 1 == len(loader), bar.write)
                 if signals.received(device) and step + 1 < len(loader):
                     bar.close()
                     check_finite(total_loss, epoch, step, out)
@@ -205,15 +216,95 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                      "epoch": epoch + 1, "config": cfg, "rng": rng_states(), "boxes": loader.boxes},
                     out / "checkpoint.pt",
                 )  # fmt: skip
-            knn = knn_monitor(model, bank_loader, val_loader, cfg)
+            with clock.timing_knn():
+                knn = knn_monitor(model, bank_loader, val_loader, cfg)
             area = None if loader.boxes is None else box_area(loader.boxes)
             record = (epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
             history.append(log_epoch(metrics_path if main_rank else None, *record))
+            clock.epoch_done(cfg["epochs"] - epoch - 1)
     close_all(loader, bank_loader, val_loader)
     if world > 1:
         torch.distributed.barrier()  # rank 0's checkpoint is complete before anyone leaves
         torch.distributed.destroy_process_group()
     return history
+
+
+def settle_amp(cfg: dict, device: torch.device, backbone: torch.nn.Module) -> None:
+    """Resolve `--amp auto` in cfg: "amp" becomes the precision chosen here for `backbone` and "amp_auto" the
+    reason (None when --amp forced it). With several processes rank 0's choice holds for all: they must agree."""
+    choice = list(resolve_amp(cfg["amp"], device, cfg["arch"], cfg["image_size"], backbone))
+    if distributed.active() and cfg["amp"] == "auto":
+        torch.distributed.broadcast_object_list(choice, src=0)
+    cfg["amp"], cfg["amp_auto"] = choice
+
+
+def remaining_work(cfg: dict, epoch: int, step: int, steps: int, box_updates: list[int], knn: bool) -> dict:
+    """What is left of the run after `step` of `epoch`: training steps, kNN passes (one per epoch, when on) and
+    ContrastiveCrop localisation passes."""
+    return {"steps": (cfg["epochs"] - epoch) * steps - step - 1, "knn": (cfg["epochs"] - epoch) * knn,
+            "boxes": sum(e > epoch for e in box_updates)}  # fmt: skip
+
+
+def duration(seconds: float) -> str:
+    """Seconds in words: 42 s, 3 min 05 s, 2 h 10 min."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class RunClock:
+    """The run's time for the user: one estimate of what is left, made in the first epoch this process trains
+    once `ESTIMATE_AFTER` steps are timed (from the end of its first step, which carries the warm-up, to a later
+    step where the loss is read, so the device has caught up) or at that epoch's end, from the step time and the
+    measured kNN pass; then after each epoch the time so far and left."""
+
+    ESTIMATE_AFTER = 10  # steps
+
+    def __init__(self, echo) -> None:
+        self.echo, self.started = echo, time.perf_counter()
+        self.knn_s: float | None = None
+        self.loop_started = self.first_read = None
+        self.estimated, self.epochs = False, 0
+
+    @contextmanager
+    def timing_knn(self):
+        started = time.perf_counter()
+        yield
+        self.knn_s = time.perf_counter() - started
+
+    def start_loop(self) -> None:
+        self.loop_started = time.perf_counter()
+
+    def steps_done(self, steps: int, remaining: dict, last: bool, write) -> None:
+        """At a step of the first epoch where the loss was read: `steps` done so far in it, `remaining` as
+        `remaining_work`, `last` = the epoch's last step."""
+        now = time.perf_counter()
+        if self.estimated:
+            return
+        if self.first_read is None:
+            self.first_read = now
+            return
+        if steps - 1 < self.ESTIMATE_AFTER and not last:
+            return
+        self.estimated = True
+        step_s = (now - self.first_read) / (steps - 1)
+        passes = remaining["knn"] + remaining["boxes"]
+        total = step_s * remaining["steps"] + (self.knn_s or 0) * passes
+        parts = f"{remaining['steps']} steps at {step_s:.2f} s"
+        if passes and self.knn_s is not None:
+            parts += f" + {passes} evaluation passes of {duration(self.knn_s)}"
+        write(f"estimated time to the end of the run: about {duration(total)} ({parts})")
+
+    def epoch_done(self, epochs_left: int) -> None:
+        self.epochs += 1
+        now = time.perf_counter()
+        left = (
+            "" if not epochs_left else f", about {duration((now - self.loop_started) / self.epochs * epochs_left)} left"
+        )
+        self.echo(f"  {duration(now - self.started)} so far{left}")
 
 
 def close_all(*loaders) -> None:
@@ -268,14 +359,25 @@ def check_finite(total_loss: torch.Tensor, epoch: int, step: int, out: Path) -> 
 
 def build(cfg: dict, device: torch.device) -> tuple[MomentumContrast, torch.optim.Optimizer, torch.amp.GradScaler]:
     """The model (channels_last on `device`), its SGD optimizer and the gradient scaler (fp16 only)."""
-    model = MomentumContrast(
+    model = build_model(cfg, device)
+    return model, *optimizer_and_scaler(cfg, model, device)
+
+
+def build_model(cfg: dict, device: torch.device) -> MomentumContrast:
+    return MomentumContrast(
         cfg["arch"], cfg["image_size"], queue_size=cfg["queue_size"], momentum=cfg["moco_momentum"],
         bn_splits=cfg["bn_splits"],
     ).to(device, memory_format=torch.channels_last)  # fmt: skip
+
+
+def optimizer_and_scaler(
+    cfg: dict, model: MomentumContrast, device: torch.device
+) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
+    """SGD on the query encoder and the gradient scaler (on only for fp16: cfg's amp must be settled)."""
     optimizer = torch.optim.SGD(
         model.query_encoder.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"]
     )
-    return model, optimizer, torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+    return optimizer, torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
 
 
 def augment_config(cfg: dict) -> AugmentConfig:
@@ -469,9 +571,11 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
 @click.option("--knn-temperature", type=click.FloatRange(min=0, min_open=True), default=0.1)
 @click.option(
     "--amp",
-    type=click.Choice(["bf16", "fp16", "off"]),
-    default="bf16",
-    help="Mixed precision (fp16 only on CUDA, with a gradient scaler).",
+    type=click.Choice(AMP_CHOICES),
+    default="auto",
+    help="Precision: auto = bf16 on a GPU that supports it (else fp16 with a gradient scaler); on a CPU bf16 only "
+    "where a short probe of the model finds it faster than fp32 (CPUs without native bf16 emulate it, ~7x slower), "
+    "else fp32. bf16/fp16 force autocast (fp16 only on CUDA), off = fp32. The choice and reason go to config.json.",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="Loader threads/processes.")
 @click.option("--device", default="auto", help="auto = cuda if available, else cpu.")
@@ -489,6 +593,8 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
             raise click.ClickException(str(error)) from error
         given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
         options = {**state["config"], **{k: options[k] for k in given}}
+        if state["config"].get("amp_auto") and "amp" not in given:
+            options["amp"] = "auto"  # chosen by the hardware: choose again on the machine that resumes
         options["out"] = options["out"] if "out" in given else str(resume.parent)
     saved_world = options.get("world_size", 1)
     cfg = resolve(options)
@@ -523,6 +629,7 @@ def resolve(options: dict) -> dict:
     for key, value in (("pairs", None), ("symmetric", False), ("attract_all", False), ("original", "whole"),
                        ("color_jitter", True), ("grayscale", True), ("skip_bad", False)):  # fmt: skip
         cfg.setdefault(key, value)
+    cfg.pop("amp_auto", None)  # settled again by train()
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg["blur"] is None:
@@ -534,7 +641,7 @@ def resolve(options: dict) -> dict:
         cfg["out"] = f"runs/{cfg['method']}-{cfg['loader']}"
     cfg["data"], cfg["out"] = str(cfg["data"]), str(cfg["out"])
     if cfg["amp"] == "fp16" and cfg["device"] == "cpu":
-        raise click.BadParameter("fp16 autocast needs CUDA; use --amp bf16 on CPU", param_hint="--amp")
+        raise click.BadParameter("fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off", param_hint="--amp")
     try:
         method = method_for(cfg["method"], cfg["symmetric"], cfg["attract_all"])
     except ValueError as error:

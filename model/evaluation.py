@@ -13,15 +13,11 @@ from tqdm import tqdm
 
 from model.backbone import resnet
 from model.distributed import is_main
+from model.precision import autocast
 from pipeline.augment import normalize
 from pipeline.loader import Loader
 
 BACKBONE_PREFIX = "query_encoder.backbone."
-
-
-def autocast(device: torch.device, amp: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def view_of(batch) -> torch.Tensor:

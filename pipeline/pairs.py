@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.evaluation import autocast, load_checkpoint
+from model.evaluation import load_checkpoint
 from model.moco import Encoder
+from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from pipeline.augment import normalize
 from pipeline.data import load_splits, select
 from pipeline.loader import BACKENDS, make_loader
@@ -116,7 +117,7 @@ def read_pairs(path: str | Path, train_images: int) -> np.ndarray:
 @click.option("--image-size", type=int, default=None, help="[default: the checkpoint's]")
 @click.option("--batch-size", type=int, default=None, help="[default: the checkpoint's]")
 @click.option("--workers", type=int, default=2)
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16")
+@click.option("--amp", type=click.Choice(AMP_CHOICES), default="auto", help="Precision, as train.py's --amp.")
 @click.option("--device", default="auto", help="auto = cuda if available, else cpu.")
 @click.option("--random-init", is_flag=True,
               help="Embed with a randomly initialised encoder of the checkpoint's architecture (seeded; a baseline "
@@ -140,6 +141,8 @@ def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block,
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    amp, reason = resolve_amp(amp, device, cfg["arch"], image_size)
+    click.echo(describe(amp, reason))
     try:
         train, _ = load_splits(data, loader, train_limit, 0, seed)
         chosen = sample_fraction(len(train), fraction, seed)

@@ -67,7 +67,7 @@ def tiny_loader(
 
 TINY_TRAIN = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--epochs", "1",
               "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "0",
-              "--loader", "torchvision"]  # fmt: skip
+              "--loader", "torchvision", "--amp", "off"]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from model.moco import MomentumContrast
 from pipeline.crop_plan import center_crop, random_crop_test
 from pipeline.data import balanced_fraction, scan_split, select
 
-FAST = ["--batch-size", "8", "--workers", "0"]
+FAST = ["--batch-size", "8", "--workers", "0", "--amp", "off"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_evaluation_runs_through_every_loader(checkpoint, tiny_beton, tmp_path, 
     data = ["--data", tiny_beton] if loader == "ffcv" else []
     out = tmp_path / "crop.json"
     run_eval("crop-test", "--checkpoint", checkpoint, "--loader", loader, *data, "--batch-size", 8, "--workers", 1,
-             "--epochs", 1, "--augmented", "--json", out)  # fmt: skip
+             "--epochs", 1, "--augmented", "--amp", "off", "--json", out)  # fmt: skip
     result = json.loads(out.read_text())
     assert result["loader"] == loader and result["val_images"] == 12 and 0 <= result["random_top1"] <= 100
 

@@ -66,7 +66,7 @@ def test_mining_cli_writes_pairs_and_report(tiny_checkpoint, tiny_data, tiny_bet
     out = tmp_path / "pairs.npy"
     data = tiny_beton if loader == "ffcv" else tiny_data
     args = ["--checkpoint", tiny_checkpoint, "--data", data, "--loader", loader, "--out", out, "--fraction", 1,
-            "--low", -2, "--high", 2, "--block", 5, "--workers", 1]  # fmt: skip
+            "--low", -2, "--high", 2, "--block", 5, "--workers", 1, "--amp", "off"]  # fmt: skip
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     pairs, report = np.load(out), json.loads(out.with_suffix(".json").read_text())

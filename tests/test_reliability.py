@@ -149,7 +149,7 @@ def test_skip_bad_trains_and_odd_images_decode_to_rgb(hostile, hostile_beton, tm
 
 INTERRUPTED = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--epochs", "4",
                "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "0", "--loader", "torchvision",
-               "--method", "mocov2"]  # fmt: skip
+               "--method", "mocov2", "--amp", "off"]  # fmt: skip
 
 
 def start(*args) -> subprocess.Popen:

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 import train
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32",
-        "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "1"]  # fmt: skip
+        "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "1", "--amp", "off"]  # fmt: skip
 
 
 def run(*args):
