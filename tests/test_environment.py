@@ -1,4 +1,8 @@
+import re
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,11 +37,6 @@ def test_environment_yml_carries_the_same_pins():
 
 def test_dali_is_built_for_torchs_cuda_major():
     """One CUDA stack per process: the DALI wheel's CUDA major (nvidia-dali-cudaXY0) is torch's build's."""
-    import re
-
-    import pytest
-    import torch
-
     if torch.version.cuda is None:
         pytest.skip("this torch is a CPU build: no CUDA stack to match")
     dali = next(pin for pin in requirement_pins() if pin.startswith("nvidia-dali-cuda"))
