@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import LOADERS
 from conftest import tiny_loader as loader  # 16 px, batches of 8
 from PIL import Image
 
 from pipeline.data import load_splits, scan_split
-from pipeline.loader import BACKENDS, make_loader
+from pipeline.loader import make_loader
 
 SIZE, BATCH = 16, 8
 # DALI and PIL both resize with antialiased linear filters but round and place taps slightly differently:
@@ -18,13 +19,13 @@ def images(tiny_data):
     return scan_split(tiny_data / "train")
 
 
-@pytest.fixture(scope="module")
-def split(tiny_data, tiny_beton):
+@pytest.fixture
+def split(data_for):
     """The tiny train split as each backend reads it (FFCV: the same images converted to a .beton)."""
-    return lambda backend: load_splits(tiny_beton if backend == "ffcv" else tiny_data, backend)[0]
+    return lambda backend: load_splits(data_for(backend), backend)[0]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_training_batches_follow_the_contract(backend, split):
     images = split(backend)
     data = loader(backend, images, train=True)
@@ -43,7 +44,7 @@ def test_training_batches_follow_the_contract(backend, split):
     data.close()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_fewer_views_give_the_same_crops_and_decode_only_gives_none(backend, split):
     images = split(backend)
     full = next(iter(loader(backend, images, seed=2).epoch(0)))
@@ -58,7 +59,7 @@ def test_fewer_views_give_the_same_crops_and_decode_only_gives_none(backend, spl
             assert getattr(batch, name) is None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_evaluation_pass_yields_every_image_once_in_order(backend, split):
     images = split(backend)
     data = loader(backend, images, train=False)
@@ -69,7 +70,7 @@ def test_evaluation_pass_yields_every_image_once_in_order(backend, split):
     data.close()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_center_and_random_crop_evaluation_passes(backend, split, images):
     ours = split(backend)
     # FFCV resizes with OpenCV's area filter: the bounds of tests/test_ffcv.py for the same windows.
@@ -147,7 +148,7 @@ def test_dali_gpu_decode_matches_cpu(images):
 PAIRS = np.array([[0, 5], [3, 20], [10, 2], [17, 9]])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_pair_samples_take_crop_2_from_their_second_image(backend, split, images):
     ours = split(backend)
     data = loader(backend, ours, views=2, pairs=PAIRS, seed=4)
@@ -189,7 +190,7 @@ def test_no_pairs_is_the_plain_schedule(images):
         loader("torchvision", images, views=1, pairs=PAIRS)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_cropped_original_is_a_window_of_its_own(backend, split, images):
     ours = split(backend)
     data = loader(backend, ours, seed=6, original_crop=True)
@@ -206,7 +207,7 @@ def test_cropped_original_is_a_window_of_its_own(backend, split, images):
     data.close()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_ranks_share_each_global_batch_with_the_single_process_windows(backend, split):
     ours = split(backend)
     single = loader(backend, ours, seed=8, batch=8, views=2)
