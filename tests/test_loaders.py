@@ -224,3 +224,47 @@ def test_ranks_share_each_global_batch_with_the_single_process_windows(backend, 
     evaluation = [loader(backend, ours, train=False, rank=r, world=2) for r in (0, 1)]
     files = [torch.cat([b.indices for b in e.epoch(0)]).tolist() for e in evaluation]
     assert files[0] + files[1] == list(range(len(ours)))  # contiguous parts, nothing dropped
+
+
+@pytest.fixture(scope="module")
+def exif_data(tmp_path_factory):
+    """A folder of 40 x 24 JPEGs (stored size) carrying EXIF orientations 1-8: 6 and 8 are phone portraits."""
+    root = tmp_path_factory.mktemp("exif")
+    rng = np.random.default_rng(9)
+    ramp = np.linspace(0, 200, 40, dtype=np.float32)
+    for c in range(2):
+        (root / "train" / f"class{c}").mkdir(parents=True)
+        for orientation in range(1, 9):
+            pixels = ramp[None, :, None] + rng.integers(0, 50, size=(24, 40, 3))  # left dark, right bright
+            pixels[:6, :10, c] = 255  # a mark in the stored top-left corner
+            exif = Image.Exif()
+            exif[0x0112] = orientation  # the EXIF Orientation tag
+            Image.fromarray(pixels.astype(np.uint8)).save(
+                root / "train" / f"class{c}" / f"o{orientation}.jpg", quality=95, exif=exif
+            )
+    return root
+
+
+@pytest.mark.parametrize("backend", LOADERS)
+def test_exif_orientation_is_not_applied_by_any_backend(backend, exif_data, tmp_path):
+    """The index pass records the stored size and every backend decodes the stored pixels: the same windows
+    give the same pixels (DALI would rotate orientations 5-8 by default, moving the windows out of bounds)."""
+    folder = scan_split(exif_data / "train")
+    with Image.open(folder.paths[5]) as image:  # o6.jpg of class0: "rotate 90 degrees to display"
+        assert image.getexif()[0x0112] == 6 and image.size == (40, 24)
+    assert (folder.widths == 40).all() and (folder.heights == 24).all()
+    images = folder
+    if backend == "ffcv":
+        from pipeline.convert import convert_split
+
+        convert_split(exif_data / "train", tmp_path / "exif.beton", write_mode="raw", workers=1)
+        images = load_splits(tmp_path / "exif.beton", "ffcv")[0]
+        assert (images.widths == 40).all() and (images.heights == 24).all()
+    data, reference = loader(backend, images, seed=1), loader("torchvision", folder, seed=1)
+    mean_tolerance, max_tolerance = (3.0, 48) if backend == "ffcv" else (MEAN_TOLERANCE, MAX_TOLERANCE)
+    for a, b in zip(data.epoch(0), reference.epoch(0), strict=True):
+        assert torch.equal(a.indices, b.indices)
+        for view_a, view_b in zip(a[:3], b[:3]):
+            diff = (view_a.int() - view_b.int()).abs()
+            assert diff.float().mean() < mean_tolerance and diff.max() <= max_tolerance
+    data.close()
