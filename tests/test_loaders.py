@@ -135,16 +135,6 @@ def test_unknown_backend_and_too_few_images(images):
         make_loader("torchvision", images, image_size=SIZE, batch_size=1000, device=torch.device("cpu"))
 
 
-@pytest.mark.gpu
-def test_dali_gpu_decode_matches_cpu(images):
-    gpu = make_loader("dali", images, image_size=SIZE, batch_size=BATCH, device=torch.device("cuda"), train=True)
-    cpu = loader("dali", images, train=True)
-    for a, b in zip(gpu.epoch(0), cpu.epoch(0), strict=True):
-        assert a.original.device.type == "cuda" and a.original.is_contiguous(memory_format=torch.channels_last)
-        diff = (a.crop1.cpu().int() - b.crop1.int()).abs()
-        assert diff.float().mean() < MEAN_TOLERANCE
-
-
 PAIRS = np.array([[0, 5], [3, 20], [10, 2], [17, 9]])
 
 
