@@ -38,6 +38,7 @@ from model.knn import knn_scores
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from pipeline.augment import AugmentConfig, augment
 from pipeline.data import ImageList, balanced_fraction, load_splits, select
+from pipeline.device import resolve_device
 from pipeline.loader import BACKENDS, Loader, make_loader
 
 # Training-time augmentation of the supervised protocols: the crop plan's RandomResizedCrop + flip, no colour.
@@ -105,7 +106,7 @@ def common_options(command):
         click.option("--workers", type=int, default=2, help="Loader threads/processes."),
         click.option("--amp", type=click.Choice(AMP_CHOICES), default="auto",
                      help="Precision of the backbone, as train.py's --amp (auto: picked by the hardware)."),
-        click.option("--device", default="auto", help="auto = cuda if available, else cpu."),
+        click.option("--device", default="auto", help="auto = cuda where torch can use a GPU, else cpu (as train.py)."),
         click.option("--seed", type=int, default=None, help="Subsets, crops, shuffles. [default: the checkpoint's]"),
         click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Write the result as a JSON object here."),
@@ -144,9 +145,7 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
     for key in ("data", "loader", "train_limit", "val_limit", "image_size", "batch_size", "seed"):
         if options[key] is None:
             options[key] = cfg[key]
-    if options["device"] == "auto":
-        options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(options["device"])
+    device = torch.device(resolve_device(options["device"]))
     if options["amp"] == "fp16" and device.type != "cuda":
         raise click.BadParameter("fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off", param_hint="--amp")
     options["amp"], reason = resolve_amp(options["amp"], device, cfg["arch"], options["image_size"])

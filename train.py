@@ -28,30 +28,45 @@ from tqdm import tqdm
 
 from model import distributed
 from model.backbone import ARCHS
-from model.distributed import gather, gather_uneven, sum_arrays
+from model.distributed import gather, gather_to_main, sum_arrays
 from model.evaluation import extract_features, load_checkpoint
 from model.knn import knn_top1
 from model.methods import METHODS, Method, method_for
 from model.moco import MomentumContrast
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
+from pipeline import require_backend
 from pipeline.augment import AugmentConfig, augment
 from pipeline.ccrop import localize, update_epochs
-from pipeline.data import ImageList, load_splits
+from pipeline.data import ImageList, load_splits, select, subset
+from pipeline.device import resolve_device
 from pipeline.loader import BACKENDS, make_loader
 from pipeline.pairs import read_pairs
 
 DEFAULT_DATA = Path("data/fashion-mnist")
+KNN_BANK = 131_072  # the kNN monitor's default bank: every image of the CPU-sized default run, 10% of ImageNet
 
 
 def knn_monitor(model, bank_loader, val_loader, cfg) -> float | None:
+    """Weighted kNN top-1 of the query backbone: the bank subset's features vote for each val image. Computed on
+    rank 0 (None on the others, and without a val split); on CUDA the bank is unit-length float16."""
     if val_loader is None:
         return None
     net = model.query_encoder.backbone
-    # Each rank embeds its part of the files; the parts, gathered in rank order, are the files in order.
-    bank, bank_labels = map(gather_uneven, extract_features(net, bank_loader, cfg["amp"], "kNN bank"))
-    val, val_labels = map(gather_uneven, extract_features(net, val_loader, cfg["amp"], "kNN val"))
+    half = bank_loader.device.type == "cuda"  # CPU matmuls in float16 are slow: float32 there, as before
+    embed = partial(extract_features, net, amp=cfg["amp"], dtype=torch.float16 if half else torch.float32,
+                    l2_normalize=half)  # fmt: skip
+    # Each rank embeds its part of the files; gathered in rank order on rank 0 they are the files in order.
+    bank, bank_labels = map(gather_to_main, embed(bank_loader, desc="kNN bank"))
+    val, val_labels = map(gather_to_main, embed(val_loader, desc="kNN val"))
+    if bank is None:
+        return None
     classes = len(bank_loader.images.classes)
     return knn_top1(bank, bank_labels, val, val_labels, classes, cfg["knn_k"], cfg["knn_temperature"])
+
+
+def knn_due(cfg: dict, epoch: int) -> bool:
+    """Whether the kNN monitor runs after `epoch` epochs (0 = before training): every --knn-every, and the last."""
+    return epoch % cfg["knn_every"] == 0 or epoch == cfg["epochs"]
 
 
 def save_atomic(state: dict, path: Path) -> None:
@@ -110,9 +125,21 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         echo(f"SePP-ID: {len(pairs)} semantic pairs from {cfg['pairs']} added to the {len(train_images)} images")
     loader = make_loader(cfg["loader"], train_images, train=True, seed=cfg["seed"], views=loader_views(method),
                          pairs=pairs, original_crop=cfg["original"] == "random-crop", **common)  # fmt: skip
-    # The un-augmented pass over the training images: the kNN bank and ContrastiveCrop's localisation.
+    # Un-augmented passes over the training images: the kNN bank (a seeded subset, --knn-bank) and
+    # ContrastiveCrop's localisation (every image); one loader when both read every image.
     ccrop = cfg["crop"] == "ccrop"
-    bank_loader = make_loader(cfg["loader"], train_images, train=False, **common) if val_images or ccrop else None
+    bank_ids = subset(len(train_images), cfg["knn_bank"], cfg["seed"])
+    whole = len(bank_ids) == len(train_images)
+    bank_images = train_images if whole else select(train_images, bank_ids)
+    bank_loader = make_loader(cfg["loader"], bank_images, train=False, **common) if val_images else None
+    box_loader = None
+    if ccrop:
+        shared = whole and bank_loader is not None
+        box_loader = bank_loader if shared else make_loader(cfg["loader"], train_images, train=False, **common)
+    if val_images:
+        echo(f"kNN monitor: a bank of {len(bank_ids)} of the {len(train_images)} training images (--knn-bank), "
+             f"{'float16' if device.type == 'cuda' else 'float32'} on {device}, after every "
+             f"{cfg['knn_every']} epoch(s) and the last")  # fmt: skip
     loader.alpha = cfg["ccrop_alpha"]
     box_updates = update_epochs(cfg["epochs"], cfg["ccrop_warmup"], cfg["ccrop_interval"]) if ccrop else []
     val_loader = make_loader(cfg["loader"], val_images, train=False, **common) if val_images else None
@@ -130,8 +157,16 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
 
-    start_epoch, start_step, partial_sums = 0, 0, (0.0, 0, 0.0)
+    start_epoch, start_step = 0, 0
     clock = RunClock(echo)
+
+    def monitor(epoch: int) -> float | None:
+        """kNN top-1 after `epoch` epochs when --knn-every makes it due then (timed for the run's estimate)."""
+        if not knn_due(cfg, epoch):
+            return None
+        with clock.timing_knn():
+            return knn_monitor(model, bank_loader, val_loader, cfg)
+
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -139,14 +174,12 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         set_rng_states(resume["rng"])
         loader.boxes = resume.get("boxes")
         start_epoch, start_step = resume["epoch"], resume.get("step", 0)
-        partial_sums = resume.get("partial", partial_sums)
         where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
         echo(f"resumed after {where}")
     else:
         if main_rank:
             metrics_path.write_text("")
-        with clock.timing_knn():
-            knn = knn_monitor(model, bank_loader, val_loader, cfg)
+        knn = monitor(0)
         history.append(log_epoch(metrics_path if main_rank else None, 0, None, knn, None, None, None, None))
 
     clock.start_loop()
@@ -156,7 +189,7 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
             if epoch in box_updates and not skip:
                 context = partial(autocast, device, cfg["amp"])
                 # Each rank boxes its part of the images (zeros elsewhere): the sum over ranks is every box.
-                loader.boxes = sum_arrays(localize(model.query_encoder, bank_loader, cfg["ccrop_k"], context))
+                loader.boxes = sum_arrays(localize(model.query_encoder, box_loader, cfg["ccrop_k"], context))
                 if main_rank:
                     np.save(out / "boxes.npy", loader.boxes)
                 echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}")
@@ -164,10 +197,11 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
             generator = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch + 7_919 * rank)
             model.train()
             total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
-            if skip:
-                generator.set_state(resume["generator"].to(generator.device) if cuda else resume["generator"])
-                total_loss += partial_sums[0]
-                seen, started = partial_sums[1], started - partial_sums[2]
+            if skip:  # this rank's own draws and sums where the interrupted run stopped
+                state, loss_sum, seen, elapsed = rank_partial(resume, rank)
+                generator.set_state(state)  # a CPU ByteTensor, for a CUDA generator too
+                total_loss += loss_sum
+                started -= elapsed
             bar = tqdm(loader.epoch(epoch, skip), total=len(loader), initial=skip, unit="batch",
                        desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not main_rank)  # fmt: skip
             for step, batch in enumerate(bar, start=skip):
@@ -188,17 +222,18 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                 if signals.received(device) and step + 1 < len(loader):
                     bar.close()
                     check_finite(total_loss, epoch, step, out)
+                    generators, partials = rank_states(generator, total_loss, seen, device)
                     if main_rank:  # mid-epoch: where the epoch stands, so a resume replays nothing and skips nothing
                         save_atomic(
                             {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict(), "epoch": epoch, "step": step + 1, "config": cfg,
-                             "rng": rng_states(), "boxes": loader.boxes, "generator": generator.get_state().cpu(),
-                             "partial": (total_loss.item(), seen, time.perf_counter() - started)},
+                             "rng": rng_states(), "boxes": loader.boxes, "generators": generators,
+                             "partials": partials, "elapsed": time.perf_counter() - started},
                             out / "checkpoint.pt",
                         )  # fmt: skip
                     echo(f"{signals.name}: checkpoint written at epoch {epoch + 1}, step {step + 1}/{len(loader)}; "
                          f"continue with: python train.py --resume {out / 'checkpoint.pt'}", err=True)  # fmt: skip
-                    close_all(loader, bank_loader, val_loader)
+                    close_all(loader, bank_loader, box_loader if box_loader is not bank_loader else None, val_loader)
                     raise SystemExit(128 + signals.number)
             bar.close()
             check_finite(total_loss, epoch, len(loader) - 1, out)
@@ -216,13 +251,12 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                      "epoch": epoch + 1, "config": cfg, "rng": rng_states(), "boxes": loader.boxes},
                     out / "checkpoint.pt",
                 )  # fmt: skip
-            with clock.timing_knn():
-                knn = knn_monitor(model, bank_loader, val_loader, cfg)
+            knn = monitor(epoch + 1)
             area = None if loader.boxes is None else box_area(loader.boxes)
             record = (epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
             history.append(log_epoch(metrics_path if main_rank else None, *record))
             clock.epoch_done(cfg["epochs"] - epoch - 1)
-    close_all(loader, bank_loader, val_loader)
+    close_all(loader, bank_loader, box_loader if box_loader is not bank_loader else None, val_loader)
     if world > 1:
         torch.distributed.barrier()  # rank 0's checkpoint is complete before anyone leaves
         torch.distributed.destroy_process_group()
@@ -239,9 +273,10 @@ def settle_amp(cfg: dict, device: torch.device, backbone: torch.nn.Module) -> No
 
 
 def remaining_work(cfg: dict, epoch: int, step: int, steps: int, box_updates: list[int], knn: bool) -> dict:
-    """What is left of the run after `step` of `epoch`: training steps, kNN passes (one per epoch, when on) and
-    ContrastiveCrop localisation passes."""
-    return {"steps": (cfg["epochs"] - epoch) * steps - step - 1, "knn": (cfg["epochs"] - epoch) * knn,
+    """What is left of the run after `step` of `epoch`: training steps, kNN passes (when on, as --knn-every makes
+    them due) and ContrastiveCrop localisation passes."""
+    later = range(epoch + 1, cfg["epochs"] + 1)
+    return {"steps": (cfg["epochs"] - epoch) * steps - step - 1, "knn": sum(knn_due(cfg, e) for e in later) * knn,
             "boxes": sum(e > epoch for e in box_updates)}  # fmt: skip
 
 
@@ -305,6 +340,24 @@ class RunClock:
             "" if not epochs_left else f", about {duration((now - self.loop_started) / self.epochs * epochs_left)} left"
         )
         self.echo(f"  {duration(now - self.started)} so far{left}")
+
+
+def rank_states(generator: torch.Generator, total_loss: torch.Tensor, seen: int, device: torch.device):
+    """Every rank's augmentation generator state, uint8 (world, L), and running (loss sum, images), float64
+    (world, 2), in rank order on the CPU: what a mid-epoch checkpoint needs to resume each rank's own stream."""
+    state = generator.get_state()  # a CPU ByteTensor whatever the generator's device
+    sums = torch.stack([total_loss.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    return gather(state.to(device)[None]).cpu(), gather(sums[None]).cpu()
+
+
+def rank_partial(resume: dict, rank: int) -> tuple[torch.Tensor, float, int, float]:
+    """This rank's (generator state, loss sum, images, seconds) from a mid-epoch checkpoint. Checkpoints written
+    before every rank's state was saved hold rank 0's only."""
+    if "generators" not in resume:
+        loss_sum, seen, elapsed = resume["partial"]
+        return resume["generator"].cpu(), loss_sum, seen, elapsed
+    loss_sum, seen = resume["partials"][rank].tolist()
+    return resume["generators"][rank].clone(), loss_sum, int(seen), resume["elapsed"]
 
 
 def close_all(*loaders) -> None:
@@ -570,6 +623,19 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
 @click.option("--knn-k", type=click.IntRange(min=1), default=200)
 @click.option("--knn-temperature", type=click.FloatRange(min=0, min_open=True), default=0.1)
 @click.option(
+    "--knn-every",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Epochs between kNN monitor evaluations (before training, every N epochs, and always after the last).",
+)
+@click.option(
+    "--knn-bank",
+    type=click.IntRange(min=0),
+    default=KNN_BANK,
+    help="kNN monitor bank: a seeded subset of this many training images (0 = all). The default keeps ImageNet's "
+    "bank pass near a tenth of an epoch; 1.28M x 2048 in float16 (5 GB on rank 0) would fit a 40 GB GPU too.",
+)
+@click.option(
     "--amp",
     type=click.Choice(AMP_CHOICES),
     default="auto",
@@ -578,7 +644,12 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
     "else fp32. bf16/fp16 force autocast (fp16 only on CUDA), off = fp32. The choice and reason go to config.json.",
 )
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="Loader threads/processes.")
-@click.option("--device", default="auto", help="auto = cuda if available, else cpu.")
+@click.option(
+    "--device",
+    default="auto",
+    help="auto = cuda where torch can use a GPU, else cpu (stops, saying what to install, where an NVIDIA GPU is "
+    "here that torch cannot use); cpu, cuda or cuda:N.",
+)
 @click.option("--seed", type=int, default=0)
 @click.pass_context
 def main(ctx: click.Context, resume: Path | None, **options) -> None:
@@ -603,6 +674,7 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
             f"{resume} was trained by {saved_world} process(es); resume it with as many "
             f"(this run has {cfg['world_size']}): the sample shards and the queue depend on it"
         )
+    require_backend(cfg["loader"])  # DALI and FFCV are optional: say how to install one before indexing any data
     try:
         splits = load_splits(cfg["data"], cfg["loader"], cfg["train_limit"], cfg["val_limit"], cfg["seed"],
                              cfg["skip_bad"])  # fmt: skip
@@ -627,11 +699,11 @@ def resolve(options: dict) -> dict:
     cfg = dict(options)
     # Checkpoints from before these options existed ran with what they now default to.
     for key, value in (("pairs", None), ("symmetric", False), ("attract_all", False), ("original", "whole"),
-                       ("color_jitter", True), ("grayscale", True), ("skip_bad", False)):  # fmt: skip
+                       ("color_jitter", True), ("grayscale", True), ("skip_bad", False), ("knn_every", 1),
+                       ("knn_bank", 0)):  # fmt: skip
         cfg.setdefault(key, value)
     cfg.pop("amp_auto", None)  # settled again by train()
-    if cfg["device"] == "auto":
-        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg["device"] = resolve_device(cfg["device"])
     if cfg["blur"] is None:
         cfg["blur"] = cfg["image_size"] > 64
     for key in ("ccrop_warmup", "ccrop_interval"):  # the paper: 20 of 100 epochs each

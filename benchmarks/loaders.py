@@ -344,12 +344,9 @@ def report(results: list[dict]) -> list[str]:
 def main(data, ffcv_data, loaders, view_counts, crops, augment, image_size, batch_size, workers, passes, limit,
          device, json_path, plot_path) -> None:  # fmt: skip
     """Loader throughput in images/sec, each configuration in a fresh process."""
-    import torch
+    from pipeline.device import resolve_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("no CUDA device here", param_hint="--device")
+    device = resolve_device(device)
     configs = []
     for loader in loaders:
         if "ffcv" in loader and ffcv_data is None:

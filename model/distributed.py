@@ -58,6 +58,22 @@ def gather_uneven(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
+@torch.no_grad()
+def gather_to_main(x: torch.Tensor) -> torch.Tensor | None:
+    """As `gather_uneven`, but only rank 0 receives the whole (and the other ranks get None): a kNN bank of
+    1.28M x 2048 float16 is 5 GB, which every rank holding a copy of would waste."""
+    if not active():
+        return x
+    sizes = gather(torch.tensor([len(x)], device=x.device)).tolist()
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in sizes] if dist.get_rank() == 0 else None
+    dist.gather(padded, parts, dst=0)
+    if parts is None:
+        return None
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
 def sum_arrays(array: np.ndarray) -> np.ndarray:
     """The element-wise sum of a numpy array over ranks (rows each rank filled, zeros elsewhere, combine)."""
     if not active():

@@ -26,16 +26,26 @@ def view_of(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(net: nn.Module, loader: Loader, amp: str, desc: str = "features") -> tuple[torch.Tensor, ...]:
-    """Features (N, D) float32 of `net` (run in eval mode, restored after) on an evaluation pass of `loader`,
-    un-augmented and normalised, and their labels (N,) int64, in the loader's file order."""
+def extract_features(
+    net: nn.Module,
+    loader: Loader,
+    amp: str,
+    desc: str = "features",
+    dtype: torch.dtype = torch.float32,
+    l2_normalize: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Features (N, D) of `net` (run in eval mode, restored after) on an evaluation pass of `loader`,
+    un-augmented and normalised, and their labels (N,) int64, in the loader's file order. The features are
+    `dtype` (float32 by default), each batch cast as it comes; `l2_normalize` makes each row unit length first
+    (float16 holds unit vectors, not every raw feature's squared norm)."""
     training = net.training
     net.eval()
     features, labels = [], []
     bar = tqdm(loader.epoch(0), total=len(loader), desc=f"  {desc}", leave=False, unit="batch", disable=not is_main())
     for batch in bar:
         with autocast(loader.device, amp):
-            features.append(net(normalize(view_of(batch))).float())
+            embedded = net(normalize(view_of(batch))).float()
+        features.append((F.normalize(embedded, dim=1) if l2_normalize else embedded).to(dtype))
         labels.append(batch.labels)
     net.train(training)
     return torch.cat(features), torch.cat(labels)

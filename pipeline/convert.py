@@ -18,15 +18,10 @@ from pathlib import Path
 
 import click
 import numpy as np
-import torch
-from ffcv.fields import IntField, RGBImageField
-from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 from PIL import Image
 
-from pipeline import TORCH_THREADS
+from pipeline import require_backend
 from pipeline.data import ImageList, scan_split
-
-torch.set_num_threads(TORCH_THREADS)  # undo FFCV's import (see pipeline/__init__.py)
 
 SPLITS = ("train", "val")
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -74,7 +69,11 @@ def convert_split(
 ) -> int:
     """Write SPLIT/<class>/*.jpg to `out` (.beton); returns the image count. Files that cannot be decoded raise
     ValueError naming every one (the index pass finds them first, before anything is written), or with
-    `skip_bad` are left out and printed; no partial file is left behind."""
+    `skip_bad` are left out and printed; no partial file is left behind. BackendUnavailable without FFCV."""
+    require_backend("ffcv")  # FFCV is optional: imported here, not when this module is (keeps torch's threads)
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
     images = scan_split(split_dir, skip_bad=skip_bad)
     for path, reason in images.skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
@@ -105,6 +104,8 @@ def convert_split(
 def page_size(images: ImageList, max_resolution: int) -> int:
     """FFCV's allocation unit: a power of two holding the largest stored image twice, at least 2 MiB.
     (Each writer process fills its own pages, so FFCV's 8 MiB default makes small files mostly padding.)"""
+    from ffcv.writer import MIN_PAGE_SIZE
+
     scale = np.minimum(1.0, max_resolution / np.maximum(images.heights, images.widths)) if max_resolution else 1.0
     largest = int(np.max(np.ceil(images.heights * scale) * np.ceil(images.widths * scale) * 3)) + 2**16
     return max(MIN_PAGE_SIZE, 1 << (2 * largest - 1).bit_length())
@@ -131,6 +132,7 @@ def page_size(images: ImageList, max_resolution: int) -> int:
 def main(src: Path, out: Path, **options) -> None:
     """Convert SRC to .beton: SRC holding train/ (and val/) split folders gives OUT/train.beton (and
     OUT/val.beton); SRC being one split (SRC/<class>/*.jpg) gives the file OUT."""
+    require_backend("ffcv")  # one line saying how to install FFCV, before any work
     splits = [split for split in SPLITS if (src / split).is_dir()]
     if splits and out.suffix == ".beton":
         raise click.BadParameter(f"{src} holds the splits {', '.join(splits)}: give a folder", param_hint="OUT")

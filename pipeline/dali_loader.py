@@ -73,13 +73,16 @@ def _views_pipeline(
     jpegs, *rest = fn.external_source(
         source=source, num_outputs=3 + 2 * (crops + original_crop) + 2 * pairs, batch=True, parallel=False
     )
-    images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+    # No EXIF orientation (DALI applies it by default): the crop plan's windows are in stored pixels, as PIL and
+    # FFCV decode; a rotated or mirrored decode moves them (out of bounds for orientations 5-8: sides swap).
+    decode = partial(fn.decoders.image, device=decode_device, output_type=types.RGB, adjust_orientation=False)
+    images = decode(jpegs)
     sources = [images] * crops
     if pairs:  # a Python bool: the graph has this branch only for SePP-ID loaders
         second_jpegs, is_pair, *rest = rest
         # DALI's conditional runs the decoder on the pair samples only; the others reuse their one decode.
         if is_pair:
-            second = fn.decoders.image(second_jpegs, device=decode_device, output_type=types.RGB)
+            second = decode(second_jpegs)
         else:
             second = images
         sources[-1] = second

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from pipeline import require_backend
 from pipeline.crop_plan import center_crop, crop_plan, epoch_order, epoch_rng, random_crop_test, random_resized_crop
 from pipeline.data import ImageList
 
@@ -174,11 +175,13 @@ def to_batch(loader: Loader, views_nhwc: list[torch.Tensor], labels: torch.Tenso
 
 
 def make_loader(backend: str, images: ImageList, **kwargs) -> Loader:
-    """Build a loader backend by name ("dali", "ffcv" or "torchvision"); kwargs as `Loader`."""
+    """Build a loader backend by name ("dali", "ffcv" or "torchvision"); kwargs as `Loader`. BackendUnavailable
+    when the backend's library (DALI, FFCV) cannot be imported here."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown loader {backend!r}; choose from {', '.join(BACKENDS)}")
     if images.beton is not None and backend != "ffcv":
         raise ValueError(f"{images.beton} is an FFCV .beton file, which only the ffcv loader reads")
+    require_backend(backend)  # DALI and FFCV are optional: a one-line error saying how to install them
     if backend == "ffcv":
         from pipeline.ffcv_loader import FfcvLoader
 

@@ -27,6 +27,7 @@ from model.moco import Encoder
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from pipeline.augment import normalize
 from pipeline.data import load_splits, select
+from pipeline.device import resolve_device
 from pipeline.loader import BACKENDS, make_loader
 
 
@@ -118,7 +119,7 @@ def read_pairs(path: str | Path, train_images: int) -> np.ndarray:
 @click.option("--batch-size", type=int, default=None, help="[default: the checkpoint's]")
 @click.option("--workers", type=int, default=2)
 @click.option("--amp", type=click.Choice(AMP_CHOICES), default="auto", help="Precision, as train.py's --amp.")
-@click.option("--device", default="auto", help="auto = cuda if available, else cpu.")
+@click.option("--device", default="auto", help="auto = cuda where torch can use a GPU, else cpu (as train.py).")
 @click.option("--random-init", is_flag=True,
               help="Embed with a randomly initialised encoder of the checkpoint's architecture (seeded; a baseline "
               "for the sampler's pair accuracy) instead of its trained weights.")  # fmt: skip
@@ -138,9 +139,7 @@ def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block,
     data, loader = data or cfg["data"], loader or cfg["loader"]
     train_limit = cfg["train_limit"] if train_limit is None else train_limit
     seed, image_size = cfg["seed"] if seed is None else seed, image_size or cfg["image_size"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = torch.device(resolve_device(device))
     amp, reason = resolve_amp(amp, device, cfg["arch"], image_size)
     click.echo(describe(amp, reason))
     try:

@@ -9,15 +9,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run only where torch sees a CUDA device; elsewhere they skip with the reason."""
+    """Tests marked `gpu` run only where torch sees a CUDA device, tests marked `ffcv` only where FFCV imports;
+    elsewhere they skip with the reason."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False here")
+    from pipeline import missing_backend
+
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False here")
+    if (reason := missing_backend("ffcv")) is not None:
+        skips["ffcv"] = pytest.mark.skip(reason=reason)
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
+
+
+# The loader backends as test parameters: FFCV's tests skip (with the reason) where FFCV cannot be imported.
+LOADERS = ["dali", pytest.param("ffcv", marks=pytest.mark.ffcv), "torchvision"]
 
 
 def write_tiny_dataset(root: Path, per_class: int = 8, classes: int = 3, seed: int = 0) -> Path:
@@ -42,13 +52,24 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_beton(tiny_data, tmp_path_factory) -> Path:
-    """`tiny_data` converted to OUT/{train,val}.beton with raw pixels, so FFCV sees exactly PIL's decode."""
+    """`tiny_data` converted to OUT/{train,val}.beton with raw pixels, so FFCV sees exactly PIL's decode.
+    Skips the test (with the reason) where FFCV cannot be imported."""
+    from pipeline import missing_backend
     from pipeline.convert import convert_split
+
+    if (reason := missing_backend("ffcv")) is not None:
+        pytest.skip(reason)
 
     out = tmp_path_factory.mktemp("tiny-ffcv")
     for split in ("train", "val"):
         convert_split(tiny_data / split, out / f"{split}.beton", write_mode="raw", workers=1)
     return out
+
+
+@pytest.fixture
+def data_for(request, tiny_data):
+    """backend -> the tiny data it reads: `tiny_data`, or for ffcv `tiny_beton` (made, or skipped, only then)."""
+    return lambda backend: request.getfixturevalue("tiny_beton") if backend == "ffcv" else tiny_data
 
 
 def tiny_loader(
@@ -67,7 +88,7 @@ def tiny_loader(
 
 TINY_TRAIN = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--epochs", "1",
               "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "0",
-              "--loader", "torchvision", "--amp", "off"]  # fmt: skip
+              "--loader", "torchvision", "--amp", "off", "--device", "cpu"]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

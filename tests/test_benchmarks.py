@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from benchmarks import loaders, train_step
 
 
+@pytest.mark.ffcv
 def test_loaders_benchmark_writes_every_requested_row(tiny_data, tiny_beton, tmp_path):
     out, picture = tmp_path / "loaders.json", tmp_path / "loaders.png"
     args = ["--data", tiny_data, "--ffcv-data", tiny_beton, "--image-size", 16, "--batch-size", 8, "--passes", 2,

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import tiny_loader
+from conftest import LOADERS, tiny_loader
 from PIL import Image
 
 import train
@@ -13,7 +13,6 @@ from pipeline import views
 from pipeline.ccrop import heatmap_boxes, localize, update_epochs
 from pipeline.crop_plan import crop_plan, random_resized_crop
 from pipeline.data import load_splits
-from pipeline.loader import BACKENDS
 
 
 def slow_box(heat: np.ndarray, k: float) -> list[float]:
@@ -102,14 +101,15 @@ def test_update_schedule():
     assert update_epochs(3, 3, 1) == []
 
 
-@pytest.fixture(scope="module")
-def splits(tiny_data, tiny_beton):
-    return {b: load_splits(tiny_beton if b == "ffcv" else tiny_data, b)[0] for b in BACKENDS}
+@pytest.fixture
+def split(data_for):
+    """The tiny train split as each backend reads it (FFCV: the same images converted to a .beton)."""
+    return lambda backend: load_splits(data_for(backend), backend)[0]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_applies_the_same_ccrop_windows(backend, splits, tiny_data):
-    images = splits[backend]
+@pytest.mark.parametrize("backend", LOADERS)
+def test_every_backend_applies_the_same_ccrop_windows(backend, split, tiny_data):
+    images = split(backend)
     boxes = random_boxes(np.random.default_rng(3), len(images))
     loader = tiny_loader(backend, images, seed=4)
     loader.boxes, loader.alpha = boxes, 0.3
@@ -117,7 +117,7 @@ def test_every_backend_applies_the_same_ccrop_windows(backend, splits, tiny_data
     reference = crop_plan(images.heights, images.widths, 4, 0, boxes=boxes, alpha=0.3)[order]
     assert np.array_equal(windows, reference)
     batch = next(iter(loader.epoch(0)))
-    folder = splits["torchvision"]  # the same images, in the same order, as JPEG files
+    folder = split("torchvision")  # the same images, in the same order, as JPEG files
     for j in range(8):
         top, left, h, w = (int(v) for v in windows[j, 0])
         with Image.open(folder.paths[order[j]]) as f:
@@ -127,8 +127,8 @@ def test_every_backend_applies_the_same_ccrop_windows(backend, splits, tiny_data
     loader.close()
 
 
-def test_localize_gives_one_box_per_image_in_file_order(splits):
-    images = splits["torchvision"]
+def test_localize_gives_one_box_per_image_in_file_order(split):
+    images = split("torchvision")
     loader = tiny_loader("torchvision", images, train=False)
     from model.moco import Encoder
 
@@ -147,7 +147,7 @@ def test_localize_gives_one_box_per_image_in_file_order(splits):
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--train-limit", "0",
         "--val-limit", "0", "--knn-k", "5", "--workers", "0", "--loader", "torchvision", "--crop", "ccrop",
-        "--ccrop-warmup", "0", "--ccrop-interval", "2", "--amp", "off"]  # fmt: skip
+        "--ccrop-warmup", "0", "--ccrop-interval", "2", "--amp", "off", "--device", "cpu"]  # fmt: skip
 
 
 def run(*args):

@@ -1,31 +1,39 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_TRAIN
+from conftest import LOADERS, TINY_TRAIN, write_tiny_dataset
 
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def torchrun_command(*args, processes: int = 2) -> list[str]:
+    """train.py under torchrun on this machine: `processes` CPU ranks (gloo; TINY_TRAIN says --device cpu)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "train.py", *map(str, args)]  # fmt: skip
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(*args, processes: int = 2) -> subprocess.CompletedProcess:
-    """train.py under torchrun on this machine: `processes` CPU ranks (gloo)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "train.py", *map(str, args)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(torchrun_command(*args, processes=processes), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
 
 
-@pytest.mark.parametrize("loader", ["dali", "ffcv", "torchvision"])
-def test_two_cpu_processes_train_share_the_queue_and_resume(tiny_data, tiny_beton, tmp_path, loader):
-    out, data = tmp_path / "run", tiny_beton if loader == "ffcv" else tiny_data
+@pytest.mark.parametrize("loader", LOADERS)
+def test_two_cpu_processes_train_share_the_queue_and_resume(data_for, tmp_path, loader):
+    out, data = tmp_path / "run", data_for(loader)
     common = [*TINY_TRAIN, "--loader", loader, "--workers", 1, "--method", "mocov2", "--data", data, "--out", out]
     if loader == "torchvision":  # ContrastiveCrop boxes from both ranks' shards, before the first epoch
         common += ["--crop", "ccrop", "--ccrop-warmup", 0]
@@ -41,7 +49,7 @@ def test_two_cpu_processes_train_share_the_queue_and_resume(tiny_data, tiny_beto
         assert boxes.shape == (24, 4) and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and 0 <= records[1]["knn_top1"] <= 1
-    resumed = torchrun("--resume", out / "checkpoint.pt", "--epochs", 2)
+    resumed = torchrun("--resume", out / "checkpoint.pt", "--epochs", 2, "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2] and torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2
@@ -59,3 +67,44 @@ def test_global_batch_must_split_over_the_processes(tiny_data, tmp_path, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "3")
     result = CliRunner().invoke(train.main, [*map(str, TINY_TRAIN), "--data", str(tiny_data)])
     assert result.exit_code != 0 and "multiple of the 3 processes" in result.output
+
+
+@pytest.fixture(scope="module")
+def longer_data(tmp_path_factory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("longer"), per_class=40)  # 15 global batches of 8 per epoch
+
+
+def test_two_processes_interrupted_mid_epoch_resume_each_ranks_own_draws(longer_data, tmp_path):
+    """SIGTERM to torchrun mid-epoch: every rank's generator state and partial sums go into the checkpoint, and
+    the resumed run ends with the straight run's weights and logs its losses (with rank 0's state on every rank,
+    rank 1's augmentation and epoch sums would differ)."""
+    common = [*TINY_TRAIN, "--method", "mocov2", "--data", longer_data, "--epochs", 3, "--val-limit", 6]
+    done = torchrun(*common, "--out", tmp_path / "straight")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    process = subprocess.Popen(torchrun_command(*common, "--out", run), cwd=ROOT, env=ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # epoch 1 is done: now in epoch 2
+            process.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+            break
+        time.sleep(0.02)
+    out, err = process.communicate(timeout=300)
+    assert "SIGTERM: checkpoint written" in out + err, err[-3000:]  # (torchrun itself reports the signal)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] > 0 and state["generators"].shape[0] == 2 and state["partials"].shape == (2, 2)
+    assert not torch.equal(state["generators"][0], state["generators"][1])  # each rank draws its own
+    resumed = torchrun("--resume", run / "checkpoint.pt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    final = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert final["epoch"] == 3
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, final["model"][name]), name
+
+    def losses(folder: Path) -> list:
+        return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(run) == losses(tmp_path / "straight")  # the interrupted epoch's sums included, rank by rank

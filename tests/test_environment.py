@@ -1,4 +1,8 @@
+import re
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,9 +27,18 @@ def test_every_requirement_is_pinned():
     pins = requirement_pins()
     assert pins and all("==" in pin for pin in pins)
     names = [pin.split("==")[0] for pin in pins]
-    for needed in ("torch", "torchvision", "nvidia-dali-cuda120", "ffcv", "numpy", "click"):
+    for needed in ("torch", "torchvision", "nvidia-dali-cuda130", "ffcv", "numpy", "click"):
         assert needed in names
 
 
 def test_environment_yml_carries_the_same_pins():
     assert conda_pip_pins() == requirement_pins()
+
+
+def test_dali_is_built_for_torchs_cuda_major():
+    """One CUDA stack per process: the DALI wheel's CUDA major (nvidia-dali-cudaXY0) is torch's build's."""
+    if torch.version.cuda is None:
+        pytest.skip("this torch is a CPU build: no CUDA stack to match")
+    dali = next(pin for pin in requirement_pins() if pin.startswith("nvidia-dali-cuda"))
+    dali_major = int(re.match(r"nvidia-dali-cuda(\d+)0==", dali).group(1))
+    assert dali_major == int(torch.version.cuda.split(".")[0]), (dali, torch.version.cuda)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from conftest import LOADERS
 from torch import nn
 
 import eval as evaluation
@@ -14,7 +15,7 @@ from model.moco import MomentumContrast
 from pipeline.crop_plan import center_crop, random_crop_test
 from pipeline.data import balanced_fraction, scan_split, select
 
-FAST = ["--batch-size", "8", "--workers", "0", "--amp", "off"]
+FAST = ["--batch-size", "8", "--workers", "0", "--amp", "off", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,9 @@ def test_each_protocol_runs_and_writes_its_json(checkpoint, tmp_path, protocol, 
         assert result["labelled_images"] == 12  # half of each of the 3 classes of 8
 
 
-@pytest.mark.parametrize("loader", ["dali", "ffcv"])
-def test_evaluation_runs_through_every_loader(checkpoint, tiny_beton, tmp_path, loader):
-    data = ["--data", tiny_beton] if loader == "ffcv" else []
+@pytest.mark.parametrize("loader", LOADERS[:2])  # torchvision: the tests above
+def test_evaluation_runs_through_every_loader(checkpoint, data_for, tmp_path, loader):
+    data = ["--data", data_for(loader)] if loader == "ffcv" else []
     out = tmp_path / "crop.json"
     run_eval("crop-test", "--checkpoint", checkpoint, "--loader", loader, *data, "--batch-size", 8, "--workers", 1,
              "--epochs", 1, "--augmented", "--amp", "off", "--json", out)  # fmt: skip

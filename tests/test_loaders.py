@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import LOADERS
 from conftest import tiny_loader as loader  # 16 px, batches of 8
 from PIL import Image
 
 from pipeline.data import load_splits, scan_split
-from pipeline.loader import BACKENDS, make_loader
+from pipeline.loader import make_loader
 
 SIZE, BATCH = 16, 8
 # DALI and PIL both resize with antialiased linear filters but round and place taps slightly differently:
@@ -18,13 +19,13 @@ def images(tiny_data):
     return scan_split(tiny_data / "train")
 
 
-@pytest.fixture(scope="module")
-def split(tiny_data, tiny_beton):
+@pytest.fixture
+def split(data_for):
     """The tiny train split as each backend reads it (FFCV: the same images converted to a .beton)."""
-    return lambda backend: load_splits(tiny_beton if backend == "ffcv" else tiny_data, backend)[0]
+    return lambda backend: load_splits(data_for(backend), backend)[0]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_training_batches_follow_the_contract(backend, split):
     images = split(backend)
     data = loader(backend, images, train=True)
@@ -43,7 +44,7 @@ def test_training_batches_follow_the_contract(backend, split):
     data.close()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_fewer_views_give_the_same_crops_and_decode_only_gives_none(backend, split):
     images = split(backend)
     full = next(iter(loader(backend, images, seed=2).epoch(0)))
@@ -58,7 +59,7 @@ def test_fewer_views_give_the_same_crops_and_decode_only_gives_none(backend, spl
             assert getattr(batch, name) is None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_evaluation_pass_yields_every_image_once_in_order(backend, split):
     images = split(backend)
     data = loader(backend, images, train=False)
@@ -69,7 +70,7 @@ def test_evaluation_pass_yields_every_image_once_in_order(backend, split):
     data.close()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_center_and_random_crop_evaluation_passes(backend, split, images):
     ours = split(backend)
     # FFCV resizes with OpenCV's area filter: the bounds of tests/test_ffcv.py for the same windows.
@@ -134,20 +135,10 @@ def test_unknown_backend_and_too_few_images(images):
         make_loader("torchvision", images, image_size=SIZE, batch_size=1000, device=torch.device("cpu"))
 
 
-@pytest.mark.gpu
-def test_dali_gpu_decode_matches_cpu(images):
-    gpu = make_loader("dali", images, image_size=SIZE, batch_size=BATCH, device=torch.device("cuda"), train=True)
-    cpu = loader("dali", images, train=True)
-    for a, b in zip(gpu.epoch(0), cpu.epoch(0), strict=True):
-        assert a.original.device.type == "cuda" and a.original.is_contiguous(memory_format=torch.channels_last)
-        diff = (a.crop1.cpu().int() - b.crop1.int()).abs()
-        assert diff.float().mean() < MEAN_TOLERANCE
-
-
 PAIRS = np.array([[0, 5], [3, 20], [10, 2], [17, 9]])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_pair_samples_take_crop_2_from_their_second_image(backend, split, images):
     ours = split(backend)
     data = loader(backend, ours, views=2, pairs=PAIRS, seed=4)
@@ -189,7 +180,7 @@ def test_no_pairs_is_the_plain_schedule(images):
         loader("torchvision", images, views=1, pairs=PAIRS)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_cropped_original_is_a_window_of_its_own(backend, split, images):
     ours = split(backend)
     data = loader(backend, ours, seed=6, original_crop=True)
@@ -206,7 +197,7 @@ def test_cropped_original_is_a_window_of_its_own(backend, split, images):
     data.close()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOADERS)
 def test_ranks_share_each_global_batch_with_the_single_process_windows(backend, split):
     ours = split(backend)
     single = loader(backend, ours, seed=8, batch=8, views=2)
@@ -223,3 +214,47 @@ def test_ranks_share_each_global_batch_with_the_single_process_windows(backend, 
     evaluation = [loader(backend, ours, train=False, rank=r, world=2) for r in (0, 1)]
     files = [torch.cat([b.indices for b in e.epoch(0)]).tolist() for e in evaluation]
     assert files[0] + files[1] == list(range(len(ours)))  # contiguous parts, nothing dropped
+
+
+@pytest.fixture(scope="module")
+def exif_data(tmp_path_factory):
+    """A folder of 40 x 24 JPEGs (stored size) carrying EXIF orientations 1-8: 6 and 8 are phone portraits."""
+    root = tmp_path_factory.mktemp("exif")
+    rng = np.random.default_rng(9)
+    ramp = np.linspace(0, 200, 40, dtype=np.float32)
+    for c in range(2):
+        (root / "train" / f"class{c}").mkdir(parents=True)
+        for orientation in range(1, 9):
+            pixels = ramp[None, :, None] + rng.integers(0, 50, size=(24, 40, 3))  # left dark, right bright
+            pixels[:6, :10, c] = 255  # a mark in the stored top-left corner
+            exif = Image.Exif()
+            exif[0x0112] = orientation  # the EXIF Orientation tag
+            Image.fromarray(pixels.astype(np.uint8)).save(
+                root / "train" / f"class{c}" / f"o{orientation}.jpg", quality=95, exif=exif
+            )
+    return root
+
+
+@pytest.mark.parametrize("backend", LOADERS)
+def test_exif_orientation_is_not_applied_by_any_backend(backend, exif_data, tmp_path):
+    """The index pass records the stored size and every backend decodes the stored pixels: the same windows
+    give the same pixels (DALI would rotate orientations 5-8 by default, moving the windows out of bounds)."""
+    folder = scan_split(exif_data / "train")
+    with Image.open(folder.paths[5]) as image:  # o6.jpg of class0: "rotate 90 degrees to display"
+        assert image.getexif()[0x0112] == 6 and image.size == (40, 24)
+    assert (folder.widths == 40).all() and (folder.heights == 24).all()
+    images = folder
+    if backend == "ffcv":
+        from pipeline.convert import convert_split
+
+        convert_split(exif_data / "train", tmp_path / "exif.beton", write_mode="raw", workers=1)
+        images = load_splits(tmp_path / "exif.beton", "ffcv")[0]
+        assert (images.widths == 40).all() and (images.heights == 24).all()
+    data, reference = loader(backend, images, seed=1), loader("torchvision", folder, seed=1)
+    mean_tolerance, max_tolerance = (3.0, 48) if backend == "ffcv" else (MEAN_TOLERANCE, MAX_TOLERANCE)
+    for a, b in zip(data.epoch(0), reference.epoch(0), strict=True):
+        assert torch.equal(a.indices, b.indices)
+        for view_a, view_b in zip(a[:3], b[:3]):
+            diff = (view_a.int() - view_b.int()).abs()
+            assert diff.float().mean() < mean_tolerance and diff.max() <= max_tolerance
+    data.close()

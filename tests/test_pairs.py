@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import TINY_TRAIN
+from conftest import LOADERS, TINY_TRAIN
 
 import train
 from pipeline.data import scan_split
@@ -61,12 +61,12 @@ def test_read_pairs_checks_what_it_reads(tmp_path):
         read_pairs(tmp_path / "flat.npy", 5)
 
 
-@pytest.mark.parametrize("loader", ["dali", "ffcv", "torchvision"])
-def test_mining_cli_writes_pairs_and_report(tiny_checkpoint, tiny_data, tiny_beton, tmp_path, loader):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_mining_cli_writes_pairs_and_report(tiny_checkpoint, tiny_data, data_for, tmp_path, loader):
     out = tmp_path / "pairs.npy"
-    data = tiny_beton if loader == "ffcv" else tiny_data
-    args = ["--checkpoint", tiny_checkpoint, "--data", data, "--loader", loader, "--out", out, "--fraction", 1,
-            "--low", -2, "--high", 2, "--block", 5, "--workers", 1, "--amp", "off"]  # fmt: skip
+    args = ["--checkpoint", tiny_checkpoint, "--data", data_for(loader), "--loader", loader, "--out", out,
+            "--fraction", 1, "--low", -2, "--high", 2, "--block", 5, "--workers", 1, "--device", "cpu",
+            "--amp", "off"]  # fmt: skip
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     pairs, report = np.load(out), json.loads(out.with_suffix(".json").read_text())
@@ -77,11 +77,11 @@ def test_mining_cli_writes_pairs_and_report(tiny_checkpoint, tiny_data, tiny_bet
     assert report["pair_accuracy"] == pytest.approx(np.mean(labels[pairs[:, 0]] == labels[pairs[:, 1]]))
 
 
-@pytest.mark.parametrize("loader", ["dali", "ffcv", "torchvision"])
-def test_sepp_trains_one_epoch_on_the_combined_set(tiny_data, tiny_beton, tmp_path, loader):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_sepp_trains_one_epoch_on_the_combined_set(data_for, tmp_path, loader):
     pairs = tmp_path / "pairs.npy"
     np.save(pairs, np.array([[0, 9], [9, 0], [3, 20], [12, 13], [1, 2], [5, 6], [7, 8], [10, 11]]))
-    data = tiny_beton if loader == "ffcv" else tiny_data
+    data = data_for(loader)
     args = [*TINY_TRAIN, "--loader", loader, "--method", "sepp", "--pairs", pairs, "--data", data,
             "--out", tmp_path / "run", "--workers", 1]  # fmt: skip
     result = CliRunner().invoke(train.main, [str(a) for a in args], catch_exceptions=False)
@@ -109,13 +109,13 @@ def test_random_init_embeds_with_untrained_weights(tiny_checkpoint, tiny_data, t
     for flags in ([], ["--random-init"]):
         out = tmp_path / f"pairs{len(flags)}.npy"
         args = ["--checkpoint", tiny_checkpoint, "--data", tiny_data, "--loader", "torchvision", "--out", out,
-                "--fraction", 1, "--low", 0.5, "--high", 2, "--workers", 0, *flags]  # fmt: skip
+                "--fraction", 1, "--low", 0.5, "--high", 2, "--workers", 0, "--device", "cpu", *flags]  # fmt: skip
         result = CliRunner().invoke(main, [str(a) for a in args])
         assert result.exit_code == 0, result.output
         reports.append(json.loads(out.with_suffix(".json").read_text()))
     assert reports[0]["random_init"] is False and reports[0]["pretrain_epochs"] == 1
     assert reports[1]["random_init"] is True and reports[1]["pretrain_epochs"] == 0
-    state = torch.load(tiny_checkpoint, weights_only=False)
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)  # the encoders below are on the CPU
     trained, fresh = sampler_encoder(state), sampler_encoder(state, random_init=True, seed=3)
     weight = "backbone.conv1.weight"
     assert torch.equal(trained.state_dict()[weight], state["model"][f"query_encoder.{weight}"])

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import BAD_IMAGES, ODD_IMAGES, TINY_TRAIN, write_hostile_dataset, write_tiny_dataset
+from conftest import BAD_IMAGES, LOADERS, ODD_IMAGES, TINY_TRAIN, write_hostile_dataset, write_tiny_dataset
 from PIL import Image
 
 import train
-from pipeline import convert
+from pipeline import convert, missing_backend
 from pipeline.data import BadImage, check_image, load_splits, scan_split
 from pipeline.loader import make_loader
 
@@ -34,7 +34,7 @@ def invoke(*args):
         (["--lr", 0], "--lr"),
         (["--queue-size", 100, "--batch-size", 64], "multiple of --batch-size"),
         (["--data", "missing-folder"], "train not found"),
-        (["--loader", "ffcv"], "train.beton not found"),
+        pytest.param(["--loader", "ffcv"], "train.beton not found", marks=pytest.mark.ffcv),
     ],
 )
 def test_invalid_options_are_click_errors(tiny_data, args, message):
@@ -114,6 +114,8 @@ def test_training_stops_before_the_first_step_naming_every_bad_file(hostile, tmp
 
 @pytest.fixture(scope="module")
 def hostile_beton(hostile, tmp_path_factory) -> Path:
+    if (reason := missing_backend("ffcv")) is not None:
+        pytest.skip(reason)
     out = tmp_path_factory.mktemp("hostile-ffcv")
     result = CliRunner().invoke(convert.main, [str(hostile), str(out), "--workers", "1"])
     assert result.exit_code == 1 and all(name in result.output for name in BAD_IMAGES)
@@ -124,9 +126,9 @@ def hostile_beton(hostile, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("loader", ["dali", "ffcv", "torchvision"])
-def test_skip_bad_trains_and_odd_images_decode_to_rgb(hostile, hostile_beton, tmp_path, loader):
-    data = hostile_beton if loader == "ffcv" else hostile
+@pytest.mark.parametrize("loader", LOADERS)
+def test_skip_bad_trains_and_odd_images_decode_to_rgb(hostile, request, tmp_path, loader):
+    data = request.getfixturevalue("hostile_beton") if loader == "ffcv" else hostile
     result = invoke(*TINY_TRAIN, "--loader", loader, "--workers", 1, "--data", data, "--out", tmp_path / "run",
                     "--skip-bad", "--image-size", 32)  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -149,7 +151,7 @@ def test_skip_bad_trains_and_odd_images_decode_to_rgb(hostile, hostile_beton, tm
 
 INTERRUPTED = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--epochs", "4",
                "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "0", "--loader", "torchvision",
-               "--method", "mocov2", "--amp", "off"]  # fmt: skip
+               "--method", "mocov2", "--amp", "off", "--device", "cpu"]  # fmt: skip
 
 
 def start(*args) -> subprocess.Popen:

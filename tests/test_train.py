@@ -4,11 +4,13 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import LOADERS
 
 import train
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32",
-        "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "1", "--amp", "off"]  # fmt: skip
+        "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "1", "--amp", "off",
+        "--device", "cpu"]  # fmt: skip
 
 
 def run(*args):
@@ -17,12 +19,13 @@ def run(*args):
     return result.output
 
 
-@pytest.mark.parametrize("loader", ["dali", "ffcv", "torchvision"])
+@pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("method", ["leoclr", "mocov2"])
-def test_one_epoch_writes_the_run_directory(tiny_data, tiny_beton, tmp_path, loader, method):
-    out, data = tmp_path / "run", tiny_beton if loader == "ffcv" else tiny_data
+def test_one_epoch_writes_the_run_directory(data_for, tmp_path, loader, method):
+    out, data = tmp_path / "run", data_for(loader)
     output = run("--loader", loader, "--method", method, "--data", data, "--out", out, "--epochs", 1)
     assert "final kNN top-1" in output
+    assert "kNN monitor: a bank of 24 of the 24 training images (--knn-bank), float32 on cpu" in output
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == method and config["loader"] == loader and config["device"] == "cpu"
     assert config["blur"] is False  # 16 px: the small-image recipe
@@ -112,3 +115,24 @@ def test_augmentation_removal_reaches_the_augment_config():
     cfg = {"color_jitter": False, "grayscale": True, "blur": False}
     config = train.augment_config(cfg)
     assert config.jitter_p == 0 and config.grayscale_p == 0.2 and config.blur_p == 0
+
+
+def test_knn_monitor_every_n_epochs_and_the_last_on_a_bank_subset(tiny_data, tmp_path, monkeypatch):
+    banks, vote = [], train.knn_top1
+
+    def recording(bank, *args):
+        banks.append(tuple(bank.shape))
+        return vote(bank, *args)
+
+    monkeypatch.setattr(train, "knn_top1", recording)
+    out = tmp_path / "run"
+    output = run("--loader", "torchvision", "--workers", 0, "--data", tiny_data, "--out", out, "--epochs", 3,
+                 "--knn-every", 2, "--knn-bank", 10)  # fmt: skip
+    assert "kNN monitor: a bank of 10 of the 24 training images" in output and "every 2 epoch(s)" in output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["knn_top1"] is not None for r in records] == [True, False, True, True]  # 0, 2 and the last, 3
+    assert banks == [(10, 512)] * 3  # ResNet-18 features of the 10 bank images, at each evaluation
+    config = json.loads((out / "config.json").read_text())
+    assert config["knn_every"] == 2 and config["knn_bank"] == 10
+    assert train.knn_due({"knn_every": 5, "epochs": 12}, 0) and train.knn_due({"knn_every": 5, "epochs": 12}, 12)
+    assert not train.knn_due({"knn_every": 5, "epochs": 12}, 4)
