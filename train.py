@@ -89,6 +89,11 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     cuda = cfg["device"].startswith("cuda")
     rank, world, local_rank = distributed.init_from_env(cuda)
     device = torch.device("cuda", local_rank) if cuda and world > 1 else torch.device(cfg["device"])
+    if cuda:
+        if device.index is not None:
+            torch.cuda.set_device(device)  # --device cuda:N: kernels, streams and NCCL on that GPU, not on GPU 0
+        torch.backends.cudnn.benchmark = True  # the step's shapes never change: time cuDNN's algorithms once
+        torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls (the heads, the logits)
     main_rank = rank == 0  # the only one that prints and writes
     echo = click.echo if main_rank else lambda *args, **kwargs: None
     out = Path(cfg["out"])
@@ -170,13 +175,14 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                 loss = optimize(model, method, optimizer, scaler, views, cfg, generator)
                 total_loss += loss * len(batch.labels)  # stays on the device: no sync per step
                 seen += len(batch.labels)
-                if step % 10 == 0:
-                    rate = seen / (time.perf_counter() - started)
-                    check_finite(total_loss, epoch, step, out)
-                    bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", img_s=f"{rate:.0f}")
-                if signals.received(device) and step + 1 < len(loader):
+                if (step + 1) % CHECK_EVERY and step + 1 < len(loader):
+                    continue  # nothing read back: the host queues the next steps while the device computes
+                loss_sum = poll(signals, total_loss)
+                check_finite(loss_sum, epoch, step, out)
+                rate = seen / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss_sum / (seen * world):.3f}", img_s=f"{rate:.0f}")
+                if signals.number and step + 1 < len(loader):
                     bar.close()
-                    check_finite(total_loss, epoch, step, out)
                     if main_rank:  # mid-epoch: where the epoch stands, so a resume replays nothing and skips nothing
                         save_atomic(
                             {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -189,8 +195,7 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                          f"continue with: python train.py --resume {out / 'checkpoint.pt'}", err=True)  # fmt: skip
                     close_all(loader, bank_loader, val_loader)
                     raise SystemExit(128 + signals.number)
-            bar.close()
-            check_finite(total_loss, epoch, len(loader) - 1, out)
+            bar.close()  # the epoch's last step checked the loss
             epoch_time = time.perf_counter() - started
             # Every rank's loss sum and images: the epoch's loss and throughput over the whole world.
             total_loss, seen = (
@@ -223,9 +228,13 @@ def close_all(*loaders) -> None:
             each.close()
 
 
+CHECK_EVERY = 10  # steps between the loop's looks at the stop flag and the loss (one collective, one host read)
+
+
 class StopSignals:
     """SIGTERM and SIGINT (a preempted job, Ctrl-C) set a flag instead of killing the run; the loop checks it
-    after every step and stops there with a checkpoint. With several ranks all stop at the same step."""
+    every CHECK_EVERY steps (`poll`) and stops there with a checkpoint. With several ranks all stop at the
+    same step."""
 
     def __init__(self) -> None:
         self.number, self.previous = 0, {}
@@ -246,23 +255,25 @@ class StopSignals:
     def name(self) -> str:
         return signal.Signals(self.number).name if self.number else ""
 
-    def received(self, device: torch.device) -> bool:
-        if distributed.active():
-            flag = torch.tensor([self.number], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.number = int(flag.item())
-        return self.number != 0
+
+def poll(signals: StopSignals, total_loss: torch.Tensor) -> float:
+    """Every rank's stop signal (the largest goes to `signals.number`) and the sum over ranks of the running
+    loss sums (scalar tensors on the device): one all_gather (none with one process) and one host read."""
+    mine = torch.stack([total_loss.float(), total_loss.new_full((), float(signals.number))])  # no host-to-device copy
+    everyone = gather(mine[None]).tolist()  # (world, 2)
+    signals.number = int(max(number for _, number in everyone))
+    return sum(loss for loss, _ in everyone)
 
 
-def check_finite(total_loss: torch.Tensor, epoch: int, step: int, out: Path) -> None:
+def check_finite(total_loss: float, epoch: int, step: int, out: Path) -> None:
     """Stop (every rank) when the running loss sum is NaN or infinite; the last good checkpoint stays."""
-    if not torch.isfinite(total_loss).item():
+    if not math.isfinite(total_loss):
         kept = (
             f"{out / 'checkpoint.pt'} holds the last good epoch"
             if (out / "checkpoint.pt").exists()
             else "no checkpoint yet"
         )
-        raise NonFiniteLoss(f"the loss became {total_loss.item()} in epoch {epoch + 1} (by step {step + 1}); stopped "
+        raise NonFiniteLoss(f"the loss became {total_loss} in epoch {epoch + 1} (by step {step + 1}); stopped "
                             f"without saving ({kept}). Lower --lr or use --amp off/bf16.")  # fmt: skip
 
 
@@ -272,6 +283,9 @@ def build(cfg: dict, device: torch.device) -> tuple[MomentumContrast, torch.opti
         cfg["arch"], cfg["image_size"], queue_size=cfg["queue_size"], momentum=cfg["moco_momentum"],
         bn_splits=cfg["bn_splits"],
     ).to(device, memory_format=torch.channels_last)  # fmt: skip
+    if cfg.get("compile"):  # in place: the state dict keeps its keys
+        model.query_encoder.compile()
+        model.key_encoder.compile()
     optimizer = torch.optim.SGD(
         model.query_encoder.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"]
     )
@@ -413,7 +427,13 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
     help="Number of negative keys K (a multiple of --batch-size).",
 )
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.1, help="InfoNCE temperature T.")
-@click.option("--bn-splits", type=click.IntRange(min=1), default=8, help="Split batch norm groups (1 = plain BN).")
+@click.option(
+    "--bn-splits",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Split batch norm groups (1 = plain BN). [default: 8 with one process, where split BN stands in for "
+    "shuffle BN; 1 under torchrun, where keys are shuffled across the ranks as in MoCo]",
+)
 @click.option(
     "--crop",
     type=click.Choice(["random", "ccrop"]),
@@ -475,6 +495,13 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
 )
 @click.option("--workers", type=click.IntRange(min=0), default=2, help="Loader threads/processes.")
 @click.option("--device", default="auto", help="auto = cuda if available, else cpu.")
+@click.option(
+    "--compile",
+    is_flag=True,
+    default=False,
+    help="torch.compile the query and key encoders (minutes of compiling first). Off by default: measured "
+    "faster only where benchmarks/train_step.py --compile says so (see README).",
+)
 @click.option("--seed", type=int, default=0)
 @click.pass_context
 def main(ctx: click.Context, resume: Path | None, **options) -> None:
@@ -521,7 +548,8 @@ def resolve(options: dict) -> dict:
     cfg = dict(options)
     # Checkpoints from before these options existed ran with what they now default to.
     for key, value in (("pairs", None), ("symmetric", False), ("attract_all", False), ("original", "whole"),
-                       ("color_jitter", True), ("grayscale", True), ("skip_bad", False)):  # fmt: skip
+                       ("color_jitter", True), ("grayscale", True), ("skip_bad", False),
+                       ("compile", False)):  # fmt: skip
         cfg.setdefault(key, value)
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
@@ -549,6 +577,8 @@ def resolve(options: dict) -> dict:
         raise click.BadParameter(f"must be a multiple of --batch-size ({cfg['batch_size']})", param_hint="--queue-size")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; --batch-size is the global batch
     cfg["world_size"] = world
+    if cfg["bn_splits"] is None:  # MoCo's choice by topology: shuffle BN across ranks, else split BN
+        cfg["bn_splits"] = 1 if world > 1 else 8
     if cfg["batch_size"] % world:
         raise click.BadParameter(f"must be a multiple of the {world} processes", param_hint="--batch-size")
     if cfg["batch_size"] // world % cfg["bn_splits"]:
