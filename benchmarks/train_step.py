@@ -167,7 +167,12 @@ class Yardstick(Timed):
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="[default: train.py's]")
 @click.option("--bn-splits", type=click.IntRange(1), default=None, help="[default: train.py's]")
 @click.option("--train-limit", type=click.IntRange(0), default=None, help="Images to index. [default: train.py's]")
-@click.option("--workers", type=click.IntRange(1), default=None, help="[default: train.py's]")
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=None,
+    help="[default: DALI: from the machine's cores; others: train.py's]",
+)
 @click.option("--device", default="auto")
 @click.option("--steps", type=click.IntRange(1), default=20, help="Timed steps per configuration and round.")
 @click.option("--warmup", type=click.IntRange(0), default=3, help="Untimed steps before each timing.")
@@ -192,6 +197,8 @@ def main(loader, data, device, steps, warmup, rounds, yardstick, compiled, json_
     defaults = {p.name: p.default for p in train.main.params if p.name not in ("resume", "help")}
     given = {k: v for k, v in overrides.items() if v is not None}
     cfg = train.resolve({**defaults, **given, "loader": loader, "data": data, "device": device})
+    if loader == "dali" and "workers" not in given:  # DALI's threads and queue depth from the machine
+        cfg["workers"] = None
     dev = torch.device(cfg["device"])
     images, _ = load_splits(cfg["data"], loader, cfg["train_limit"], val_limit=1, seed=cfg["seed"])
     runners = {name: Runner(cfg, name, images, dev) for name in ("mocov2", "leoclr")}
@@ -225,7 +232,7 @@ def main(loader, data, device, steps, warmup, rounds, yardstick, compiled, json_
             "device": device_name(dev),
             "loader": loader,
             "rounds": rates,
-            "config": {k: cfg[k] for k in CONFIG_KEYS},
+            "config": {**{k: cfg[k] for k in CONFIG_KEYS}, "workers": runners["leoclr"].loader.workers},
         }
     )
     for name in runners:
