@@ -106,6 +106,11 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
     cuda = cfg["device"].startswith("cuda")
     rank, world, local_rank = distributed.init_from_env(cuda)
     device = torch.device("cuda", local_rank) if cuda and world > 1 else torch.device(cfg["device"])
+    if cuda:
+        if device.index is not None:
+            torch.cuda.set_device(device)  # --device cuda:N: kernels, streams and NCCL on that GPU, not on GPU 0
+        torch.backends.cudnn.benchmark = True  # the step's shapes never change: time cuDNN's algorithms once
+        torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls (the heads, the logits)
     main_rank = rank == 0  # the only one that prints and writes
     echo = click.echo if main_rank else lambda *args, **kwargs: None
     out = Path(cfg["out"])
@@ -212,16 +217,16 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                 loss = optimize(model, method, optimizer, scaler, views, cfg, generator)
                 total_loss += loss * len(batch.labels)  # stays on the device: no sync per step
                 seen += len(batch.labels)
-                if step % 10 == 0 or step + 1 == len(loader):
-                    rate = seen / (time.perf_counter() - started)
-                    check_finite(total_loss, epoch, step, out)  # reads the loss: the device has caught up
-                    bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", img_s=f"{rate:.0f}")
-                    if epoch == start_epoch:
-                        left = remaining_work(cfg, epoch, step, len(loader), box_updates, val_loader is not None)
-                        clock.steps_done(step - skip + 1, left, step + 1 == len(loader), bar.write)
-                if signals.received(device) and step + 1 < len(loader):
+                if (step + 1) % CHECK_EVERY and step + 1 < len(loader):
+                    continue  # nothing read back: the host queues the next steps while the device computes
+                loss_sum = poll(signals, total_loss)
+                check_finite(loss_sum, epoch, step, out)
+                rate = seen / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss_sum / (seen * world):.3f}", img_s=f"{rate:.0f}")
+                left = remaining_work(cfg, epoch, step, len(loader), box_updates, val_loader is not None)
+                clock.polled(epoch, step + 1, step + 1 == len(loader), left, bar.write)
+                if signals.number and step + 1 < len(loader):
                     bar.close()
-                    check_finite(total_loss, epoch, step, out)
                     generators, partials = rank_states(generator, total_loss, seen, device)
                     if main_rank:  # mid-epoch: where the epoch stands, so a resume replays nothing and skips nothing
                         save_atomic(
@@ -235,8 +240,7 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                          f"continue with: python train.py --resume {out / 'checkpoint.pt'}", err=True)  # fmt: skip
                     close_all(loader, bank_loader, box_loader if box_loader is not bank_loader else None, val_loader)
                     raise SystemExit(128 + signals.number)
-            bar.close()
-            check_finite(total_loss, epoch, len(loader) - 1, out)
+            bar.close()  # the epoch's last step checked the loss
             epoch_time = time.perf_counter() - started
             # Every rank's loss sum and images: the epoch's loss and throughput over the whole world.
             total_loss, seen = (
@@ -291,17 +295,18 @@ def duration(seconds: float) -> str:
 
 
 class RunClock:
-    """The run's time for the user: one estimate of what is left, made in the first epoch this process trains
-    once `ESTIMATE_AFTER` steps are timed (from the end of its first step, which carries the warm-up, to a later
-    step where the loss is read, so the device has caught up) or at that epoch's end, from the step time and the
-    measured kNN pass; then after each epoch the time so far and left."""
+    """The run's time for the user: one estimate of what is left, made once `ESTIMATE_AFTER` steps of one epoch
+    are timed between two polls (where the loss is read back, so the device has caught up; the first poll comes
+    after the warm-up steps) or at that epoch's end, from the step time and the measured kNN pass; then after
+    each epoch the time so far and left."""
 
     ESTIMATE_AFTER = 10  # steps
 
     def __init__(self, echo) -> None:
         self.echo, self.started = echo, time.perf_counter()
         self.knn_s: float | None = None
-        self.loop_started = self.first_read = None
+        self.loop_started = None
+        self.window: tuple[int, float, int] | None = None  # (epoch, time, steps done) at the first poll
         self.estimated, self.epochs = False, 0
 
     @contextmanager
@@ -313,19 +318,19 @@ class RunClock:
     def start_loop(self) -> None:
         self.loop_started = time.perf_counter()
 
-    def steps_done(self, steps: int, remaining: dict, last: bool, write) -> None:
-        """At a step of the first epoch where the loss was read: `steps` done so far in it, `remaining` as
-        `remaining_work`, `last` = the epoch's last step."""
+    def polled(self, epoch: int, steps: int, last: bool, remaining: dict, write) -> None:
+        """At a poll after `steps` steps of `epoch` (`last` = its last step), `remaining` as `remaining_work`."""
         now = time.perf_counter()
         if self.estimated:
             return
-        if self.first_read is None:
-            self.first_read = now
+        if self.window is None or self.window[0] != epoch:  # time within one epoch: no kNN pass in the window
+            self.window = (epoch, now, steps)
             return
-        if steps - 1 < self.ESTIMATE_AFTER and not last:
+        timed = steps - self.window[2]
+        if timed < self.ESTIMATE_AFTER and not last:
             return
         self.estimated = True
-        step_s = (now - self.first_read) / (steps - 1)
+        step_s = (now - self.window[1]) / timed
         passes = remaining["knn"] + remaining["boxes"]
         total = step_s * remaining["steps"] + (self.knn_s or 0) * passes
         parts = f"{remaining['steps']} steps at {step_s:.2f} s"
@@ -336,9 +341,8 @@ class RunClock:
     def epoch_done(self, epochs_left: int) -> None:
         self.epochs += 1
         now = time.perf_counter()
-        left = (
-            "" if not epochs_left else f", about {duration((now - self.loop_started) / self.epochs * epochs_left)} left"
-        )
+        per_epoch = (now - self.loop_started) / self.epochs
+        left = f", about {duration(per_epoch * epochs_left)} left" if epochs_left else ""
         self.echo(f"  {duration(now - self.started)} so far{left}")
 
 
@@ -367,9 +371,13 @@ def close_all(*loaders) -> None:
             each.close()
 
 
+CHECK_EVERY = 10  # steps between the loop's looks at the stop flag and the loss (one collective, one host read)
+
+
 class StopSignals:
     """SIGTERM and SIGINT (a preempted job, Ctrl-C) set a flag instead of killing the run; the loop checks it
-    after every step and stops there with a checkpoint. With several ranks all stop at the same step."""
+    every CHECK_EVERY steps (`poll`) and stops there with a checkpoint. With several ranks all stop at the
+    same step."""
 
     def __init__(self) -> None:
         self.number, self.previous = 0, {}
@@ -390,23 +398,25 @@ class StopSignals:
     def name(self) -> str:
         return signal.Signals(self.number).name if self.number else ""
 
-    def received(self, device: torch.device) -> bool:
-        if distributed.active():
-            flag = torch.tensor([self.number], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.number = int(flag.item())
-        return self.number != 0
+
+def poll(signals: StopSignals, total_loss: torch.Tensor) -> float:
+    """Every rank's stop signal (the largest goes to `signals.number`) and the sum over ranks of the running
+    loss sums (scalar tensors on the device): one all_gather (none with one process) and one host read."""
+    mine = torch.stack([total_loss.float(), total_loss.new_full((), float(signals.number))])  # no host-to-device copy
+    everyone = gather(mine[None]).tolist()  # (world, 2)
+    signals.number = int(max(number for _, number in everyone))
+    return sum(loss for loss, _ in everyone)
 
 
-def check_finite(total_loss: torch.Tensor, epoch: int, step: int, out: Path) -> None:
+def check_finite(total_loss: float, epoch: int, step: int, out: Path) -> None:
     """Stop (every rank) when the running loss sum is NaN or infinite; the last good checkpoint stays."""
-    if not torch.isfinite(total_loss).item():
+    if not math.isfinite(total_loss):
         kept = (
             f"{out / 'checkpoint.pt'} holds the last good epoch"
             if (out / "checkpoint.pt").exists()
             else "no checkpoint yet"
         )
-        raise NonFiniteLoss(f"the loss became {total_loss.item()} in epoch {epoch + 1} (by step {step + 1}); stopped "
+        raise NonFiniteLoss(f"the loss became {total_loss} in epoch {epoch + 1} (by step {step + 1}); stopped "
                             f"without saving ({kept}). Lower --lr or use --amp off/bf16.")  # fmt: skip
 
 
@@ -417,10 +427,14 @@ def build(cfg: dict, device: torch.device) -> tuple[MomentumContrast, torch.opti
 
 
 def build_model(cfg: dict, device: torch.device) -> MomentumContrast:
-    return MomentumContrast(
+    model = MomentumContrast(
         cfg["arch"], cfg["image_size"], queue_size=cfg["queue_size"], momentum=cfg["moco_momentum"],
         bn_splits=cfg["bn_splits"],
     ).to(device, memory_format=torch.channels_last)  # fmt: skip
+    if cfg.get("compile"):  # in place: the state dict keeps its keys
+        model.query_encoder.compile()
+        model.key_encoder.compile()
+    return model
 
 
 def optimizer_and_scaler(
@@ -568,7 +582,13 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
     help="Number of negative keys K (a multiple of --batch-size).",
 )
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.1, help="InfoNCE temperature T.")
-@click.option("--bn-splits", type=click.IntRange(min=1), default=8, help="Split batch norm groups (1 = plain BN).")
+@click.option(
+    "--bn-splits",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Split batch norm groups (1 = plain BN). [default: 8 with one process, where split BN stands in for "
+    "shuffle BN; 1 under torchrun, where keys are shuffled across the ranks as in MoCo]",
+)
 @click.option(
     "--crop",
     type=click.Choice(["random", "ccrop"]),
@@ -650,6 +670,13 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
     help="auto = cuda where torch can use a GPU, else cpu (stops, saying what to install, where an NVIDIA GPU is "
     "here that torch cannot use); cpu, cuda or cuda:N.",
 )
+@click.option(
+    "--compile",
+    is_flag=True,
+    default=False,
+    help="torch.compile the query and key encoders (minutes of compiling first). Off by default: measured "
+    "faster only where benchmarks/train_step.py --compile says so (see README).",
+)
 @click.option("--seed", type=int, default=0)
 @click.pass_context
 def main(ctx: click.Context, resume: Path | None, **options) -> None:
@@ -700,7 +727,7 @@ def resolve(options: dict) -> dict:
     # Checkpoints from before these options existed ran with what they now default to.
     for key, value in (("pairs", None), ("symmetric", False), ("attract_all", False), ("original", "whole"),
                        ("color_jitter", True), ("grayscale", True), ("skip_bad", False), ("knn_every", 1),
-                       ("knn_bank", 0)):  # fmt: skip
+                       ("knn_bank", 0), ("compile", False)):  # fmt: skip
         cfg.setdefault(key, value)
     cfg.pop("amp_auto", None)  # settled again by train()
     cfg["device"] = resolve_device(cfg["device"])
@@ -728,6 +755,8 @@ def resolve(options: dict) -> dict:
         raise click.BadParameter(f"must be a multiple of --batch-size ({cfg['batch_size']})", param_hint="--queue-size")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; --batch-size is the global batch
     cfg["world_size"] = world
+    if cfg["bn_splits"] is None:  # MoCo's choice by topology: shuffle BN across ranks, else split BN
+        cfg["bn_splits"] = 1 if world > 1 else 8
     if cfg["batch_size"] % world:
         raise click.BadParameter(f"must be a multiple of the {world} processes", param_hint="--batch-size")
     if cfg["batch_size"] // world % cfg["bn_splits"]:

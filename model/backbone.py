@@ -12,12 +12,17 @@ ARCHS = ("resnet18", "resnet50")
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are computed over `num_splits` groups of the batch
-    (group j = samples j, j + s, j + 2s, ...).
+    """BatchNorm2d whose training statistics are computed over `num_splits` groups of the batch: group j is
+    the j-th contiguous block of N/s samples. The running statistics are the average of what each group's
+    own BN would record; evaluation uses them as usual.
 
-    On one device this stands in for MoCo's shuffle BN: a query and its positive key fall in different
-    statistics groups less often than not, so BN cannot leak which samples belong together.
-    Evaluation uses the running statistics as usual.
+    On one device this stands in for MoCo's shuffle BN: keys are encoded in a shuffled order, so a query
+    and its positive key fall in different statistics groups more often than not and BN cannot leak which
+    samples belong together.
+    Each block of a channels_last batch is itself channels_last, so every group runs the backend's own
+    batch-norm kernel in the input's layout; the only extra memory traffic is joining the blocks (a cat
+    forward, a split backward), where reshaping to (N/s, s*C, H, W) copied the activations to NCHW and back
+    around every convolution.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
@@ -25,27 +30,25 @@ class SplitBatchNorm(nn.BatchNorm2d):
         self.num_splits = num_splits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
         if not self.training or self.num_splits == 1:
             return super().forward(x)
-        if n % self.num_splits:
-            raise ValueError(f"batch of {n} does not split into {self.num_splits} batch-norm groups")
-        running_mean = self.running_mean.repeat(self.num_splits)
-        running_var = self.running_var.repeat(self.num_splits)
-        # (N, C, H, W) -> (N/s, s*C, H, W): each split's channels get their own statistics.
-        out = nn.functional.batch_norm(
-            x.reshape(n // self.num_splits, self.num_splits * c, h, w),
-            running_mean,
-            running_var,
-            self.weight.repeat(self.num_splits),
-            self.bias.repeat(self.num_splits),
-            True,
-            self.momentum,
-            self.eps,
-        ).view(n, c, h, w)
-        self.running_mean.copy_(running_mean.view(self.num_splits, c).mean(0))
-        self.running_var.copy_(running_var.view(self.num_splits, c).mean(0))
-        return out
+        n, s = x.shape[0], self.num_splits
+        if n % s:
+            raise ValueError(f"batch of {n} does not split into {s} batch-norm groups")
+        tracked = self.running_mean is not None
+        # One row of running statistics per group, updated in place by batch_norm, then averaged back.
+        means, variances = (
+            (self.running_mean.repeat(s, 1), self.running_var.repeat(s, 1)) if tracked else ([None] * s,) * 2
+        )
+        groups = [
+            nn.functional.batch_norm(group, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
+            for group, mean, var in zip(x.split(n // s), means, variances)
+        ]
+        if tracked:
+            with torch.no_grad():
+                torch.mean(means, 0, out=self.running_mean)
+                torch.mean(variances, 0, out=self.running_var)
+        return torch.cat(groups)
 
 
 def resnet(arch: str, image_size: int, bn_splits: int = 1) -> tuple[nn.Module, int]:

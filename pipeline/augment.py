@@ -3,8 +3,10 @@
 Runs on uint8 (N, 3, S, S) views and returns float32 views, normalised, channels_last. The random draws
 (`draw`) are made once with the caller's generator; `apply` then runs them on the views' device:
 - on CUDA, batched torch: jitter and grayscale are per-image affine maps of RGB, composed into ONE 3 x 3
-  matrix per image (plus an offset for contrast) in one batched matmul; blur touches only the images that
-  draw it; flip is an index;
+  matrix per image (plus an offset for contrast) in one batched matmul; blur is one separable convolution
+  of every image with a kernel of the largest radius the sigma range allows, each image's taps masked to
+  its own radius (sigma 0 = the identity); flip is a select. Nothing reads a value back to the host (no
+  `.item()`, no `nonzero`, constants made once per device), so the host can queue steps ahead of the GPU;
 - on CPU, a fused per-image path on uint8 pixels in a thread pool (OpenCV's SIMD colour transform and
   separable filter, an in-place flip, and one vectorised numba pass that writes the normalised floats): the
   batched torch ops cost about 5 ms of a core per 224 px view here, this path about 0.2 ms.
@@ -25,6 +27,7 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 
 import cv2
 import numba
@@ -38,6 +41,19 @@ LUMA = (0.299, 0.587, 0.114)
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 # Inverted once here rather than per batch (a batched torch.linalg.inv per call).
 _YIQ_TO_RGB = torch.from_numpy(np.linalg.inv(_RGB_TO_YIQ.double().numpy())).float()
+
+
+@cache
+def _constants(device: torch.device) -> dict[str, torch.Tensor]:
+    """float32 luma weights (3,), RGB<->YIQ (3, 3) and ImageNet mean/std (1, 3, 1, 1) on `device`, copied
+    there once: a host-to-device copy per call would make the host wait for the device."""
+    return {
+        "luma": torch.tensor(LUMA, device=device),
+        "rgb_to_yiq": _RGB_TO_YIQ.to(device),
+        "yiq_to_rgb": _YIQ_TO_RGB.to(device),
+        "mean": torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+        "std": torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1),
+    }
 
 
 @dataclass(frozen=True)
@@ -56,13 +72,15 @@ class AugmentDraw:
 
     matrix (N, 3, 3) float32: jitter + grayscale as a map of [0, 1] RGB; offset_scale (N,): contrast's grey
     offset is offset_scale * the input's mean luminance; sigma (N,) float32: blur sigma in pixels, 0 = no
-    blur; flip (N,) bool.
+    blur; flip (N,) bool. max_sigma: the largest sigma the config can draw at this size (0 = blur off), a
+    Python float known without looking at the draws: it fixes the blur kernel's size.
     """
 
     matrix: torch.Tensor
     offset_scale: torch.Tensor
     sigma: torch.Tensor
     flip: torch.Tensor
+    max_sigma: float = 0.0
 
 
 def colour_matrices(
@@ -84,8 +102,9 @@ def colour_matrices(
     hue = torch.where(jitter, uniform(-h, h), torch.zeros(n, device=device))
     gray = torch.rand(n, generator=generator, device=device) < config.grayscale_p
 
+    constants = _constants(device)
     eye = torch.eye(3, device=device).expand(n, 3, 3)
-    luma_rows = torch.tensor(LUMA, device=device).expand(3, 3)  # every row = luma weights
+    luma_rows = constants["luma"].expand(3, 3)  # every row = luma weights
     # brightness, then contrast (scales around the mean, offset added later), then saturation.
     sat = saturation.view(n, 1, 1) * eye + (1 - saturation).view(n, 1, 1) * luma_rows
     angle = hue * 2 * math.pi
@@ -95,38 +114,48 @@ def colour_matrices(
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
     # bmm, not (n, 3, 3) @ (3, 3): torch folds that into one BLAS gemm whose threads then spin ~11 ms of a
     # core after every call, time stolen from the loader's threads.
-    hue_m = torch.bmm(_YIQ_TO_RGB.to(device) @ rot, _RGB_TO_YIQ.to(device).expand(n, 3, 3))
+    hue_m = torch.bmm(constants["yiq_to_rgb"] @ rot, constants["rgb_to_yiq"].expand(n, 3, 3))
     matrix = hue_m @ sat @ ((brightness * contrast).view(n, 1, 1) * eye)
     matrix = torch.where(gray.view(n, 1, 1), luma_rows @ matrix, matrix)
     return matrix, torch.where(jitter, brightness * (1 - contrast), torch.zeros(n, device=device))
 
 
-def draw(n: int, size: int, config: AugmentConfig, generator: torch.Generator) -> AugmentDraw:
-    """The random draws for n views of size S (blur sigma scales with S / 224)."""
-    device = generator.device
+def draw(
+    n: int, size: int, config: AugmentConfig, generator: torch.Generator, device: torch.device | None = None
+) -> AugmentDraw:
+    """The random draws for n views of size S (blur sigma scales with S / 224), on `device` (default: the
+    generator's; a CPU generator also draws for the `meta` device, which has no generator of its own)."""
+    device = generator.device if device is None else device
     matrix, offset_scale = colour_matrices(n, config, generator, device)
-    sigma = torch.zeros(n, device=device)
+    sigma, max_sigma = torch.zeros(n, device=device), 0.0
     if config.blur_p > 0:
         blur = torch.rand(n, generator=generator, device=device) < config.blur_p
         low, high = config.blur_sigma
         drawn = (low + (high - low) * torch.rand(n, generator=generator, device=device)) * size / 224
-        sigma = torch.where(blur, drawn, sigma)
+        sigma, max_sigma = torch.where(blur, drawn, sigma), high * size / 224
     flip = torch.rand(n, generator=generator, device=device) < config.flip_p
-    return AugmentDraw(matrix, offset_scale, sigma, flip)
+    return AugmentDraw(matrix, offset_scale, sigma, flip, max_sigma)
 
 
 def augment(views: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """uint8 (N, 3, S, S) views -> float32 (N, 3, S, S) aug+ views, normalised, channels_last.
 
-    All randomness comes from `generator` (on the views' device), so a seeded generator replays exactly.
+    All randomness comes from `generator` (on the views' device, or a CPU one for `meta` views), so a seeded
+    generator replays exactly.
     """
-    return apply(views, draw(views.shape[0], views.shape[-1], config, generator))
+    generator_device = None if views.device.type != "meta" else views.device
+    return apply(views, draw(views.shape[0], views.shape[-1], config, generator, generator_device))
 
 
 def apply(views: torch.Tensor, params: AugmentDraw) -> torch.Tensor:
     """Apply one batch's draws to uint8 (N, 3, S, S) views; float32 normalised channels_last out."""
     if views.device.type == "cpu":
         return apply_cpu(views, params)
+    return apply_batched(views, params)
+
+
+def apply_batched(views: torch.Tensor, params: AugmentDraw) -> torch.Tensor:
+    """`apply`'s path for CUDA (and any device): batched torch ops, no host synchronisation."""
     return normalize(apply_torch(views.float() / 255, params))
 
 
@@ -137,9 +166,8 @@ def normalize(views: torch.Tensor) -> torch.Tensor:
     x = views.float()
     if views.dtype == torch.uint8:
         x = x / 255
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    constants = _constants(x.device)
+    return ((x - constants["mean"]) / constants["std"]).contiguous(memory_format=torch.channels_last)
 
 
 # ---- batched torch (the CUDA path, and the reference the CPU path is tested against) ----
@@ -149,9 +177,8 @@ def apply_torch(x: torch.Tensor, params: AugmentDraw) -> torch.Tensor:
     """[0, 1] float (N, 3, S, S) -> colour, blur and flip applied, still in [0, 1] (not normalised)."""
     n = x.shape[0]
     x = colour_augment(x, params.matrix, params.offset_scale)
-    picked = (params.sigma > 0).nonzero().squeeze(1)
-    if len(picked):
-        x[picked] = gaussian_blur(x[picked].contiguous(), params.sigma[picked])
+    if params.max_sigma > 0:  # every image, the unblurred ones through an identity kernel: no nonzero()
+        x = gaussian_blur(x, params.sigma, params.max_sigma)
     return torch.where(params.flip.view(n, 1, 1, 1), x.flip(-1), x)
 
 
@@ -162,7 +189,7 @@ def colour_augment(x: torch.Tensor, matrix: torch.Tensor, offset_scale: torch.Te
     grayscale all leave unchanged, so it is added after the matrix.
     """
     n = x.shape[0]
-    mean_luma = torch.einsum("c,nchw->n", torch.tensor(LUMA, device=x.device), x) / (x.shape[2] * x.shape[3])
+    mean_luma = torch.einsum("c,nchw->n", _constants(x.device)["luma"], x) / (x.shape[2] * x.shape[3])
     out = torch.einsum("nij,njhw->nihw", matrix, x) + (offset_scale * mean_luma).view(n, 1, 1, 1)
     return out.clamp_(0, 1)
 
@@ -172,14 +199,20 @@ def blur_radius(sigma: float, size: int) -> int:
     return max(1, min(math.ceil(3 * sigma), size - 1))
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (M, 3, S, S) with a per-image sigma (M,) in pixels, each image's kernel
-    cut at its own `blur_radius`; reflect padding."""
+    cut at its own `blur_radius`; reflect padding. sigma 0 leaves an image as it is. The kernel has the
+    radius of `max_sigma` (>= every sigma) for every image, so its size never depends on the draws' values."""
     m, c, height, width = x.shape
-    radii = torch.tensor([blur_radius(float(s), min(height, width)) for s in sigma], device=x.device)
-    radius = int(radii.max())
+    size = min(height, width)
+    radius = blur_radius(max_sigma, size)
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps.view(1, -1) / sigma.view(-1, 1)) ** 2) * (taps.abs() <= radii.view(-1, 1))
+    # blur_radius per image, as tensors (float64, as blur_radius computes it).
+    radii = torch.ceil(3 * sigma.double()).clamp(1, size - 1).to(x.dtype)
+    blurred = sigma > 0
+    spread = torch.where(blurred, sigma, torch.ones_like(sigma)).to(x.dtype)  # no 0 / 0 for sigma 0
+    kernel = torch.exp(-0.5 * (taps.view(1, -1) / spread.view(-1, 1)) ** 2) * (taps.abs() <= radii.view(-1, 1))
+    kernel = torch.where(blurred.view(-1, 1), kernel, (taps == 0).to(x.dtype))
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (M*3, K)
     y = x.reshape(1, m * c, height, width)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel.view(m * c, 1, 1, -1), groups=m * c)

@@ -2,11 +2,17 @@
 one decode per image (`mixed` = nvJPEG on the GPU when CUDA is present, else CPU with device_id=None), then
 one resize per view straight from the decoded image: the whole image for the original, the crop window's ROI
 for each crop. Outputs stay HWC, so the NCHW tensors the trainer sees are channels_last without a copy.
+
+The external source runs in the thread that asks DALI for a batch (the trainer's); the files themselves are
+read by a thread pool, the next batches' while the current one trains, so that thread only hands DALI
+bytes already in memory.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -16,39 +22,87 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.loader import Batch, Loader, to_batch
 
+# NVIDIA's DALI ResNet-50 example (docs/examples/use_cases/pytorch/resnet50): nvJPEG's buffers sized for the
+# largest ImageNet image up front, so no batch reallocates them; hw_decoder_load is the decoder's
+# documented 0.65 (the share of images sent to the A100/H100 JPEG engine). The mixed decoder only.
+MIXED_DECODER = dict(
+    device_memory_padding=211_025_920,
+    host_memory_padding=140_544_512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+    hw_decoder_load=0.65,
+)
+READ_AHEAD = 2  # batches whose files are read while the current one trains
+
+
+def machine_threads(workers: int | None) -> tuple[int, int]:
+    """(DALI threads, prefetch queue depth). `workers` given: that many threads, depth 2. None: this
+    process's share of the cores it may run on (torchrun's processes on this node share them), less one
+    for the trainer's thread; a queue of 3 where there are 8 or more cores to keep it full, else 2."""
+    if workers is not None:
+        return max(1, workers), 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, per_process - 1), 3 if per_process >= 8 else 2
+
+
+def _read(path: str | None) -> np.ndarray:
+    return _EMPTY if path is None else np.fromfile(path, dtype=np.uint8)
+
 
 class _ScheduledSource:
     """Batch-mode external source over one epoch's schedule: call k returns the k-th batch, then StopIteration.
 
     The schedule is replaced only between epochs (before the iterator is reset), so DALI's prefetching never
-    sees a half-updated plan.
+    sees a half-updated plan. Call k submits the reads of batches k+1 .. k+READ_AHEAD to `readers` threads
+    before it waits for batch k's (already submitted by an earlier call, or by `start`).
     """
 
-    def __init__(self, loader: Loader) -> None:
+    def __init__(self, loader: Loader, readers: int) -> None:
         self.paths, self.labels, self.batch_size = loader.images.paths, loader.images.labels, loader.batch_size
         self.order, self.windows, self.next_batch = np.empty(0, np.int64), None, 0
         self.pairs, self.second = loader.pairs is not None, None
+        self._pool = ThreadPoolExecutor(readers, thread_name_prefix="dali-read")
+        self._reads: dict[int, list[Future]] = {}
 
     def start(self, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None = None) -> None:
         self.order, self.windows, self.second, self.next_batch = order, windows, second, 0
+        self._reads = {}  # a previous epoch's reads finish unused
+        for k in range(READ_AHEAD):
+            self._submit(k)
+
+    def _submit(self, k: int) -> None:
+        """Queue the reads of batch k's files (pair samples: then their second images, None = not read)."""
+        begin = k * self.batch_size
+        indices = self.order[begin : begin + self.batch_size]
+        if k in self._reads or len(indices) == 0:
+            return
+        paths = [self.paths[i] for i in indices]
+        if self.pairs:
+            second = self.second[begin : begin + len(indices)]
+            paths += [self.paths[b] if a != b else None for a, b in zip(indices, second)]
+        self._reads[k] = [self._pool.submit(_read, path) for path in paths]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __call__(self):
-        begin = self.next_batch * self.batch_size
+        k = self.next_batch
+        begin = k * self.batch_size
         indices = self.order[begin : begin + self.batch_size]
         if len(indices) == 0:
             raise StopIteration
         self.next_batch += 1
-        jpegs = [np.fromfile(self.paths[i], dtype=np.uint8) for i in indices]
+        for each in range(k, k + READ_AHEAD + 1):
+            self._submit(each)
+        files = [read.result() for read in self._reads.pop(k)]
+        jpegs = files[: len(indices)]
         labels = [np.array(self.labels[i], dtype=np.int64) for i in indices]
         positions = [np.array(i, dtype=np.int64) for i in indices]
         seconds = []
         if self.pairs:  # pair samples: the second image's bytes and a flag; others an empty array, not decoded
             second = self.second[begin : begin + len(indices)]
-            flags = [np.array(a != b) for a, b in zip(indices, second)]
-            seconds = [
-                [np.fromfile(self.paths[b], dtype=np.uint8) if f else _EMPTY for b, f in zip(second, flags)],
-                flags,
-            ]
+            seconds = [files[len(indices) :], [np.array(a != b) for a, b in zip(indices, second)]]
         rois = []
         if self.windows is not None:
             windows = self.windows[begin : begin + len(indices)].astype(np.float32)  # (n, crops, 4) top, left, h, w
@@ -75,7 +129,13 @@ def _views_pipeline(
     )
     # No EXIF orientation (DALI applies it by default): the crop plan's windows are in stored pixels, as PIL and
     # FFCV decode; a rotated or mirrored decode moves them (out of bounds for orientations 5-8: sides swap).
-    decode = partial(fn.decoders.image, device=decode_device, output_type=types.RGB, adjust_orientation=False)
+    decode = partial(
+        fn.decoders.image,
+        device=decode_device,
+        output_type=types.RGB,
+        adjust_orientation=False,
+        **(MIXED_DECODER if decode_device == "mixed" else {}),
+    )
     images = decode(jpegs)
     sources = [images] * crops
     if pairs:  # a Python bool: the graph has this branch only for SePP-ID loaders
@@ -105,7 +165,8 @@ class DaliLoader(Loader):
     def __init__(self, images, **kwargs) -> None:
         super().__init__(images, **kwargs)
         cuda = self.device.type == "cuda"
-        self._source = _ScheduledSource(self)
+        self.workers, depth = machine_threads(self.workers)
+        self._source = _ScheduledSource(self, readers=self.workers)
         self._names = ["original"] * self.original + ["crop1", "crop2"][: self.crops] or ["shapes"]
         self._pipe = _views_pipeline(
             source=self._source,
@@ -116,10 +177,10 @@ class DaliLoader(Loader):
             pairs=self.pairs is not None,
             original_crop=self.original_crop,
             batch_size=self.batch_size,
-            num_threads=max(1, self.workers),
+            num_threads=self.workers,
             device_id=(self.device.index or 0) if cuda else None,
             seed=self.seed,
-            prefetch_queue_depth=2,
+            prefetch_queue_depth=depth,
         )
         self._iterator: DALIGenericIterator | None = None
 
@@ -141,3 +202,4 @@ class DaliLoader(Loader):
     def close(self) -> None:
         self._iterator = None
         del self._pipe
+        self._source.close()

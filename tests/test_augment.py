@@ -1,14 +1,17 @@
 import dataclasses
 import math
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentConfig,
+    apply_batched,
     apply_cpu,
     apply_torch,
     augment,
@@ -88,10 +91,14 @@ def test_fused_colour_matrix_matches_sequential_reference():
         torch.testing.assert_close(out[i], reference, atol=1e-5, rtol=1e-5)
 
 
-def test_blur_matches_reference_conv():
-    x = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(2))
-    sigma = torch.tensor([0.5, 1.0, 2.0])
-    out = gaussian_blur(x, sigma)
+@pytest.mark.parametrize("max_sigma", [2.0, 5.0])
+def test_blur_matches_reference_conv(max_sigma):
+    # Each image's taps stop at its own radius whatever the shared kernel's size (max_sigma); sigma 0 is the
+    # identity.
+    x = torch.rand(4, 3, 20, 20, generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([0.5, 1.0, 2.0, 0.0])
+    out = gaussian_blur(x, sigma, max_sigma)
+    torch.testing.assert_close(out[3], x[3], rtol=0, atol=0)
     for i in range(3):
         radius = math.ceil(3 * sigma[i])  # the kernel is cut at 3 sigma
         taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -142,3 +149,38 @@ def test_cpu_output_memory_is_reused_only_after_every_tensor_on_it_is_gone():
     assert c.data_ptr() == first  # a's memory came back
     torch.testing.assert_close(b, kept, rtol=0, atol=0)  # b's was not touched
     torch.testing.assert_close(c, normalize(y))
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device: reading a value (`.item()`, `float(t)`,
+    `int(t)`, `if t`) and `nonzero` (its output size depends on the values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("_local_scalar_dense", "nonzero"):
+            self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_batched_path_reads_nothing_back_to_the_host():
+    x = views(n=32, size=32, seed=5)
+    params = draw(32, 32, AugmentConfig(blur_p=0.5), torch.Generator().manual_seed(6))
+    assert (params.sigma > 0).any() and (params.sigma == 0).any()
+    with HostReads() as reads:
+        out = apply_batched(x, params)
+    assert reads.counts == Counter() and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, normalize(apply_torch(x.float() / 255, params)))
+
+
+@pytest.mark.parametrize("config", [AugmentConfig(), AugmentConfig(blur_p=0), OFF])
+def test_batched_augmentation_runs_on_the_meta_device(config):
+    # Meta tensors have shapes but no values: any op that needs a value (a sync on CUDA) fails here.
+    x = torch.empty(8, 32, 32, 3, dtype=torch.uint8, device="meta").permute(0, 3, 1, 2)
+    out = augment(x, config, torch.Generator().manual_seed(0))
+    assert out.device.type == "meta" and out.shape == x.shape and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    params = draw(8, 32, config, torch.Generator(), device=torch.device("meta"))
+    assert apply_torch(x.float() / 255, params).device.type == "meta"

