@@ -4,7 +4,7 @@ training and what would fix it.
 
     python -m benchmarks.doctor                                   # a generated JPEG set, every backend
     python -m benchmarks.doctor --data /imagenet --loader dali --workers 8 --json doctor.json
-    python -m benchmarks.doctor --tiny                            # well under a minute on a CPU
+    python -m benchmarks.doctor --tiny                            # under a minute on a 2-core CPU
 
 1. Data: --data (an ImageNet-layout folder, a seeded --images subset of it) or a generated set of --images
    JPEGs: cut from Debian's mate-backgrounds photographs when installed, else synthetic photo-like images
@@ -311,7 +311,12 @@ def describe(report: dict) -> list[str]:
         lines.append(
             f"no measured setting keeps up: the fastest, --loader {best['loader']} --workers "
             f"{best['workers']}, delivers {best['images_per_sec']:.1f} img/s of the {needed:.1f} needed: "
-            "more CPU cores per GPU, FFCV with a lower --ffcv-max-resolution, or fewer views per image."
+            + (
+                "more CPU cores per GPU, FFCV with a lower --ffcv-max-resolution, or fewer views per image."
+                if verdict["cause"] == "loader too slow"
+                else "leave the step more of the machine (fewer --workers, a backend that costs less CPU per "
+                "image) and measure again on a quiet machine."
+            )
         )
     return lines
 
@@ -327,7 +332,7 @@ def describe(report: dict) -> list[str]:
     "--images",
     type=click.IntRange(1),
     default=None,
-    help="Images to generate, or to take (seeded) from --data. [default: 2048 on CUDA, 512 on CPU]",
+    help="Images to generate, or to take (seeded) from --data. [default: 2048 on CUDA, 512 on CPU, 24 with --tiny]",
 )
 @click.option("--method", type=click.Choice(["leoclr", "mocov2"]), default="leoclr")
 @click.option("--arch", default=None, help="[default: resnet50 on CUDA, train.py's on CPU]")
@@ -347,7 +352,7 @@ def describe(report: dict) -> list[str]:
     type=click.Choice(BACKENDS),
     multiple=True,
     default=BACKENDS,
-    help="Backends to try (repeat). [default: all]",
+    help="Backends to try (repeat).",
 )
 @click.option(
     "--ffcv-data",
@@ -381,7 +386,9 @@ def describe(report: dict) -> list[str]:
     help="Where the generated set and .beton go, kept and reused. [default: a temporary folder]",
 )
 @click.option(
-    "--tiny", is_flag=True, help="24 small JPEGs, resnet18 at 32 px, batch 8, fp32, short slices: the plumbing."
+    "--tiny",
+    is_flag=True,
+    help="24 small JPEGs, resnet18 at 32 px, batch 4, fp32, short slices: the plumbing, in seconds.",
 )
 @click.option("--seed", type=int, default=0)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -541,6 +548,8 @@ def diagnose(
     except torch.OutOfMemoryError as error:
         message = f"the training step ran out of device memory ({reason(error)}): lower --batch-size"
         raise click.ClickException(message) from error
+    except Exception as error:  # one line for the user, as train.py would stop
+        raise click.ClickException(f"the training step with --loader {e2e_loader} failed: {reason(error)}") from error
     release(dev)
     compute, e2e = rates["compute"]["images_per_sec"], rates["end_to_end"]["images_per_sec"]
     alone = rows[e2e_loader]["images_per_sec"]
