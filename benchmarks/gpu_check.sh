@@ -55,7 +55,7 @@ step() {  # step NAME CAP_S COMMAND...: runs COMMAND with a timeout of CAP_S (le
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt 10 ]; then
     say "=== $name: SKIPPED, the phase's $phase_s s are spent"
-    printf '%s\tskipped\t-\t0\t0\n' "$name" >> "$steps"
+    printf '%s\tskipped\t-\t0\t0\tphase deadline\n' "$name" >> "$steps"
     return
   fi
   say "=== $name (timeout ${limit} s): $*"
@@ -70,16 +70,16 @@ step() {  # step NAME CAP_S COMMAND...: runs COMMAND with a timeout of CAP_S (le
     *) status=failed; failed=1 ;;
   esac
   say "=== $name: $status (exit $rc, $(($(date +%s) - t0)) s)"
-  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(($(date +%s) - t0))" "$limit" >> "$steps"
+  printf '%s\t%s\t%s\t%s\t%s\t-\n' "$name" "$status" "$rc" "$(($(date +%s) - t0))" "$limit" >> "$steps"
 }
 
 note() {  # note NAME TEXT: a step not run, and why, in the log and the summary
   say "=== $1: SKIPPED, $2"
-  printf '%s\tskipped: %s\t-\t0\t0\n' "$1" "$2" >> "$steps"
+  printf '%s\tskipped\t-\t0\t0\t%s\n' "$1" "$2" >> "$steps"
 }
 
 # --- the machine
-say "gpu_check.sh $phase$([ $small = 1 ] && echo ' --small') on $(hostname), $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+say "gpu_check.sh $phase$([ $small = 1 ] && echo ' --small') on ${HOSTNAME:-this host}, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 if command -v nvidia-smi > /dev/null; then
   gpu=$(nvidia-smi -L 2>&1 | head -n 8)
 else
@@ -91,7 +91,7 @@ say "commit: $(git rev-parse --short HEAD 2> /dev/null || echo 'not a git checko
 
 # --- the kit: FFCV (p1) and, once every part arrived, DALI, installed into /tmp/kit
 if [ $small = 1 ]; then
-  note kit "--small: the kit installs into /tmp/kit for a GPU host; this Python's own packages are used"
+  note kit "--small: the kit writes /tmp/kit (GPU hosts); this Python's packages are used"
 elif [ -f .device-kit/p1/install.sh ]; then
   cap=$([ "$phase" = dali ] && echo 90 || echo 30)
   step kit "$cap" env PYTHON="$PY" bash .device-kit/p1/install.sh
@@ -188,11 +188,12 @@ fi
 # --- summary: a table at the end of the output (the device tool returns the tail) and summary-PHASE.json
 say ""
 say "summary of $phase ($(($(date +%s) - started)) s of $phase_s; GPU: $(echo "$gpu" | head -n 1)):"
-column -t -s $'\t' "$steps" 2> /dev/null | sed 's/^/  /' | tee -a "$log" || cat "$steps"
+{ printf 'step\tstatus\texit\tseconds\ttimeout_s\tnote\n'; cat "$steps"; } | column -t -s $'\t' 2> /dev/null \
+  | sed 's/^/  /' | tee -a "$log" || cat "$steps"
 GPU="$gpu" PHASE="$phase" SMALL="$small" STARTED="$started" "$PY" - "$steps" "$OUT/summary-$phase.json" << 'PY'
 import json, os, sys, time
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
-steps = [{"step": n, "status": s, "exit": r, "seconds": int(t), "timeout_s": int(c)} for n, s, r, t, c in rows]
+steps = [{"step": n, "status": s, "exit": r, "seconds": int(t), "timeout_s": int(c), "note": w} for n, s, r, t, c, w in rows]
 summary = {"phase": os.environ["PHASE"], "small": os.environ["SMALL"] == "1", "gpu": os.environ["GPU"],
            "seconds": round(time.time() - int(os.environ["STARTED"])), "steps": steps}
 open(sys.argv[2], "w").write(json.dumps(summary, indent=1) + "\n")
