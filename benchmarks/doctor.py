@@ -40,6 +40,7 @@ import train
 from benchmarks.loaders import delivered
 from benchmarks.photos import SYNTHETIC_SIZES, write_photos
 from benchmarks.train_step import Runner, device_name
+from model.backbone import ARCHS
 from model.methods import METHODS
 from pipeline.data import ImageList, load_splits
 from pipeline.loader import BACKENDS, Loader, make_loader
@@ -335,7 +336,7 @@ def describe(report: dict) -> list[str]:
     help="Images to generate, or to take (seeded) from --data. [default: 2048 on CUDA, 512 on CPU, 24 with --tiny]",
 )
 @click.option("--method", type=click.Choice(["leoclr", "mocov2"]), default="leoclr")
-@click.option("--arch", default=None, help="[default: resnet50 on CUDA, train.py's on CPU]")
+@click.option("--arch", type=click.Choice(ARCHS), default=None, help="[default: resnet50 on CUDA, train.py's on CPU]")
 @click.option("--image-size", type=click.IntRange(8), default=None, help="[default: 224 on CUDA, train.py's on CPU]")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: 256 on CUDA, train.py's on CPU]")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="[default: train.py's]")
@@ -463,7 +464,8 @@ def main(
     )
     for name, row in report["backends"].items():
         shown = f"{row['images_per_sec']:9.1f} img/s loader only" if "images_per_sec" in row else "does not run"
-        click.echo(f"  {name:11s} {shown} ({row.get('note', '')}{row.get('error', '')})")
+        why = f": {row['error']}" if "error" in row else ""
+        click.echo(f"  {name:11s} {shown} ({row['note']}{why})")
     for row in report["sweep"]:
         click.echo(f"  sweep: {row['loader']} --workers {row['workers']}: {row['images_per_sec']:.1f} img/s")
     click.echo(f"  compute only: {report['compute_only_images_per_sec']:.1f} img/s")
