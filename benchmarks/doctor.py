@@ -45,7 +45,8 @@ from model.methods import METHODS
 from pipeline.data import ImageList, load_splits
 from pipeline.loader import BACKENDS, Loader, make_loader
 
-# train.py's settings per machine: the paper's ImageNet recipe on a GPU, train.py's own defaults on a CPU.
+# train.py's settings per machine: the paper's ImageNet recipe on a GPU, train.py's own defaults on a CPU. The
+# precision is always explicit (bf16 is what a recent GPU trains in; fp32 is safe on any CPU).
 RECIPES = {
     "cuda": dict(
         arch="resnet50",
@@ -56,8 +57,9 @@ RECIPES = {
         temperature=0.2,
         lr=0.03,
         weight_decay=1e-4,
+        amp="bf16",
     ),
-    "cpu": {},
+    "cpu": dict(amp="off"),
     "tiny": dict(arch="resnet18", image_size=32, batch_size=4, queue_size=32, amp="off", bn_splits=2),
 }
 IMAGES = {"cuda": 2048, "cpu": 512, "tiny": 24}  # generated (or indexed) images per setting
@@ -339,7 +341,9 @@ def describe(report: dict) -> list[str]:
 @click.option("--arch", type=click.Choice(ARCHS), default=None, help="[default: resnet50 on CUDA, train.py's on CPU]")
 @click.option("--image-size", type=click.IntRange(8), default=None, help="[default: 224 on CUDA, train.py's on CPU]")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: 256 on CUDA, train.py's on CPU]")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="[default: train.py's]")
+@click.option(
+    "--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="[default: bf16 on CUDA, off (fp32) on CPU]"
+)
 @click.option("--bn-splits", type=click.IntRange(1), default=None, help="[default: train.py's]")
 @click.option(
     "--loader",

@@ -123,7 +123,7 @@ if [ $small = 1 ]; then
   count=24; size=(--arch resnet18 --image-size 16 --batch-size 8 --amp off)
   tests=tests/test_loaders.py  # its gpu-marked DALI test; collecting every file takes longer than the rest
 else
-  count=2048; size=(--arch resnet50 --image-size 224 --batch-size 256)
+  count=2048; size=(--arch resnet50 --image-size 224 --batch-size 256 --amp bf16)
   tests=tests
 fi
 photos="$WORK/photos-$count"
