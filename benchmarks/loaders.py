@@ -151,7 +151,7 @@ def ours(cfg: Config, images):
     """Our loaders (decode once, all views from one decode) + the device augmentation, as train.py runs them."""
     import torch
 
-    from pipeline.augment import AugmentConfig, augment, normalize
+    from pipeline.augment import AugmentConfig
     from pipeline.loader import make_loader
 
     device = torch.device(cfg.device)
@@ -164,17 +164,23 @@ def ours(cfg: Config, images):
         start, extent = rng.uniform(0, 0.9, (len(images), 2)), rng.uniform(0.1, 1.0, (len(images), 2))
         loader.boxes = np.concatenate([start, np.minimum(start + extent, 1.0)], axis=1)
     generator = torch.Generator(device=device).manual_seed(0)
-    aug = AugmentConfig(blur_p=0.5 if cfg.image_size > 64 else 0.0)
-
-    def delivered(batch):
-        raw = [v for v in (batch.original, batch.crop1, batch.crop2) if v is not None]
-        return [augment(v, aug, generator) if cfg.augment else normalize(v) for v in raw] or [batch.labels]
+    aug = AugmentConfig(blur_p=0.5 if cfg.image_size > 64 else 0.0) if cfg.augment else None
 
     def passes():
         for epoch in range(1_000_000):
-            yield (delivered(batch) for batch in loader.epoch(epoch))
+            yield (delivered(batch, aug, generator) for batch in loader.epoch(epoch))
 
     return passes()
+
+
+def delivered(batch, aug, generator) -> list:
+    """What a training step gets from a loader's `Batch`: each view it holds, uint8 (N, 3, S, S), as float32
+    (N, 3, S, S) channels_last on the batch's device, augmented with the AugmentConfig `aug` (None: normalised
+    only); for a batch without views (decode only) its labels, so that the caller can count images."""
+    from pipeline.augment import augment, normalize
+
+    raw = [v for v in (batch.original, batch.crop1, batch.crop2) if v is not None]
+    return [normalize(v) if aug is None else augment(v, aug, generator) for v in raw] or [batch.labels]
 
 
 def run_one(cfg: Config) -> Result:

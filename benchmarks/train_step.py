@@ -259,6 +259,7 @@ def main(loader, data, device, steps, warmup, rounds, yardstick, compiled, json_
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1) + "\n")
     for runner in runners.values():
+        runner.batches.close()  # an epoch left mid-way holds FFCV's loader thread, which keeps the process alive
         runner.loader.close()
 
 
