@@ -663,7 +663,13 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
     "where a short probe of the model finds it faster than fp32 (CPUs without native bf16 emulate it, ~7x slower), "
     "else fp32. bf16/fp16 force autocast (fp16 only on CUDA), off = fp32. The choice and reason go to config.json.",
 )
-@click.option("--workers", type=click.IntRange(min=0), default=2, help="Loader threads/processes.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Loader threads (DALI, FFCV) or processes (torchvision). [default: this process's share of the CPU "
+    "cores, less one for the trainer]",
+)
 @click.option(
     "--device",
     default="auto",

@@ -42,8 +42,9 @@ from benchmarks.photos import SYNTHETIC_SIZES, write_photos
 from benchmarks.train_step import Runner, device_name
 from model.backbone import ARCHS
 from model.methods import METHODS
+from model.precision import AMP_CHOICES, resolve_amp
 from pipeline.data import ImageList, load_splits
-from pipeline.loader import BACKENDS, Loader, make_loader
+from pipeline.loader import BACKENDS, Loader, machine_workers, make_loader
 
 # train.py's settings per machine: the paper's ImageNet recipe on a GPU, train.py's own defaults on a CPU. The
 # precision is always explicit (bf16 is what a recent GPU trains in; fp32 is safe on any CPU).
@@ -341,9 +342,7 @@ def describe(report: dict) -> list[str]:
 @click.option("--arch", type=click.Choice(ARCHS), default=None, help="[default: resnet50 on CUDA, train.py's on CPU]")
 @click.option("--image-size", type=click.IntRange(8), default=None, help="[default: 224 on CUDA, train.py's on CPU]")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: 256 on CUDA, train.py's on CPU]")
-@click.option(
-    "--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="[default: bf16 on CUDA, off (fp32) on CPU]"
-)
+@click.option("--amp", type=click.Choice(AMP_CHOICES), default=None, help="[default: bf16 on CUDA, off (fp32) on CPU]")
 @click.option("--bn-splits", type=click.IntRange(1), default=None, help="[default: train.py's]")
 @click.option(
     "--loader",
@@ -351,7 +350,12 @@ def describe(report: dict) -> list[str]:
     default="dali",
     help="The loader you train with (end to end); the fastest one that runs if it does not.",
 )
-@click.option("--workers", type=click.IntRange(1), default=2, help="Its --workers (train.py's default).")
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=None,
+    help="Its --workers. [default: train.py's, this process's share of the CPU cores less one]",
+)
 @click.option(
     "--backends",
     type=click.Choice(BACKENDS),
@@ -444,6 +448,8 @@ def main(
     # The queue's size barely changes a step's cost; MoCo needs it to be whole batches.
     options["queue_size"] = -(-options["queue_size"] // options["batch_size"]) * options["batch_size"]
     cfg = train.resolve({**options, "loader": loader, "data": str(data), "device": device, "seed": seed})
+    cfg["workers"] = machine_workers() if cfg["workers"] is None else cfg["workers"]
+    cfg["amp"], _ = resolve_amp(cfg["amp"], dev, cfg["arch"], cfg["image_size"])
     views = train.loader_views(METHODS[method])
     clock.say(
         f"{device_name(dev)}; {method} ({views} views), {cfg['arch']}, {cfg['image_size']} px, batch "

@@ -37,8 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from model.backbone import resnet
-from model.evaluation import autocast
 from model.methods import METHODS
+from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from pipeline.augment import AugmentConfig, augment
 from pipeline.data import load_splits
 from pipeline.loader import BACKENDS, make_loader
@@ -164,7 +164,7 @@ class Yardstick(Timed):
 @click.option("--arch", default=None, help="[default: train.py's]")
 @click.option("--image-size", type=click.IntRange(8), default=None, help="[default: train.py's]")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: train.py's]")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default=None, help="[default: train.py's]")
+@click.option("--amp", type=click.Choice(AMP_CHOICES), default=None, help="[default: train.py's, auto]")
 @click.option("--bn-splits", type=click.IntRange(1), default=None, help="[default: train.py's]")
 @click.option("--train-limit", type=click.IntRange(0), default=None, help="Images to index. [default: train.py's]")
 @click.option(
@@ -197,9 +197,9 @@ def main(loader, data, device, steps, warmup, rounds, yardstick, compiled, json_
     defaults = {p.name: p.default for p in train.main.params if p.name not in ("resume", "help")}
     given = {k: v for k, v in overrides.items() if v is not None}
     cfg = train.resolve({**defaults, **given, "loader": loader, "data": data, "device": device})
-    if loader == "dali" and "workers" not in given:  # DALI's threads and queue depth from the machine
-        cfg["workers"] = None
     dev = torch.device(cfg["device"])
+    cfg["amp"], why = resolve_amp(cfg["amp"], dev, cfg["arch"], cfg["image_size"])
+    click.echo(describe(cfg["amp"], why))
     images, _ = load_splits(cfg["data"], loader, cfg["train_limit"], val_limit=1, seed=cfg["seed"])
     runners = {name: Runner(cfg, name, images, dev) for name in ("mocov2", "leoclr")}
     timed = [(name, runner, mode) for name, runner in runners.items() for mode in ("e2e", "compute")]

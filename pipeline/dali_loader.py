@@ -10,7 +10,6 @@ bytes already in memory.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -20,7 +19,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.loader import Batch, Loader, to_batch
+from pipeline.loader import Batch, Loader, machine_workers, to_batch
 
 # NVIDIA's DALI ResNet-50 example (docs/examples/use_cases/pytorch/resnet50): nvJPEG's buffers sized for the
 # largest ImageNet image up front, so no batch reallocates them; hw_decoder_load is the decoder's
@@ -41,9 +40,8 @@ def machine_threads(workers: int | None) -> tuple[int, int]:
     for the trainer's thread; a queue of 3 where there are 8 or more cores to keep it full, else 2."""
     if workers is not None:
         return max(1, workers), 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_process = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, per_process - 1), 3 if per_process >= 8 else 2
+    threads = machine_workers()
+    return threads, 3 if threads >= 7 else 2
 
 
 def _read(path: str | None) -> np.ndarray:

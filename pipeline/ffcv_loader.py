@@ -191,7 +191,7 @@ class FfcvLoader(Loader):
         self._pipeline = FfcvPipeline(
             images.beton,
             batch_size=self.batch_size,
-            num_workers=max(1, self.workers),
+            num_workers=max(1, self.worker_count),
             order=self._positions,
             os_cache=True,  # memory-mapped file, shared with the page cache (see the fix above)
             drop_last=False,  # the schedule already holds whole batches when training

@@ -17,6 +17,7 @@ from a and crop 2 from b, with crop windows of their own; a pair sample decodes 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -29,6 +30,13 @@ from pipeline.data import ImageList
 
 BACKENDS = ("dali", "ffcv", "torchvision")
 EVAL_VIEWS = ("original", "center", "random")
+
+
+def machine_workers() -> int:
+    """Loader workers when none are asked for: this process's share of the cores it may run on (torchrun's
+    processes on this node share them), less one for the trainer's own thread; at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
 
 
 class Batch(NamedTuple):
@@ -61,7 +69,7 @@ class Loader:
         device: torch.device,
         train: bool = True,
         seed: int = 0,
-        workers: int = 2,
+        workers: int | None = 2,
         views: int = 3,
         eval_view: str = "original",
         crop_fraction: float = 0.875,
@@ -99,6 +107,11 @@ class Loader:
         self.original_crop = original_crop and self.original and train
         if self.original_crop and self.pairs is not None:
             raise ValueError("a cropped original and semantic pairs do not combine")
+
+    @property
+    def worker_count(self) -> int:
+        """Worker threads/processes: as asked, or with `workers=None` the machine's `machine_workers()`."""
+        return machine_workers() if self.workers is None else self.workers
 
     def __len__(self) -> int:
         """Steps per epoch: training drops the last partial (global) batch, evaluation keeps it."""

@@ -53,7 +53,7 @@ class TorchvisionLoader(Loader):
             _Views(self, order, windows, second),
             batch_size=self.batch_size,
             shuffle=False,
-            num_workers=self.workers,
+            num_workers=self.worker_count,
             pin_memory=self.device.type == "cuda",
         )
         for views, labels, indices in data:

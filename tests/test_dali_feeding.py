@@ -11,6 +11,7 @@ from conftest import tiny_loader as loader
 from nvidia.dali import backend
 
 import pipeline.dali_loader as dali_loader
+import pipeline.loader as contract
 from pipeline.data import scan_split
 
 PAIRS = np.array([[0, 5], [3, 20], [10, 2], [17, 9]])
@@ -59,12 +60,12 @@ def test_a_batch_waits_only_for_its_own_files(images, monkeypatch):
 
 def test_threads_and_queue_depth_come_from_the_cores_per_process(monkeypatch):
     assert dali_loader.machine_threads(3) == (3, 2)  # --workers given: as asked
-    monkeypatch.setattr(dali_loader.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(contract.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert dali_loader.machine_threads(None) == (15, 3)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes share the node's 16 cores
     assert dali_loader.machine_threads(None) == (3, 2)
-    monkeypatch.setattr(dali_loader.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(contract.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert dali_loader.machine_threads(None) == (1, 2)
 
