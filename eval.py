@@ -37,9 +37,10 @@ from model.evaluation import (
 from model.knn import knn_scores
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from pipeline.augment import AugmentConfig, augment
-from pipeline.data import ImageList, balanced_fraction, load_splits, select
+from pipeline.backends import BACKENDS, load_splits, make_loader
+from pipeline.data import ImageList, balanced_fraction, select
 from pipeline.device import resolve_device
-from pipeline.loader import BACKENDS, Loader, make_loader
+from pipeline.loader import Loader
 
 # Training-time augmentation of the supervised protocols: the crop plan's RandomResizedCrop + flip, no colour.
 FLIP_ONLY = AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.5)

@@ -36,10 +36,10 @@ from model.moco import MomentumContrast
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from pipeline import require_backend
 from pipeline.augment import AugmentConfig, augment
+from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.ccrop import localize, update_epochs
-from pipeline.data import ImageList, load_splits, select, subset
+from pipeline.data import ImageList, select, subset
 from pipeline.device import resolve_device
-from pipeline.loader import BACKENDS, make_loader
 from pipeline.pairs import read_pairs
 
 DEFAULT_DATA = Path("data/fashion-mnist")

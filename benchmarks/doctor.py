@@ -43,8 +43,9 @@ from benchmarks.train_step import Runner, device_name
 from model.backbone import ARCHS
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, resolve_amp
-from pipeline.data import ImageList, load_splits
-from pipeline.loader import BACKENDS, Loader, machine_workers, make_loader
+from pipeline.backends import BACKENDS, load_splits, make_loader
+from pipeline.data import ImageList
+from pipeline.loader import Loader, machine_workers
 
 # train.py's settings per machine: the paper's ImageNet recipe on a GPU, train.py's own defaults on a CPU. The
 # precision is always explicit (bf16 is what a recent GPU trains in; fp32 is safe on any CPU).

@@ -152,7 +152,7 @@ def ours(cfg: Config, images):
     import torch
 
     from pipeline.augment import AugmentConfig
-    from pipeline.loader import make_loader
+    from pipeline.backends import make_loader
 
     device = torch.device(cfg.device)
     backend = DECODE_ONLY.get(cfg.loader, cfg.loader)
@@ -187,7 +187,7 @@ def run_one(cfg: Config) -> Result:
     """Time one configuration in this process."""
     import torch
 
-    from pipeline.data import load_splits
+    from pipeline.backends import load_splits
 
     backend = "ffcv" if cfg.loader in ("ffcv", "decode-only-ffcv") else "torchvision"
     images, _ = load_splits(cfg.data, backend, cfg.limit, val_limit=1)  # the val split is not read

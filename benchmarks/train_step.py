@@ -40,8 +40,7 @@ from model.backbone import resnet
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from pipeline.augment import AugmentConfig, augment
-from pipeline.data import load_splits
-from pipeline.loader import BACKENDS, make_loader
+from pipeline.backends import BACKENDS, load_splits, make_loader
 
 PAPER_HOURS = {"mocov2": 68, "leoclr": 81}  # 200 epochs of ImageNet on 3 A100s (LeOCLR paper)
 CONFIG_KEYS = ("data", "arch", "image_size", "batch_size", "amp", "workers", "blur", "bn_splits")

@@ -1,5 +1,6 @@
 """The images of one split as arrays of labels and image sizes, from an ImageNet-layout folder
-(SPLIT/<class>/*.jpg) or an FFCV .beton file; `load_splits` finds the splits a loader backend reads."""
+(SPLIT/<class>/*.jpg). A .beton file's are read by the FFCV backend (`pipeline.backends.ffcv.read_beton`);
+`pipeline.backends.load_splits` finds the splits a loader backend reads."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
-
-from pipeline import require_backend
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".JPG", ".JPEG"}
 DECODED_FORMATS = ("JPEG", "PNG")  # what DALI, FFCV's converter (through PIL) and PIL all decode to RGB
@@ -118,34 +117,6 @@ def subset(count: int, limit: int, seed: int) -> np.ndarray:
     if 0 < limit < count:
         return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
     return np.arange(count)
-
-
-def load_splits(
-    data: str | Path, backend: str, train_limit: int = 0, val_limit: int = 0, seed: int = 0, skip_bad: bool = False
-) -> tuple[ImageList, ImageList | None]:
-    """(train, val or None) for a loader backend. FFCV reads DATA/train.beton (+ DATA/val.beton) or one .beton
-    file; the others read DATA/train/<class>/*.jpg (+ DATA/val/...). Errors say what to do instead (without
-    FFCV installed, a .beton raises BackendUnavailable)."""
-    data = Path(data)
-    if backend == "ffcv":
-        one_file = data.suffix == ".beton" or data.is_file()
-        if not one_file and not (data / "train.beton").is_file():
-            hint = f" (convert the folder first: python -m pipeline.convert {data} OUT_DIR)" if data.is_dir() else ""
-            raise FileNotFoundError(f"{data}/train.beton not found{hint}")
-        # FFCV is optional: imported only now that there is a .beton to read (BackendUnavailable otherwise).
-        require_backend("ffcv")
-        from pipeline.ffcv_loader import read_beton
-
-        if one_file:
-            return read_beton(data, train_limit, seed), None
-        val = read_beton(data / "val.beton", val_limit, seed) if (data / "val.beton").is_file() else None
-        return read_beton(data / "train.beton", train_limit, seed), val
-    if data.suffix == ".beton" or (data / "train.beton").is_file() and not (data / "train").is_dir():
-        raise ValueError(f"{data} holds FFCV .beton files, which only --loader ffcv reads")
-    if not (data / "train").is_dir():
-        raise FileNotFoundError(f"{data}/train not found (expected DATA/train/<class>/*.jpg)")
-    val = scan_split(data / "val", val_limit, seed, skip_bad) if (data / "val").is_dir() else None
-    return scan_split(data / "train", train_limit, seed, skip_bad), val
 
 
 def select(images: ImageList, keep: np.ndarray) -> ImageList:

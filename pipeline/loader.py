@@ -1,4 +1,7 @@
-"""The batch contract shared by every backend, and the factory that builds a backend by name.
+"""The batch contract shared by every backend: `Batch`, the epoch `Schedule` and the `Loader` base class.
+
+Backends (pipeline/backends/) subclass `Loader`; `pipeline.backends.make_loader` builds one by name. This
+module imports none of them.
 
 A training step gets a `Batch`: the original view (whole image resized to S x S, never cropped), crop 1 and
 crop 2 (RandomResizedCrop or ContrastiveCrop windows from the shared crop plan), each uint8 (N, 3, S, S) in
@@ -24,11 +27,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pipeline import require_backend
 from pipeline.crop_plan import center_crop, crop_plan, epoch_order, epoch_rng, random_crop_test, random_resized_crop
 from pipeline.data import ImageList
 
-BACKENDS = ("dali", "ffcv", "torchvision")
 EVAL_VIEWS = ("original", "center", "random")
 
 
@@ -185,24 +186,3 @@ def to_batch(loader: Loader, views_nhwc: list[torch.Tensor], labels: torch.Tenso
     original = views.pop(0) if loader.original else None
     crops = views + [None] * (2 - len(views))
     return Batch(original, crops[0], crops[1], labels.to(**move), indices.to(**move))
-
-
-def make_loader(backend: str, images: ImageList, **kwargs) -> Loader:
-    """Build a loader backend by name ("dali", "ffcv" or "torchvision"); kwargs as `Loader`. BackendUnavailable
-    when the backend's library (DALI, FFCV) cannot be imported here."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown loader {backend!r}; choose from {', '.join(BACKENDS)}")
-    if images.beton is not None and backend != "ffcv":
-        raise ValueError(f"{images.beton} is an FFCV .beton file, which only the ffcv loader reads")
-    require_backend(backend)  # DALI and FFCV are optional: a one-line error saying how to install them
-    if backend == "ffcv":
-        from pipeline.ffcv_loader import FfcvLoader
-
-        return FfcvLoader(images, **kwargs)
-    if backend == "dali":
-        from pipeline.dali_loader import DaliLoader
-
-        return DaliLoader(images, **kwargs)
-    from pipeline.torchvision_loader import TorchvisionLoader
-
-    return TorchvisionLoader(images, **kwargs)

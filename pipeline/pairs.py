@@ -26,9 +26,9 @@ from model.evaluation import load_checkpoint
 from model.moco import Encoder
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from pipeline.augment import normalize
-from pipeline.data import load_splits, select
+from pipeline.backends import BACKENDS, load_splits, make_loader
+from pipeline.data import select
 from pipeline.device import resolve_device
-from pipeline.loader import BACKENDS, make_loader
 
 
 def band_pairs(embeddings: torch.Tensor, low: float, high: float, block: int = 1024) -> torch.Tensor:

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.data import load_splits
-from pipeline.loader import BACKENDS, make_loader
+from pipeline.backends import BACKENDS, load_splits, make_loader
 
 BOX, WINDOWS = (255, 255, 255), ((255, 140, 0), (0, 220, 255))
 

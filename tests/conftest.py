@@ -78,7 +78,7 @@ def tiny_loader(
     """A CPU loader for the tiny test data (torchvision in-process, the others with one worker thread)."""
     import torch
 
-    from pipeline.loader import make_loader
+    from pipeline.backends import make_loader
 
     return make_loader(
         backend, images, image_size=size, batch_size=batch, device=torch.device("cpu"), train=train, seed=seed,

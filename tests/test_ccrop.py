@@ -10,9 +10,9 @@ from PIL import Image
 
 import train
 from pipeline import views
+from pipeline.backends import load_splits
 from pipeline.ccrop import heatmap_boxes, localize, update_epochs
 from pipeline.crop_plan import crop_plan, random_resized_crop
-from pipeline.data import load_splits
 
 
 def slow_box(heat: np.ndarray, k: float) -> list[float]:

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_loader as loader
 from nvidia.dali import backend
 
-import pipeline.dali_loader as dali_loader
+import pipeline.backends.dali as dali_loader
 import pipeline.loader as contract
 from pipeline.data import scan_split
 

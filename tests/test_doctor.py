@@ -12,7 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from benchmarks import doctor
-from pipeline.loader import BACKENDS, machine_workers
+from pipeline.backends import BACKENDS
+from pipeline.loader import machine_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ from conftest import tiny_loader as loader  # 16 px, batches of 8
 from PIL import Image
 
 from pipeline import convert
-from pipeline.data import load_splits, scan_split
+from pipeline.backends import load_splits
+from pipeline.data import scan_split
 
 pytestmark = pytest.mark.ffcv  # every test here needs FFCV: skipped (with the reason) where it cannot be imported
 
@@ -20,8 +21,8 @@ MEAN_TOLERANCE, MAX_TOLERANCE, JPEG_MEAN_TOLERANCE = 3.0, 48, 8.0
 
 
 def read_beton(*args, **kwargs):
-    """pipeline.ffcv_loader.read_beton, imported when a test runs: collecting this file needs no FFCV."""
-    from pipeline.ffcv_loader import read_beton
+    """pipeline.backends.ffcv.read_beton, imported when a test runs: collecting this file needs no FFCV."""
+    from pipeline.backends.ffcv import read_beton
 
     return read_beton(*args, **kwargs)
 

@@ -21,9 +21,9 @@ from PIL import Image
 
 import train
 from pipeline.augment import IMAGENET_STD, AugmentConfig, AugmentDraw, apply, apply_cpu, draw
+from pipeline.backends import load_splits, make_loader
 from pipeline.crop_plan import crop_plan
-from pipeline.data import load_splits, scan_split
-from pipeline.loader import make_loader
+from pipeline.data import scan_split
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_dali_gpu_decode_matches_cpu_decode(tmp_path):
 
 def dali_resizes(paths: list[str], windows: np.ndarray, device: str) -> list[np.ndarray]:
     """Each file decoded on the CPU, then its window (top, left, h, w) resized to SIZE x SIZE on `device`
-    ("cpu" or "gpu") with pipeline/dali_loader.py's resize: linear, antialiased, an absolute ROI."""
+    ("cpu" or "gpu") with pipeline/backends/dali.py's resize: linear, antialiased, an absolute ROI."""
     from nvidia.dali import fn, pipeline_def, types
 
     batch = [np.fromfile(path, dtype=np.uint8) for path in paths]

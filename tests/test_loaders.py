@@ -5,8 +5,8 @@ from conftest import LOADERS
 from conftest import tiny_loader as loader  # 16 px, batches of 8
 from PIL import Image
 
-from pipeline.data import load_splits, scan_split
-from pipeline.loader import make_loader
+from pipeline.backends import load_splits, make_loader
+from pipeline.data import scan_split
 
 SIZE, BATCH = 16, 8
 # DALI and PIL both resize with antialiased linear filters but round and place taps slightly differently:

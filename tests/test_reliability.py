@@ -15,8 +15,8 @@ from PIL import Image
 
 import train
 from pipeline import convert, missing_backend
-from pipeline.data import BadImage, check_image, load_splits, scan_split
-from pipeline.loader import make_loader
+from pipeline.backends import load_splits, make_loader
+from pipeline.data import BadImage, check_image, scan_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
