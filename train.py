@@ -31,13 +31,14 @@ from model.backbone import ARCHS
 from model.distributed import gather, gather_to_main, sum_arrays
 from model.evaluation import extract_features, load_checkpoint
 from model.knn import knn_top1
+from model.localize import localize
 from model.methods import METHODS, Method, method_for
 from model.moco import MomentumContrast
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from pipeline import require_backend
 from pipeline.augment import AugmentConfig, augment
 from pipeline.backends import BACKENDS, load_splits, make_loader
-from pipeline.ccrop import localize, update_epochs
+from pipeline.ccrop import update_epochs
 from pipeline.data import ImageList, select, subset
 from pipeline.device import resolve_device
 from pipeline.pairs import read_pairs
@@ -532,7 +533,7 @@ def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_tim
     "--pairs",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Semantic positive pairs for --method sepp, from python -m pipeline.pairs (same data, --train-limit, --seed).",
+    help="Semantic positive pairs for --method sepp, from python -m model.pairs (same data, --train-limit, --seed).",
 )
 @click.option(
     "--data",

@@ -1,21 +1,14 @@
-"""ContrastiveCrop (Peng et al. 2022): per-image boxes from the model's own heatmaps, and when to refresh them.
+"""ContrastiveCrop (Peng et al. 2022): the box rule on a model's heatmaps, and when to refresh the boxes.
 
-The boxes feed the shared crop plan (`Loader.boxes`), which samples crop centres inside them with
-Beta(alpha, alpha); every backend then applies the same windows.
+The pass that runs the model over the images is model/localize.py's `localize`. The boxes feed the shared crop
+plan (`Loader.boxes`), which samples crop centres inside them with Beta(alpha, alpha); every backend then
+applies the same windows.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from pipeline.augment import normalize
-from pipeline.loader import Loader
 
 
 def heatmap_boxes(maps: torch.Tensor, size: tuple[int, int], k: float = 0.1) -> torch.Tensor:
@@ -45,25 +38,3 @@ def update_epochs(epochs: int, warmup: int, interval: int) -> list[int]:
     """The epochs (0-based, about to start) before which the boxes are recomputed: after `warmup` epochs of
     RandomResizedCrop, then every `interval` epochs, never after the last one."""
     return list(range(warmup, epochs, max(1, interval))) if warmup < epochs else []
-
-
-@torch.no_grad()
-def localize(
-    encoder: torch.nn.Module,
-    loader: Loader,
-    k: float = 0.1,
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> np.ndarray:
-    """Boxes (N, 4) float32 of every image of an evaluation loader (no augmentation, whole image resized):
-    the encoder's `feature_map` in eval mode, one heatmap box per image, row i for image i."""
-    was_training = encoder.training
-    encoder.eval()
-    boxes = np.zeros((len(loader.images), 4), dtype=np.float32)
-    size = (loader.image_size, loader.image_size)
-    bar = tqdm(loader.epoch(0), total=len(loader), desc="  boxes", leave=False, unit="batch", disable=loader.rank > 0)
-    for batch in bar:
-        with context():
-            maps = encoder.feature_map(normalize(batch.original))
-        boxes[batch.indices.cpu().numpy()] = heatmap_boxes(maps, size, k).cpu().numpy()
-    encoder.train(was_training)
-    return boxes

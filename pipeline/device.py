@@ -1,4 +1,4 @@
-"""The device `--device` names, resolved in one place for train.py, eval.py, pipeline.pairs and the benchmarks:
+"""The device `--device` names, resolved in one place for train.py, eval.py, model.pairs and the benchmarks:
 `auto` is CUDA where torch can use a GPU and the CPU where the machine has none. Requests that cannot run here
 stop with one line saying why and what to do (click.BadParameter), never a CUDA trace later."""
 

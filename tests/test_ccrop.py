@@ -9,9 +9,10 @@ from conftest import LOADERS, tiny_loader
 from PIL import Image
 
 import train
+from model.localize import localize
 from pipeline import views
 from pipeline.backends import load_splits
-from pipeline.ccrop import heatmap_boxes, localize, update_epochs
+from pipeline.ccrop import heatmap_boxes, update_epochs
 from pipeline.crop_plan import crop_plan, random_resized_crop
 
 

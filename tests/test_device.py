@@ -9,8 +9,8 @@ from conftest import TINY_TRAIN
 
 import eval as evaluation
 import train
+from model import pairs
 from pipeline import device as devices
-from pipeline import pairs
 from pipeline.device import nvidia_driver, resolve_device
 
 
