@@ -31,11 +31,11 @@ from model.evaluation import (
     extract_features,
     fit_linear,
     load_backbone,
-    load_checkpoint,
     topk_accuracy,
 )
 from model.knn import knn_scores
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
+from model.training import load_checkpoint
 from pipeline.augment import AugmentConfig, augment
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import ImageList, balanced_fraction, select

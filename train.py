@@ -12,12 +12,8 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
-import signal
 import time
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -28,18 +24,42 @@ from tqdm import tqdm
 
 from model import distributed
 from model.backbone import ARCHS
-from model.distributed import gather, gather_to_main, sum_arrays
-from model.evaluation import extract_features, load_checkpoint
-from model.knn import knn_top1
+from model.distributed import sum_arrays
 from model.localize import localize
-from model.methods import METHODS, Method, method_for
-from model.moco import MomentumContrast
-from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
+from model.methods import METHODS, method_for
+from model.precision import AMP_CHOICES, autocast, describe
+from model.training import (
+    CHECK_EVERY,
+    RunClock,
+    StopSignals,
+    augment_config,
+    box_area,
+    build_model,
+    check_finite,
+    checkpoint_state,
+    knn_due,
+    knn_monitor,
+    learning_rate,
+    load_checkpoint,
+    log_epoch,
+    make_loaders,
+    optimize,
+    optimizer_and_scaler,
+    poll,
+    rank_partial,
+    rank_states,
+    remaining_work,
+    restore,
+    save_atomic,
+    settle_amp,
+    use_cuda,
+    world_totals,
+)
 from pipeline import require_backend
-from pipeline.augment import AugmentConfig, augment
-from pipeline.backends import BACKENDS, load_splits, make_loader
+from pipeline.augment import augment
+from pipeline.backends import BACKENDS, load_splits
 from pipeline.ccrop import update_epochs
-from pipeline.data import ImageList, select, subset
+from pipeline.data import ImageList
 from pipeline.device import resolve_device
 from pipeline.pairs import read_pairs
 
@@ -47,71 +67,14 @@ DEFAULT_DATA = Path("data/fashion-mnist")
 KNN_BANK = 131_072  # the kNN monitor's default bank: every image of the CPU-sized default run, 10% of ImageNet
 
 
-def knn_monitor(model, bank_loader, val_loader, cfg) -> float | None:
-    """Weighted kNN top-1 of the query backbone: the bank subset's features vote for each val image. Computed on
-    rank 0 (None on the others, and without a val split); on CUDA the bank is unit-length float16."""
-    if val_loader is None:
-        return None
-    net = model.query_encoder.backbone
-    half = bank_loader.device.type == "cuda"  # CPU matmuls in float16 are slow: float32 there, as before
-    embed = partial(extract_features, net, amp=cfg["amp"], dtype=torch.float16 if half else torch.float32,
-                    l2_normalize=half)  # fmt: skip
-    # Each rank embeds its part of the files; gathered in rank order on rank 0 they are the files in order.
-    bank, bank_labels = map(gather_to_main, embed(bank_loader, desc="kNN bank"))
-    val, val_labels = map(gather_to_main, embed(val_loader, desc="kNN val"))
-    if bank is None:
-        return None
-    classes = len(bank_loader.images.classes)
-    return knn_top1(bank, bank_labels, val, val_labels, classes, cfg["knn_k"], cfg["knn_temperature"])
-
-
-def knn_due(cfg: dict, epoch: int) -> bool:
-    """Whether the kNN monitor runs after `epoch` epochs (0 = before training): every --knn-every, and the last."""
-    return epoch % cfg["knn_every"] == 0 or epoch == cfg["epochs"]
-
-
-def save_atomic(state: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash leaves the previous checkpoint whole."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def append_atomic(path: Path, line: str) -> None:
-    """Append a line by rewriting the file through a temporary one: never a half-written metrics line."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text((path.read_text() if path.exists() else "") + line + "\n")
-    os.replace(tmp, path)
-
-
-class NonFiniteLoss(click.ClickException):
-    """The loss became NaN or infinite: the run stops before writing a checkpoint of the broken weights."""
-
-
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: ImageList | None) -> list[dict]:
+    """The run: loaders, model, the kNN monitor before training, then the epochs with their checkpoints, box
+    updates and metrics; stops with a checkpoint on SIGTERM/SIGINT. Returns the metrics records."""
     cuda = cfg["device"].startswith("cuda")
     rank, world, local_rank = distributed.init_from_env(cuda)
     device = torch.device("cuda", local_rank) if cuda and world > 1 else torch.device(cfg["device"])
     if cuda:
-        if device.index is not None:
-            torch.cuda.set_device(device)  # --device cuda:N: kernels, streams and NCCL on that GPU, not on GPU 0
-        torch.backends.cudnn.benchmark = True  # the step's shapes never change: time cuDNN's algorithms once
-        torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls (the heads, the logits)
+        use_cuda(device)
     main_rank = rank == 0  # the only one that prints and writes
     echo = click.echo if main_rank else lambda *args, **kwargs: None
     out = Path(cfg["out"])
@@ -123,32 +86,18 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         + (f", {len(val_images)} val images" if val_images else ", no val split (kNN off)")
         + f", {len(train_images.classes)} classes; device {device}, loader {cfg['loader']}"
     )
-    common = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"] // world, device=device,
-                  workers=cfg["workers"], rank=rank, world=world)  # fmt: skip
     method = method_for(cfg["method"], cfg["symmetric"], cfg["attract_all"])
     pairs = read_pairs(cfg["pairs"], len(train_images)) if method.pairs else None
     if pairs is not None:
         echo(f"SePP-ID: {len(pairs)} semantic pairs from {cfg['pairs']} added to the {len(train_images)} images")
-    loader = make_loader(cfg["loader"], train_images, train=True, seed=cfg["seed"], views=loader_views(method),
-                         pairs=pairs, original_crop=cfg["original"] == "random-crop", **common)  # fmt: skip
-    # Un-augmented passes over the training images: the kNN bank (a seeded subset, --knn-bank) and
-    # ContrastiveCrop's localisation (every image); one loader when both read every image.
-    ccrop = cfg["crop"] == "ccrop"
-    bank_ids = subset(len(train_images), cfg["knn_bank"], cfg["seed"])
-    whole = len(bank_ids) == len(train_images)
-    bank_images = train_images if whole else select(train_images, bank_ids)
-    bank_loader = make_loader(cfg["loader"], bank_images, train=False, **common) if val_images else None
-    box_loader = None
-    if ccrop:
-        shared = whole and bank_loader is not None
-        box_loader = bank_loader if shared else make_loader(cfg["loader"], train_images, train=False, **common)
+    loaders = make_loaders(cfg, method, pairs, train_images, val_images, device, rank, world)
+    loader = loaders.train
     if val_images:
-        echo(f"kNN monitor: a bank of {len(bank_ids)} of the {len(train_images)} training images (--knn-bank), "
-             f"{'float16' if device.type == 'cuda' else 'float32'} on {device}, after every "
+        echo(f"kNN monitor: a bank of {len(loaders.bank.images)} of the {len(train_images)} training images "
+             f"(--knn-bank), {'float16' if device.type == 'cuda' else 'float32'} on {device}, after every "
              f"{cfg['knn_every']} epoch(s) and the last")  # fmt: skip
-    loader.alpha = cfg["ccrop_alpha"]
+    ccrop = cfg["crop"] == "ccrop"
     box_updates = update_epochs(cfg["epochs"], cfg["ccrop_warmup"], cfg["ccrop_interval"]) if ccrop else []
-    val_loader = make_loader(cfg["loader"], val_images, train=False, **common) if val_images else None
 
     model = build_model(cfg, device)
     settle_amp(cfg, device, model.query_encoder.backbone)
@@ -171,13 +120,10 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
         if not knn_due(cfg, epoch):
             return None
         with clock.timing_knn():
-            return knn_monitor(model, bank_loader, val_loader, cfg)
+            return knn_monitor(model, loaders.bank, loaders.val, cfg)
 
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        set_rng_states(resume["rng"])
+        restore(resume, model, optimizer, scaler)
         loader.boxes = resume.get("boxes")
         start_epoch, start_step = resume["epoch"], resume.get("step", 0)
         where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
@@ -195,7 +141,7 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
             if epoch in box_updates and not skip:
                 context = partial(autocast, device, cfg["amp"])
                 # Each rank boxes its part of the images (zeros elsewhere): the sum over ranks is every box.
-                loader.boxes = sum_arrays(localize(model.query_encoder, box_loader, cfg["ccrop_k"], context))
+                loader.boxes = sum_arrays(localize(model.query_encoder, loaders.boxes, cfg["ccrop_k"], context))
                 if main_rank:
                     np.save(out / "boxes.npy", loader.boxes)
                 echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}")
@@ -224,276 +170,38 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                 check_finite(loss_sum, epoch, step, out)
                 rate = seen / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{loss_sum / (seen * world):.3f}", img_s=f"{rate:.0f}")
-                left = remaining_work(cfg, epoch, step, len(loader), box_updates, val_loader is not None)
+                left = remaining_work(cfg, epoch, step, len(loader), box_updates, loaders.val is not None)
                 clock.polled(epoch, step + 1, step + 1 == len(loader), left, bar.write)
                 if signals.number and step + 1 < len(loader):
                     bar.close()
                     generators, partials = rank_states(generator, total_loss, seen, device)
                     if main_rank:  # mid-epoch: where the epoch stands, so a resume replays nothing and skips nothing
-                        save_atomic(
-                            {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": epoch, "step": step + 1, "config": cfg,
-                             "rng": rng_states(), "boxes": loader.boxes, "generators": generators,
-                             "partials": partials, "elapsed": time.perf_counter() - started},
-                            out / "checkpoint.pt",
-                        )  # fmt: skip
+                        elapsed = time.perf_counter() - started
+                        checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch, loader.boxes, step=step + 1,
+                                                 generators=generators, partials=partials, elapsed=elapsed)  # fmt: skip
+                        save_atomic(checkpoint, out / "checkpoint.pt")
                     echo(f"{signals.name}: checkpoint written at epoch {epoch + 1}, step {step + 1}/{len(loader)}; "
                          f"continue with: python train.py --resume {out / 'checkpoint.pt'}", err=True)  # fmt: skip
-                    close_all(loader, bank_loader, box_loader if box_loader is not bank_loader else None, val_loader)
+                    loaders.close()
                     raise SystemExit(128 + signals.number)
             bar.close()  # the epoch's last step checked the loss
             epoch_time = time.perf_counter() - started
             # Every rank's loss sum and images: the epoch's loss and throughput over the whole world.
-            total_loss, seen = (
-                gather(torch.stack([total_loss.float(), torch.tensor(float(seen), device=device)])[None])
-                .sum(0)
-                .tolist()
-            )
+            total_loss, seen = world_totals(total_loss, seen, device)
             epoch_loss = total_loss / seen
             if main_rank:
-                save_atomic(
-                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch + 1, "config": cfg, "rng": rng_states(), "boxes": loader.boxes},
-                    out / "checkpoint.pt",
-                )  # fmt: skip
+                checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch + 1, loader.boxes)
+                save_atomic(checkpoint, out / "checkpoint.pt")
             knn = monitor(epoch + 1)
             area = None if loader.boxes is None else box_area(loader.boxes)
             record = (epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
             history.append(log_epoch(metrics_path if main_rank else None, *record))
             clock.epoch_done(cfg["epochs"] - epoch - 1)
-    close_all(loader, bank_loader, box_loader if box_loader is not bank_loader else None, val_loader)
+    loaders.close()
     if world > 1:
         torch.distributed.barrier()  # rank 0's checkpoint is complete before anyone leaves
         torch.distributed.destroy_process_group()
     return history
-
-
-def settle_amp(cfg: dict, device: torch.device, backbone: torch.nn.Module) -> None:
-    """Resolve `--amp auto` in cfg: "amp" becomes the precision chosen here for `backbone` and "amp_auto" the
-    reason (None when --amp forced it). With several processes rank 0's choice holds for all: they must agree."""
-    choice = list(resolve_amp(cfg["amp"], device, cfg["arch"], cfg["image_size"], backbone))
-    if distributed.active() and cfg["amp"] == "auto":
-        torch.distributed.broadcast_object_list(choice, src=0)
-    cfg["amp"], cfg["amp_auto"] = choice
-
-
-def remaining_work(cfg: dict, epoch: int, step: int, steps: int, box_updates: list[int], knn: bool) -> dict:
-    """What is left of the run after `step` of `epoch`: training steps, kNN passes (when on, as --knn-every makes
-    them due) and ContrastiveCrop localisation passes."""
-    later = range(epoch + 1, cfg["epochs"] + 1)
-    return {"steps": (cfg["epochs"] - epoch) * steps - step - 1, "knn": sum(knn_due(cfg, e) for e in later) * knn,
-            "boxes": sum(e > epoch for e in box_updates)}  # fmt: skip
-
-
-def duration(seconds: float) -> str:
-    """Seconds in words: 42 s, 3 min 05 s, 2 h 10 min."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-class RunClock:
-    """The run's time for the user: one estimate of what is left, made once `ESTIMATE_AFTER` steps of one epoch
-    are timed between two polls (where the loss is read back, so the device has caught up; the first poll comes
-    after the warm-up steps) or at that epoch's end, from the step time and the measured kNN pass; then after
-    each epoch the time so far and left."""
-
-    ESTIMATE_AFTER = 10  # steps
-
-    def __init__(self, echo) -> None:
-        self.echo, self.started = echo, time.perf_counter()
-        self.knn_s: float | None = None
-        self.loop_started = None
-        self.window: tuple[int, float, int] | None = None  # (epoch, time, steps done) at the first poll
-        self.estimated, self.epochs = False, 0
-
-    @contextmanager
-    def timing_knn(self):
-        started = time.perf_counter()
-        yield
-        self.knn_s = time.perf_counter() - started
-
-    def start_loop(self) -> None:
-        self.loop_started = time.perf_counter()
-
-    def polled(self, epoch: int, steps: int, last: bool, remaining: dict, write) -> None:
-        """At a poll after `steps` steps of `epoch` (`last` = its last step), `remaining` as `remaining_work`."""
-        now = time.perf_counter()
-        if self.estimated:
-            return
-        if self.window is None or self.window[0] != epoch:  # time within one epoch: no kNN pass in the window
-            self.window = (epoch, now, steps)
-            return
-        timed = steps - self.window[2]
-        if timed < self.ESTIMATE_AFTER and not last:
-            return
-        self.estimated = True
-        step_s = (now - self.window[1]) / timed
-        passes = remaining["knn"] + remaining["boxes"]
-        total = step_s * remaining["steps"] + (self.knn_s or 0) * passes
-        parts = f"{remaining['steps']} steps at {step_s:.2f} s"
-        if passes and self.knn_s is not None:
-            parts += f" + {passes} evaluation passes of {duration(self.knn_s)}"
-        write(f"estimated time to the end of the run: about {duration(total)} ({parts})")
-
-    def epoch_done(self, epochs_left: int) -> None:
-        self.epochs += 1
-        now = time.perf_counter()
-        per_epoch = (now - self.loop_started) / self.epochs
-        left = f", about {duration(per_epoch * epochs_left)} left" if epochs_left else ""
-        self.echo(f"  {duration(now - self.started)} so far{left}")
-
-
-def rank_states(generator: torch.Generator, total_loss: torch.Tensor, seen: int, device: torch.device):
-    """Every rank's augmentation generator state, uint8 (world, L), and running (loss sum, images), float64
-    (world, 2), in rank order on the CPU: what a mid-epoch checkpoint needs to resume each rank's own stream."""
-    state = generator.get_state()  # a CPU ByteTensor whatever the generator's device
-    sums = torch.stack([total_loss.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
-    return gather(state.to(device)[None]).cpu(), gather(sums[None]).cpu()
-
-
-def rank_partial(resume: dict, rank: int) -> tuple[torch.Tensor, float, int, float]:
-    """This rank's (generator state, loss sum, images, seconds) from a mid-epoch checkpoint. Checkpoints written
-    before every rank's state was saved hold rank 0's only."""
-    if "generators" not in resume:
-        loss_sum, seen, elapsed = resume["partial"]
-        return resume["generator"].cpu(), loss_sum, seen, elapsed
-    loss_sum, seen = resume["partials"][rank].tolist()
-    return resume["generators"][rank].clone(), loss_sum, int(seen), resume["elapsed"]
-
-
-def close_all(*loaders) -> None:
-    """Release every loader that was built (None = not built)."""
-    for each in loaders:
-        if each is not None:
-            each.close()
-
-
-CHECK_EVERY = 10  # steps between the loop's looks at the stop flag and the loss (one collective, one host read)
-
-
-class StopSignals:
-    """SIGTERM and SIGINT (a preempted job, Ctrl-C) set a flag instead of killing the run; the loop checks it
-    every CHECK_EVERY steps (`poll`) and stops there with a checkpoint. With several ranks all stop at the
-    same step."""
-
-    def __init__(self) -> None:
-        self.number, self.previous = 0, {}
-
-    def __enter__(self) -> StopSignals:
-        for each in (signal.SIGTERM, signal.SIGINT):
-            self.previous[each] = signal.signal(each, self._note)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for each, handler in self.previous.items():
-            signal.signal(each, handler)
-
-    def _note(self, number, frame) -> None:
-        self.number = number
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.number).name if self.number else ""
-
-
-def poll(signals: StopSignals, total_loss: torch.Tensor) -> float:
-    """Every rank's stop signal (the largest goes to `signals.number`) and the sum over ranks of the running
-    loss sums (scalar tensors on the device): one all_gather (none with one process) and one host read."""
-    mine = torch.stack([total_loss.float(), total_loss.new_full((), float(signals.number))])  # no host-to-device copy
-    everyone = gather(mine[None]).tolist()  # (world, 2)
-    signals.number = int(max(number for _, number in everyone))
-    return sum(loss for loss, _ in everyone)
-
-
-def check_finite(total_loss: float, epoch: int, step: int, out: Path) -> None:
-    """Stop (every rank) when the running loss sum is NaN or infinite; the last good checkpoint stays."""
-    if not math.isfinite(total_loss):
-        kept = (
-            f"{out / 'checkpoint.pt'} holds the last good epoch"
-            if (out / "checkpoint.pt").exists()
-            else "no checkpoint yet"
-        )
-        raise NonFiniteLoss(f"the loss became {total_loss} in epoch {epoch + 1} (by step {step + 1}); stopped "
-                            f"without saving ({kept}). Lower --lr or use --amp off/bf16.")  # fmt: skip
-
-
-def build(cfg: dict, device: torch.device) -> tuple[MomentumContrast, torch.optim.Optimizer, torch.amp.GradScaler]:
-    """The model (channels_last on `device`), its SGD optimizer and the gradient scaler (fp16 only)."""
-    model = build_model(cfg, device)
-    return model, *optimizer_and_scaler(cfg, model, device)
-
-
-def build_model(cfg: dict, device: torch.device) -> MomentumContrast:
-    model = MomentumContrast(
-        cfg["arch"], cfg["image_size"], queue_size=cfg["queue_size"], momentum=cfg["moco_momentum"],
-        bn_splits=cfg["bn_splits"],
-    ).to(device, memory_format=torch.channels_last)  # fmt: skip
-    if cfg.get("compile"):  # in place: the state dict keeps its keys
-        model.query_encoder.compile()
-        model.key_encoder.compile()
-    return model
-
-
-def optimizer_and_scaler(
-    cfg: dict, model: MomentumContrast, device: torch.device
-) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
-    """SGD on the query encoder and the gradient scaler (on only for fp16: cfg's amp must be settled)."""
-    optimizer = torch.optim.SGD(
-        model.query_encoder.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"]
-    )
-    return optimizer, torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
-
-
-def augment_config(cfg: dict) -> AugmentConfig:
-    """MoCo-v2 aug+ with the parts --no-color-jitter, --no-grayscale and --no-blur remove (Figure 4)."""
-    return AugmentConfig(jitter_p=0.8 if cfg["color_jitter"] else 0.0, grayscale_p=0.2 if cfg["grayscale"] else 0.0,
-                         blur_p=0.5 if cfg["blur"] else 0.0)  # fmt: skip
-
-
-def loader_views(method: Method) -> int:
-    """Views a method's loader makes: MoCo-v2 never decodes or resizes an original it ignores."""
-    return 3 if "original" in method.views else 2
-
-
-def optimize(model, method: Method, optimizer, scaler, views: dict, cfg: dict, generator) -> torch.Tensor:
-    """One training step on augmented float views; returns the loss, detached, on the device."""
-    with autocast(views[method.views[0]].device, cfg["amp"]):
-        loss, keys = method.step(model, views, cfg["temperature"], generator)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    model.enqueue(keys)
-    return loss.detach()
-
-
-def learning_rate(cfg: dict, epoch: int, fraction: float) -> float:
-    """Linear warm-up over the first --warmup-epochs (per step; `fraction` of the epoch done after this step),
-    then MoCo's cosine decay, stepped per epoch."""
-    if epoch + fraction <= cfg["warmup_epochs"]:
-        return cfg["lr"] * (epoch + fraction) / cfg["warmup_epochs"]
-    return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg["epochs"]))
-
-
-def box_area(boxes: np.ndarray) -> float:
-    """Mean area of ContrastiveCrop boxes, as a fraction of the image."""
-    return float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
-
-
-def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_time, area) -> dict:
-    """The epoch's record, appended to metrics.jsonl and printed; with no path (ranks > 0) only returned."""
-    record = {"epoch": epoch, "loss": loss, "knn_top1": knn, "images_per_sec": images_per_sec, "lr": lr,
-              "epoch_time_s": epoch_time, "box_area": area}  # fmt: skip
-    if path is None:
-        return record
-    append_atomic(path, json.dumps(record))
-    shown = "n/a" if knn is None else f"{100 * knn:.2f}%"
-    click.echo(f"epoch {epoch}: loss {'-' if loss is None else f'{loss:.4f}'}, kNN top-1 {shown}")
-    return record
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})

@@ -43,6 +43,7 @@ from benchmarks.train_step import Runner, device_name
 from model.backbone import ARCHS
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, resolve_amp
+from model.training import augment_config, loader_views
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import ImageList
 from pipeline.loader import Loader, machine_workers
@@ -199,7 +200,7 @@ def loader_rate(backend: str, images, cfg: dict, workers: int, device, seconds: 
     on the device as train.py does). Returns the row, with "error" instead of a rate if it does not run."""
     row = {"loader": backend, "workers": workers}
     started = time.perf_counter()
-    views = train.loader_views(METHODS[cfg["method"]])
+    views = loader_views(METHODS[cfg["method"]])
     try:
         loader = make_loader(
             backend,
@@ -216,7 +217,7 @@ def loader_rate(backend: str, images, cfg: dict, workers: int, device, seconds: 
         return {**row, "error": reason(error)}
     batches = forever(loader)
     try:
-        aug, generator = train.augment_config(cfg), torch.Generator(device=device).manual_seed(cfg["seed"])
+        aug, generator = augment_config(cfg), torch.Generator(device=device).manual_seed(cfg["seed"])
         step = lambda: len(delivered(next(batches), aug, generator)[0])
         step()
         sync(device)
@@ -451,7 +452,7 @@ def main(
     cfg = train.resolve({**options, "loader": loader, "data": str(data), "device": device, "seed": seed})
     cfg["workers"] = machine_workers() if cfg["workers"] is None else cfg["workers"]
     cfg["amp"], _ = resolve_amp(cfg["amp"], dev, cfg["arch"], cfg["image_size"])
-    views = train.loader_views(METHODS[method])
+    views = loader_views(METHODS[method])
     clock.say(
         f"{device_name(dev)}; {method} ({views} views), {cfg['arch']}, {cfg['image_size']} px, batch "
         f"{cfg['batch_size']}, amp {cfg['amp']}; budget {clock.budget:.0f} s"
@@ -606,7 +607,7 @@ def diagnose(
                 "seed",
             )
         },
-        "views": train.loader_views(METHODS[cfg["method"]]),
+        "views": loader_views(METHODS[cfg["method"]]),
         "budget_s": clock.budget,
         "data": data_info,
         "backends": rows,

@@ -39,6 +39,7 @@ import train
 from model.backbone import resnet
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
+from model.training import build, loader_views, optimize
 from pipeline.augment import AugmentConfig, augment
 from pipeline.backends import BACKENDS, load_splits, make_loader
 
@@ -102,12 +103,12 @@ class Runner(Timed):
     def __init__(self, cfg: dict, method: str, images, device: torch.device, like: Runner | None = None) -> None:
         torch.manual_seed(cfg["seed"])
         self.cfg, self.method, self.device = cfg, METHODS[method], device
-        self.model, self.optimizer, self.scaler = train.build(cfg, device)
+        self.model, self.optimizer, self.scaler = build(cfg, device)
         if like is not None:
             self.loader, self.aug, self.generator = None, like.aug, like.generator
             self.batches, self.fixed = None, like.fixed
             return
-        views = train.loader_views(self.method)
+        views = loader_views(self.method)
         sizes = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"])
         self.loader = make_loader(cfg["loader"], images, device=device, train=True, seed=cfg["seed"],
                                   workers=cfg["workers"], views=views, **sizes)  # fmt: skip
@@ -125,7 +126,7 @@ class Runner(Timed):
 
     def step(self, end_to_end: bool) -> int:
         views = self._augmented(next(self.batches)) if end_to_end else self.fixed
-        train.optimize(self.model, self.method, self.optimizer, self.scaler, views, self.cfg, self.generator)
+        optimize(self.model, self.method, self.optimizer, self.scaler, views, self.cfg, self.generator)
         return len(views[self.method.views[0]])
 
 

@@ -4,7 +4,6 @@ probe (frozen features -> classes), and the query backbone of a training checkpo
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -115,17 +114,6 @@ def fit_linear(
             part = order[start : start + batch_size]
             optimizer.step(F.cross_entropy(probe(features[part]), labels[part]))
     return probe.eval()
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A train.py checkpoint ({"model", "config", "epoch", ...}); ValueError saying what is wrong otherwise."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for files it cannot read
-        raise ValueError(f"cannot read {path} as a checkpoint: {error}") from error
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
-    return state
 
 
 def backbone_weights(state: dict) -> dict[str, torch.Tensor]:

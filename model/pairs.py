@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.evaluation import load_checkpoint
 from model.moco import Encoder
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
+from model.training import load_checkpoint
 from pipeline.augment import normalize
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import select

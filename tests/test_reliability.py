@@ -14,6 +14,7 @@ from conftest import BAD_IMAGES, LOADERS, ODD_IMAGES, TINY_TRAIN, write_hostile_
 from PIL import Image
 
 import train
+from model import training
 from pipeline import convert, missing_backend
 from pipeline.backends import load_splits, make_loader
 from pipeline.data import BadImage, check_image, scan_split
@@ -75,7 +76,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp
 def test_metrics_lines_are_written_whole(tmp_path):
     path = tmp_path / "metrics.jsonl"
     for i in range(3):
-        train.append_atomic(path, json.dumps({"epoch": i}))
+        training.append_atomic(path, json.dumps({"epoch": i}))
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1, 2]
     assert not (tmp_path / "metrics.tmp").exists()
 

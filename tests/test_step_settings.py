@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from conftest import TINY_TRAIN
 
 import train
+from model import training
 from model.backbone import SplitBatchNorm
 
 
@@ -25,8 +26,8 @@ def test_bn_splits_default_follows_the_number_of_processes(monkeypatch):
 
 def test_compile_wraps_both_encoders_in_place():
     cfg = defaults(arch="resnet18", image_size=16, queue_size=64, batch_size=8)
-    plain, _, _ = train.build(cfg, torch.device("cpu"))
-    compiled, _, _ = train.build({**cfg, "compile": True}, torch.device("cpu"))
+    plain, _, _ = training.build(cfg, torch.device("cpu"))
+    compiled, _, _ = training.build({**cfg, "compile": True}, torch.device("cpu"))
     assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints keep their keys
     for encoder in (compiled.query_encoder, compiled.key_encoder):
         assert encoder._compiled_call_impl is not None

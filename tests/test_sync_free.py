@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pipeline.augment
 import train
+from model import training
 
 SYNCS = ("_local_scalar_dense", "nonzero")
 
@@ -32,7 +33,7 @@ class HostReads(TorchDispatchMode):
 
 def test_only_every_kth_step_reads_from_the_device(tiny_data, tmp_path, monkeypatch):
     reads, marks, looks, gathers = HostReads(), [], [], []
-    learning_rate, poll, gather = train.learning_rate, train.poll, train.gather
+    learning_rate, poll, gather = train.learning_rate, train.poll, training.gather
 
     def step_starts(*args):  # called once at the start of every step
         marks.append(reads.total)
@@ -49,7 +50,7 @@ def test_only_every_kth_step_reads_from_the_device(tiny_data, tmp_path, monkeypa
     monkeypatch.setattr(pipeline.augment, "apply", pipeline.augment.apply_batched)  # CUDA's path, on the CPU
     monkeypatch.setattr(train, "learning_rate", step_starts)
     monkeypatch.setattr(train, "poll", counted_poll)
-    monkeypatch.setattr(train, "gather", counted_gather)
+    monkeypatch.setattr(training, "gather", counted_gather)
     monkeypatch.setattr(train, "CHECK_EVERY", 3)
     args = [*TINY_TRAIN, "--batch-size", 4, "--queue-size", 16, "--method", "leoclr", "--blur", "--amp", "off",
             "--data", tiny_data, "--out", tmp_path / "run"]  # fmt: skip

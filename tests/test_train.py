@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from conftest import LOADERS
 
 import train
+from model import training
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32",
         "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "1", "--amp", "off",
@@ -118,13 +119,13 @@ def test_augmentation_removal_reaches_the_augment_config():
 
 
 def test_knn_monitor_every_n_epochs_and_the_last_on_a_bank_subset(tiny_data, tmp_path, monkeypatch):
-    banks, vote = [], train.knn_top1
+    banks, vote = [], training.knn_top1
 
     def recording(bank, *args):
         banks.append(tuple(bank.shape))
         return vote(bank, *args)
 
-    monkeypatch.setattr(train, "knn_top1", recording)
+    monkeypatch.setattr(training, "knn_top1", recording)
     out = tmp_path / "run"
     output = run("--loader", "torchvision", "--workers", 0, "--data", tiny_data, "--out", out, "--epochs", 3,
                  "--knn-every", 2, "--knn-bank", 10)  # fmt: skip

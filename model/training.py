@@ -1,0 +1,398 @@
+"""The training machinery train.py wires together, importable by eval.py, the benchmarks and tools: the model
+and its optimizer, the training step and learning-rate schedule, the run's loaders, checkpoints (the one dict
+train.py writes, saving, loading, resuming), stop signals, the kNN monitor, the epoch log and the run clock."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import click
+import numpy as np
+import torch
+
+from model import distributed
+from model.distributed import gather, gather_to_main
+from model.evaluation import extract_features
+from model.knn import knn_top1
+from model.methods import Method
+from model.moco import MomentumContrast
+from model.precision import autocast, resolve_amp
+from pipeline.augment import AugmentConfig
+from pipeline.backends import make_loader
+from pipeline.data import ImageList, select, subset
+from pipeline.loader import Loader
+
+
+def build(cfg: dict, device: torch.device) -> tuple[MomentumContrast, torch.optim.Optimizer, torch.amp.GradScaler]:
+    """The model (channels_last on `device`), its SGD optimizer and the gradient scaler (fp16 only)."""
+    model = build_model(cfg, device)
+    return model, *optimizer_and_scaler(cfg, model, device)
+
+
+def build_model(cfg: dict, device: torch.device) -> MomentumContrast:
+    model = MomentumContrast(
+        cfg["arch"], cfg["image_size"], queue_size=cfg["queue_size"], momentum=cfg["moco_momentum"],
+        bn_splits=cfg["bn_splits"],
+    ).to(device, memory_format=torch.channels_last)  # fmt: skip
+    if cfg.get("compile"):  # in place: the state dict keeps its keys
+        model.query_encoder.compile()
+        model.key_encoder.compile()
+    return model
+
+
+def optimizer_and_scaler(
+    cfg: dict, model: MomentumContrast, device: torch.device
+) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
+    """SGD on the query encoder and the gradient scaler (on only for fp16: cfg's amp must be settled)."""
+    optimizer = torch.optim.SGD(
+        model.query_encoder.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"]
+    )
+    return optimizer, torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+
+
+def settle_amp(cfg: dict, device: torch.device, backbone: torch.nn.Module) -> None:
+    """Resolve `--amp auto` in cfg: "amp" becomes the precision chosen here for `backbone` and "amp_auto" the
+    reason (None when --amp forced it). With several processes rank 0's choice holds for all: they must agree."""
+    choice = list(resolve_amp(cfg["amp"], device, cfg["arch"], cfg["image_size"], backbone))
+    if distributed.active() and cfg["amp"] == "auto":
+        torch.distributed.broadcast_object_list(choice, src=0)
+    cfg["amp"], cfg["amp_auto"] = choice
+
+
+def augment_config(cfg: dict) -> AugmentConfig:
+    """MoCo-v2 aug+ with the parts --no-color-jitter, --no-grayscale and --no-blur remove (Figure 4)."""
+    return AugmentConfig(jitter_p=0.8 if cfg["color_jitter"] else 0.0, grayscale_p=0.2 if cfg["grayscale"] else 0.0,
+                         blur_p=0.5 if cfg["blur"] else 0.0)  # fmt: skip
+
+
+def loader_views(method: Method) -> int:
+    """Views a method's loader makes: MoCo-v2 never decodes or resizes an original it ignores."""
+    return 3 if "original" in method.views else 2
+
+
+def use_cuda(device: torch.device) -> None:
+    """The CUDA settings of a training run on `device`."""
+    if device.index is not None:
+        torch.cuda.set_device(device)  # --device cuda:N: kernels, streams and NCCL on that GPU, not on GPU 0
+    torch.backends.cudnn.benchmark = True  # the step's shapes never change: time cuDNN's algorithms once
+    torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls (the heads, the logits)
+
+
+class Loaders(NamedTuple):
+    """A run's loaders: training; the kNN monitor's un-augmented passes over the bank and val images (None
+    without a val split); ContrastiveCrop's localisation pass over every training image (None without
+    --crop ccrop; the bank's loader when that one reads every image)."""
+
+    train: Loader
+    bank: Loader | None
+    boxes: Loader | None
+    val: Loader | None
+
+    def close(self) -> None:
+        """Release every loader that was built, the shared one once."""
+        for each in (self.train, self.bank, self.boxes if self.boxes is not self.bank else None, self.val):
+            if each is not None:
+                each.close()
+
+
+def make_loaders(
+    cfg: dict,
+    method: Method,
+    pairs: np.ndarray | None,
+    train_images: ImageList,
+    val_images: ImageList | None,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> Loaders:
+    """This rank's loaders of a run (`Loaders`), with cfg's backend, size, workers and seed; `pairs` as `Loader`."""
+    common = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"] // world, device=device,
+                  workers=cfg["workers"], rank=rank, world=world)  # fmt: skip
+    loader = make_loader(cfg["loader"], train_images, train=True, seed=cfg["seed"], views=loader_views(method),
+                         pairs=pairs, original_crop=cfg["original"] == "random-crop", **common)  # fmt: skip
+    loader.alpha = cfg["ccrop_alpha"]
+    # Un-augmented passes over the training images: the kNN bank (a seeded subset, --knn-bank) and
+    # ContrastiveCrop's localisation (every image); one loader when both read every image.
+    bank_ids = subset(len(train_images), cfg["knn_bank"], cfg["seed"])
+    whole = len(bank_ids) == len(train_images)
+    bank_images = train_images if whole else select(train_images, bank_ids)
+    bank_loader = make_loader(cfg["loader"], bank_images, train=False, **common) if val_images else None
+    box_loader = None
+    if cfg["crop"] == "ccrop":
+        shared = whole and bank_loader is not None
+        box_loader = bank_loader if shared else make_loader(cfg["loader"], train_images, train=False, **common)
+    val_loader = make_loader(cfg["loader"], val_images, train=False, **common) if val_images else None
+    return Loaders(loader, bank_loader, box_loader, val_loader)
+
+
+def optimize(model, method: Method, optimizer, scaler, views: dict, cfg: dict, generator) -> torch.Tensor:
+    """One training step on augmented float views; returns the loss, detached, on the device."""
+    with autocast(views[method.views[0]].device, cfg["amp"]):
+        loss, keys = method.step(model, views, cfg["temperature"], generator)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    model.enqueue(keys)
+    return loss.detach()
+
+
+def learning_rate(cfg: dict, epoch: int, fraction: float) -> float:
+    """Linear warm-up over the first --warmup-epochs (per step; `fraction` of the epoch done after this step),
+    then MoCo's cosine decay, stepped per epoch."""
+    if epoch + fraction <= cfg["warmup_epochs"]:
+        return cfg["lr"] * (epoch + fraction) / cfg["warmup_epochs"]
+    return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg["epochs"]))
+
+
+CHECK_EVERY = 10  # steps between the loop's looks at the stop flag and the loss (one collective, one host read)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (a preempted job, Ctrl-C) set a flag instead of killing the run; the loop checks it
+    every CHECK_EVERY steps (`poll`) and stops there with a checkpoint. With several ranks all stop at the
+    same step."""
+
+    def __init__(self) -> None:
+        self.number, self.previous = 0, {}
+
+    def __enter__(self) -> StopSignals:
+        for each in (signal.SIGTERM, signal.SIGINT):
+            self.previous[each] = signal.signal(each, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for each, handler in self.previous.items():
+            signal.signal(each, handler)
+
+    def _note(self, number, frame) -> None:
+        self.number = number
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.number).name if self.number else ""
+
+
+def poll(signals: StopSignals, total_loss: torch.Tensor) -> float:
+    """Every rank's stop signal (the largest goes to `signals.number`) and the sum over ranks of the running
+    loss sums (scalar tensors on the device): one all_gather (none with one process) and one host read."""
+    mine = torch.stack([total_loss.float(), total_loss.new_full((), float(signals.number))])  # no host-to-device copy
+    everyone = gather(mine[None]).tolist()  # (world, 2)
+    signals.number = int(max(number for _, number in everyone))
+    return sum(loss for loss, _ in everyone)
+
+
+def check_finite(total_loss: float, epoch: int, step: int, out: Path) -> None:
+    """Stop (every rank) when the running loss sum is NaN or infinite; the last good checkpoint stays."""
+    if not math.isfinite(total_loss):
+        kept = (
+            f"{out / 'checkpoint.pt'} holds the last good epoch"
+            if (out / "checkpoint.pt").exists()
+            else "no checkpoint yet"
+        )
+        raise NonFiniteLoss(f"the loss became {total_loss} in epoch {epoch + 1} (by step {step + 1}); stopped "
+                            f"without saving ({kept}). Lower --lr or use --amp off/bf16.")  # fmt: skip
+
+
+class NonFiniteLoss(click.ClickException):
+    """The loss became NaN or infinite: the run stops before writing a checkpoint of the broken weights."""
+
+
+def world_totals(total_loss: torch.Tensor, seen: int, device: torch.device) -> tuple[float, float]:
+    """Every rank's loss sum (a scalar tensor on the device) and images, summed over the world: the epoch's loss
+    and throughput over all ranks (one all_gather, none with one process, and one host read)."""
+    return gather(torch.stack([total_loss.float(), torch.tensor(float(seen), device=device)])[None]).sum(0).tolist()
+
+
+def checkpoint_state(model, optimizer, scaler, cfg: dict, epoch: int, boxes: np.ndarray | None, **within) -> dict:
+    """What train.py's checkpoint.pt holds: both encoders and the queue, optimizer, scaler, `epoch` (epochs
+    done), the config, the RNG states and ContrastiveCrop's boxes. A checkpoint written within an epoch adds
+    `within`: step (steps done of the next epoch), generators and partials (`rank_states`), elapsed (seconds)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "config": cfg, "rng": rng_states(), "boxes": boxes, **within}  # fmt: skip
+
+
+def restore(state: dict, model, optimizer, scaler) -> None:
+    """Resume from a checkpoint: weights and queue, optimizer, scaler and the RNG states (the boxes and where
+    the run stood are the caller's)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"])
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash leaves the previous checkpoint whole."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A train.py checkpoint ({"model", "config", "epoch", ...}); ValueError saying what is wrong otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for files it cannot read
+        raise ValueError(f"cannot read {path} as a checkpoint: {error}") from error
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
+    return state
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def rank_states(generator: torch.Generator, total_loss: torch.Tensor, seen: int, device: torch.device):
+    """Every rank's augmentation generator state, uint8 (world, L), and running (loss sum, images), float64
+    (world, 2), in rank order on the CPU: what a mid-epoch checkpoint needs to resume each rank's own stream."""
+    state = generator.get_state()  # a CPU ByteTensor whatever the generator's device
+    sums = torch.stack([total_loss.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    return gather(state.to(device)[None]).cpu(), gather(sums[None]).cpu()
+
+
+def rank_partial(resume: dict, rank: int) -> tuple[torch.Tensor, float, int, float]:
+    """This rank's (generator state, loss sum, images, seconds) from a mid-epoch checkpoint. Checkpoints written
+    before every rank's state was saved hold rank 0's only."""
+    if "generators" not in resume:
+        loss_sum, seen, elapsed = resume["partial"]
+        return resume["generator"].cpu(), loss_sum, seen, elapsed
+    loss_sum, seen = resume["partials"][rank].tolist()
+    return resume["generators"][rank].clone(), loss_sum, int(seen), resume["elapsed"]
+
+
+def knn_monitor(model, bank_loader, val_loader, cfg) -> float | None:
+    """Weighted kNN top-1 of the query backbone: the bank subset's features vote for each val image. Computed on
+    rank 0 (None on the others, and without a val split); on CUDA the bank is unit-length float16."""
+    if val_loader is None:
+        return None
+    net = model.query_encoder.backbone
+    half = bank_loader.device.type == "cuda"  # CPU matmuls in float16 are slow: float32 there, as before
+    embed = partial(extract_features, net, amp=cfg["amp"], dtype=torch.float16 if half else torch.float32,
+                    l2_normalize=half)  # fmt: skip
+    # Each rank embeds its part of the files; gathered in rank order on rank 0 they are the files in order.
+    bank, bank_labels = map(gather_to_main, embed(bank_loader, desc="kNN bank"))
+    val, val_labels = map(gather_to_main, embed(val_loader, desc="kNN val"))
+    if bank is None:
+        return None
+    classes = len(bank_loader.images.classes)
+    return knn_top1(bank, bank_labels, val, val_labels, classes, cfg["knn_k"], cfg["knn_temperature"])
+
+
+def knn_due(cfg: dict, epoch: int) -> bool:
+    """Whether the kNN monitor runs after `epoch` epochs (0 = before training): every --knn-every, and the last."""
+    return epoch % cfg["knn_every"] == 0 or epoch == cfg["epochs"]
+
+
+def box_area(boxes: np.ndarray) -> float:
+    """Mean area of ContrastiveCrop boxes, as a fraction of the image."""
+    return float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+
+
+def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_time, area) -> dict:
+    """The epoch's record, appended to metrics.jsonl and printed; with no path (ranks > 0) only returned."""
+    record = {"epoch": epoch, "loss": loss, "knn_top1": knn, "images_per_sec": images_per_sec, "lr": lr,
+              "epoch_time_s": epoch_time, "box_area": area}  # fmt: skip
+    if path is None:
+        return record
+    append_atomic(path, json.dumps(record))
+    shown = "n/a" if knn is None else f"{100 * knn:.2f}%"
+    click.echo(f"epoch {epoch}: loss {'-' if loss is None else f'{loss:.4f}'}, kNN top-1 {shown}")
+    return record
+
+
+def append_atomic(path: Path, line: str) -> None:
+    """Append a line by rewriting the file through a temporary one: never a half-written metrics line."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text((path.read_text() if path.exists() else "") + line + "\n")
+    os.replace(tmp, path)
+
+
+def remaining_work(cfg: dict, epoch: int, step: int, steps: int, box_updates: list[int], knn: bool) -> dict:
+    """What is left of the run after `step` of `epoch`: training steps, kNN passes (when on, as --knn-every makes
+    them due) and ContrastiveCrop localisation passes."""
+    later = range(epoch + 1, cfg["epochs"] + 1)
+    return {"steps": (cfg["epochs"] - epoch) * steps - step - 1, "knn": sum(knn_due(cfg, e) for e in later) * knn,
+            "boxes": sum(e > epoch for e in box_updates)}  # fmt: skip
+
+
+def duration(seconds: float) -> str:
+    """Seconds in words: 42 s, 3 min 05 s, 2 h 10 min."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class RunClock:
+    """The run's time for the user: one estimate of what is left, made once `ESTIMATE_AFTER` steps of one epoch
+    are timed between two polls (where the loss is read back, so the device has caught up; the first poll comes
+    after the warm-up steps) or at that epoch's end, from the step time and the measured kNN pass; then after
+    each epoch the time so far and left."""
+
+    ESTIMATE_AFTER = 10  # steps
+
+    def __init__(self, echo) -> None:
+        self.echo, self.started = echo, time.perf_counter()
+        self.knn_s: float | None = None
+        self.loop_started = None
+        self.window: tuple[int, float, int] | None = None  # (epoch, time, steps done) at the first poll
+        self.estimated, self.epochs = False, 0
+
+    @contextmanager
+    def timing_knn(self):
+        started = time.perf_counter()
+        yield
+        self.knn_s = time.perf_counter() - started
+
+    def start_loop(self) -> None:
+        self.loop_started = time.perf_counter()
+
+    def polled(self, epoch: int, steps: int, last: bool, remaining: dict, write) -> None:
+        """At a poll after `steps` steps of `epoch` (`last` = its last step), `remaining` as `remaining_work`."""
+        now = time.perf_counter()
+        if self.estimated:
+            return
+        if self.window is None or self.window[0] != epoch:  # time within one epoch: no kNN pass in the window
+            self.window = (epoch, now, steps)
+            return
+        timed = steps - self.window[2]
+        if timed < self.ESTIMATE_AFTER and not last:
+            return
+        self.estimated = True
+        step_s = (now - self.window[1]) / timed
+        passes = remaining["knn"] + remaining["boxes"]
+        total = step_s * remaining["steps"] + (self.knn_s or 0) * passes
+        parts = f"{remaining['steps']} steps at {step_s:.2f} s"
+        if passes and self.knn_s is not None:
+            parts += f" + {passes} evaluation passes of {duration(self.knn_s)}"
+        write(f"estimated time to the end of the run: about {duration(total)} ({parts})")
+
+    def epoch_done(self, epochs_left: int) -> None:
+        self.epochs += 1
+        now = time.perf_counter()
+        per_epoch = (now - self.loop_started) / self.epochs
+        left = f", about {duration(per_epoch * epochs_left)} left" if epochs_left else ""
+        self.echo(f"  {duration(now - self.started)} so far{left}")
