@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from model.config import from_checkpoint
 from model.evaluation import (
     CosineSGD,
     LinearProbe,
@@ -79,9 +80,9 @@ class Setup:
             loader.close()
 
     def record(self, protocol: str, top1: float, top5: float, started: float, **fields) -> dict:
-        cfg = self.state["config"]
+        cfg = from_checkpoint(self.state)
         return {"protocol": protocol, "top1": top1, "top5": top5, **fields, "checkpoint": self.checkpoint,
-                "method": cfg["method"], "pretrain_epochs": self.state.get("epoch"), "arch": cfg["arch"],
+                "method": cfg.method.method, "pretrain_epochs": self.state.get("epoch"), "arch": cfg.model.arch,
                 "image_size": self.options["image_size"], "loader": self.options["loader"],
                 "data": str(self.options["data"]), "train_images": len(self.train), "val_images": len(self.val),
                 "device": str(self.device), "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
@@ -142,14 +143,15 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
         state = load_checkpoint(checkpoint)
     except ValueError as error:
         raise click.ClickException(str(error)) from error
-    cfg = state["config"]
+    cfg = from_checkpoint(state)
+    trained = cfg.to_dict()
     for key in ("data", "loader", "train_limit", "val_limit", "image_size", "batch_size", "seed"):
         if options[key] is None:
-            options[key] = cfg[key]
+            options[key] = trained[key]
     device = torch.device(resolve_device(options["device"]))
     if options["amp"] == "fp16" and device.type != "cuda":
         raise click.BadParameter("fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off", param_hint="--amp")
-    options["amp"], reason = resolve_amp(options["amp"], device, cfg["arch"], options["image_size"])
+    options["amp"], reason = resolve_amp(options["amp"], device, cfg.model.arch, options["image_size"])
     click.echo(describe(options["amp"], reason))
     if not 0 < options["crop_fraction"] <= 1:
         raise click.BadParameter("must be in (0, 1]", param_hint="--crop-fraction")
@@ -160,7 +162,7 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
         raise click.ClickException(str(error)) from error
     if val is None:
         raise click.ClickException(f"{options['data']} has no val split: every protocol scores on it")
-    click.echo(f"{checkpoint}: {cfg['method']} {cfg['arch']} after {state.get('epoch')} epochs; "
+    click.echo(f"{checkpoint}: {cfg.method.method} {cfg.model.arch} after {state.get('epoch')} epochs; "
                f"{len(train)} train / {len(val)} val images from {options['data']} ({options['loader']}), "
                f"{options['image_size']} px, device {device}")  # fmt: skip
     torch.manual_seed(options["seed"])
@@ -319,7 +321,8 @@ def export(checkpoint: Path, out: Path) -> None:
         raise click.ClickException(str(error)) from error
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(weights, out)
-    arch, size = state["config"]["arch"], state["config"]["image_size"]
+    cfg = from_checkpoint(state)
+    arch, size = cfg.model.arch, cfg.data.image_size
     load = f"torchvision.models.{arch}().load_state_dict(torch.load('{out}'), strict=False)"
     click.echo(f"wrote {out}: {len(weights)} tensors of a {arch}; load with {load} (fc stays missing)")
     if size <= 64:

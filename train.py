@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from model import distributed
 from model.backbone import ARCHS
+from model.config import LEGACY, Config, resolve
 from model.distributed import sum_arrays
 from model.localize import localize
 from model.methods import METHODS, method_for
@@ -60,51 +61,51 @@ from pipeline.augment import augment
 from pipeline.backends import BACKENDS, load_splits
 from pipeline.ccrop import update_epochs
 from pipeline.data import ImageList
-from pipeline.device import resolve_device
 from pipeline.pairs import read_pairs
 
 DEFAULT_DATA = Path("data/fashion-mnist")
 KNN_BANK = 131_072  # the kNN monitor's default bank: every image of the CPU-sized default run, 10% of ImageNet
 
 
-def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: ImageList | None) -> list[dict]:
+def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images: ImageList | None) -> list[dict]:
     """The run: loaders, model, the kNN monitor before training, then the epochs with their checkpoints, box
     updates and metrics; stops with a checkpoint on SIGTERM/SIGINT. Returns the metrics records."""
-    cuda = cfg["device"].startswith("cuda")
+    cuda = cfg.run.device.startswith("cuda")
     rank, world, local_rank = distributed.init_from_env(cuda)
-    device = torch.device("cuda", local_rank) if cuda and world > 1 else torch.device(cfg["device"])
+    device = torch.device("cuda", local_rank) if cuda and world > 1 else torch.device(cfg.run.device)
     if cuda:
         use_cuda(device)
     main_rank = rank == 0  # the only one that prints and writes
     echo = click.echo if main_rank else lambda *args, **kwargs: None
-    out = Path(cfg["out"])
-    torch.manual_seed(cfg["seed"])
+    out = Path(cfg.run.out)
+    torch.manual_seed(cfg.run.seed)
     if world > 1:
-        echo(f"{world} processes ({'nccl' if cuda else 'gloo'}), {cfg['batch_size'] // world} images per rank and step")
+        per_rank = cfg.optimisation.batch_size // world
+        echo(f"{world} processes ({'nccl' if cuda else 'gloo'}), {per_rank} images per rank and step")
     echo(
-        f"data {cfg['data']}: {len(train_images)} train images"
+        f"data {cfg.data.data}: {len(train_images)} train images"
         + (f", {len(val_images)} val images" if val_images else ", no val split (kNN off)")
-        + f", {len(train_images.classes)} classes; device {device}, loader {cfg['loader']}"
+        + f", {len(train_images.classes)} classes; device {device}, loader {cfg.data.loader}"
     )
-    method = method_for(cfg["method"], cfg["symmetric"], cfg["attract_all"])
-    pairs = read_pairs(cfg["pairs"], len(train_images)) if method.pairs else None
+    method = method_for(cfg.method.method, cfg.method.symmetric, cfg.method.attract_all)
+    pairs = read_pairs(cfg.method.pairs, len(train_images)) if method.pairs else None
     if pairs is not None:
-        echo(f"SePP-ID: {len(pairs)} semantic pairs from {cfg['pairs']} added to the {len(train_images)} images")
+        echo(f"SePP-ID: {len(pairs)} semantic pairs from {cfg.method.pairs} added to the {len(train_images)} images")
     loaders = make_loaders(cfg, method, pairs, train_images, val_images, device, rank, world)
     loader = loaders.train
     if val_images:
         echo(f"kNN monitor: a bank of {len(loaders.bank.images)} of the {len(train_images)} training images "
              f"(--knn-bank), {'float16' if device.type == 'cuda' else 'float32'} on {device}, after every "
-             f"{cfg['knn_every']} epoch(s) and the last")  # fmt: skip
-    ccrop = cfg["crop"] == "ccrop"
-    box_updates = update_epochs(cfg["epochs"], cfg["ccrop_warmup"], cfg["ccrop_interval"]) if ccrop else []
+             f"{cfg.run.knn_every} epoch(s) and the last")  # fmt: skip
+    ccrop, epochs = cfg.method.crop == "ccrop", cfg.optimisation.epochs
+    box_updates = update_epochs(epochs, cfg.method.ccrop_warmup, cfg.method.ccrop_interval) if ccrop else []
 
     model = build_model(cfg, device)
     settle_amp(cfg, device, model.query_encoder.backbone)
-    echo(describe(cfg["amp"], cfg["amp_auto"]))
+    echo(describe(cfg.optimisation.amp, cfg.optimisation.amp_auto))
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     optimizer, scaler = optimizer_and_scaler(cfg, model, device)
     if world > 1:
         model.distribute([local_rank] if cuda else None)
@@ -136,17 +137,17 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
 
     clock.start_loop()
     with StopSignals() as signals:
-        for epoch in range(start_epoch, cfg["epochs"]):
+        for epoch in range(start_epoch, epochs):
             skip = start_step if epoch == start_epoch else 0  # batches an interrupted run already trained on
             if epoch in box_updates and not skip:
-                context = partial(autocast, device, cfg["amp"])
+                context = partial(autocast, device, cfg.optimisation.amp)
                 # Each rank boxes its part of the images (zeros elsewhere): the sum over ranks is every box.
-                loader.boxes = sum_arrays(localize(model.query_encoder, loaders.boxes, cfg["ccrop_k"], context))
+                loader.boxes = sum_arrays(localize(model.query_encoder, loaders.boxes, cfg.method.ccrop_k, context))
                 if main_rank:
                     np.save(out / "boxes.npy", loader.boxes)
                 echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}")
             # Per rank: its own augmentation draws (the key shuffle over ranks uses rank 0's).
-            generator = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch + 7_919 * rank)
+            generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + epoch + 7_919 * rank)
             model.train()
             total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
             if skip:  # this rank's own draws and sums where the interrupted run stopped
@@ -155,7 +156,7 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
                 total_loss += loss_sum
                 started -= elapsed
             bar = tqdm(loader.epoch(epoch, skip), total=len(loader), initial=skip, unit="batch",
-                       desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not main_rank)  # fmt: skip
+                       desc=f"epoch {epoch + 1}/{epochs}", disable=not main_rank)  # fmt: skip
             for step, batch in enumerate(bar, start=skip):
                 lr = learning_rate(cfg, epoch, (step + 1) / len(loader))
                 for group in optimizer.param_groups:
@@ -196,7 +197,7 @@ def train(cfg: dict, resume: dict | None, train_images: ImageList, val_images: I
             area = None if loader.boxes is None else box_area(loader.boxes)
             record = (epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
             history.append(log_epoch(metrics_path if main_rank else None, *record))
-            clock.epoch_done(cfg["epochs"] - epoch - 1)
+            clock.epoch_done(epochs - epoch - 1)
     loaders.close()
     if world > 1:
         torch.distributed.barrier()  # rank 0's checkpoint is complete before anyone leaves
@@ -405,80 +406,39 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
         except ValueError as error:
             raise click.ClickException(str(error)) from error
         given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-        options = {**state["config"], **{k: options[k] for k in given}}
-        if state["config"].get("amp_auto") and "amp" not in given:
+        saved = {**LEGACY, **state["config"]}  # checkpoints from before an option existed ran with LEGACY's value
+        options = {**saved, **{k: options[k] for k in given}}
+        if saved.get("amp_auto") and "amp" not in given:
             options["amp"] = "auto"  # chosen by the hardware: choose again on the machine that resumes
         options["out"] = options["out"] if "out" in given else str(resume.parent)
     saved_world = options.get("world_size", 1)
-    cfg = resolve(options)
-    if resume is not None and cfg["world_size"] != saved_world:
+    try:
+        cfg = resolve(options)
+    except ValueError as error:  # a setting this version does not know, in the checkpoint's config
+        raise click.ClickException(f"{resume}: {error}" if resume is not None else str(error)) from error
+    if resume is not None and cfg.run.world_size != saved_world:
         raise click.ClickException(
             f"{resume} was trained by {saved_world} process(es); resume it with as many "
-            f"(this run has {cfg['world_size']}): the sample shards and the queue depend on it"
+            f"(this run has {cfg.run.world_size}): the sample shards and the queue depend on it"
         )
-    require_backend(cfg["loader"])  # DALI and FFCV are optional: say how to install one before indexing any data
+    require_backend(cfg.data.loader)  # DALI and FFCV are optional: say how to install one before indexing any data
     try:
-        splits = load_splits(cfg["data"], cfg["loader"], cfg["train_limit"], cfg["val_limit"], cfg["seed"],
-                             cfg["skip_bad"])  # fmt: skip
+        splits = load_splits(cfg.data.data, cfg.data.loader, cfg.data.train_limit, cfg.data.val_limit, cfg.run.seed,
+                             cfg.data.skip_bad)  # fmt: skip
         for split in splits:
             for path, reason in split.skipped if split is not None else ():
                 click.echo(f"skipped {path}: {reason}", err=True)
-        if cfg["pairs"] is not None:
-            read_pairs(cfg["pairs"], len(splits[0]))  # a clear error now rather than a trace later
+        if cfg.method.pairs is not None:
+            read_pairs(cfg.method.pairs, len(splits[0]))  # a clear error now rather than a trace later
     except (FileNotFoundError, ValueError) as error:
         hint = ""
-        if Path(cfg["data"]) == DEFAULT_DATA and not DEFAULT_DATA.is_dir():
+        if Path(cfg.data.data) == DEFAULT_DATA and not DEFAULT_DATA.is_dir():
             hint = " (prepare it with: python -m pipeline.fashion_mnist data/fashion-mnist)"
         raise click.ClickException(f"{error}{hint}") from error
     history = train(cfg, state, *splits)
     final = history[-1]["knn_top1"] if history else None
     if final is not None and os.environ.get("RANK", "0") == "0":
-        click.echo(f"final kNN top-1: {100 * final:.2f}% (run directory {cfg['out']})")
-
-
-def resolve(options: dict) -> dict:
-    """Fill the automatic defaults and check combinations; the result is what config.json records."""
-    cfg = dict(options)
-    # Checkpoints from before these options existed ran with what they now default to.
-    for key, value in (("pairs", None), ("symmetric", False), ("attract_all", False), ("original", "whole"),
-                       ("color_jitter", True), ("grayscale", True), ("skip_bad", False), ("knn_every", 1),
-                       ("knn_bank", 0), ("compile", False)):  # fmt: skip
-        cfg.setdefault(key, value)
-    cfg.pop("amp_auto", None)  # settled again by train()
-    cfg["device"] = resolve_device(cfg["device"])
-    if cfg["blur"] is None:
-        cfg["blur"] = cfg["image_size"] > 64
-    for key in ("ccrop_warmup", "ccrop_interval"):  # the paper: 20 of 100 epochs each
-        if cfg[key] is None:
-            cfg[key] = max(1, round(0.2 * cfg["epochs"]))
-    if cfg["out"] is None:
-        cfg["out"] = f"runs/{cfg['method']}-{cfg['loader']}"
-    cfg["data"], cfg["out"] = str(cfg["data"]), str(cfg["out"])
-    if cfg["amp"] == "fp16" and cfg["device"] == "cpu":
-        raise click.BadParameter("fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off", param_hint="--amp")
-    try:
-        method = method_for(cfg["method"], cfg["symmetric"], cfg["attract_all"])
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--symmetric/--attract-all") from error
-    if cfg["original"] == "random-crop" and "original" not in method.views:
-        raise click.BadParameter(f"--method {cfg['method']} has no original view", param_hint="--original")
-    if method.pairs != (cfg["pairs"] is not None):
-        raise click.BadParameter("--method sepp needs --pairs, and only it takes them", param_hint="--pairs")
-    if cfg["pairs"] is not None:
-        cfg["pairs"] = str(cfg["pairs"])
-    if cfg["queue_size"] % cfg["batch_size"]:  # MoCo's rule: the queue turns over in whole batches
-        raise click.BadParameter(f"must be a multiple of --batch-size ({cfg['batch_size']})", param_hint="--queue-size")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; --batch-size is the global batch
-    cfg["world_size"] = world
-    if cfg["bn_splits"] is None:  # MoCo's choice by topology: shuffle BN across ranks, else split BN
-        cfg["bn_splits"] = 1 if world > 1 else 8
-    if cfg["batch_size"] % world:
-        raise click.BadParameter(f"must be a multiple of the {world} processes", param_hint="--batch-size")
-    if cfg["batch_size"] // world % cfg["bn_splits"]:
-        per_rank = f" per process ({world})" if world > 1 else ""
-        raise click.BadParameter(f"must be a multiple of --bn-splits ({cfg['bn_splits']}){per_rank}",
-                                 param_hint="--batch-size")  # fmt: skip
-    return cfg
+        click.echo(f"final kNN top-1: {100 * final:.2f}% (run directory {cfg.run.out})")
 
 
 if __name__ == "__main__":

@@ -36,16 +36,17 @@ import click
 import numpy as np
 import torch
 
-import train
 from benchmarks.loaders import delivered
 from benchmarks.photos import SYNTHETIC_SIZES, write_photos
 from benchmarks.train_step import Runner, device_name
 from model.backbone import ARCHS
+from model.config import Config, resolve
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, resolve_amp
 from model.training import augment_config, loader_views
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import ImageList
+from pipeline.device import resolve_device
 from pipeline.loader import Loader, machine_workers
 
 # train.py's settings per machine: the paper's ImageNet recipe on a GPU, train.py's own defaults on a CPU. The
@@ -195,21 +196,21 @@ def beton_for(images: ImageList, work: Path, name: str, max_resolution: int, tin
     return load_splits(beton, "ffcv")[0]
 
 
-def loader_rate(backend: str, images, cfg: dict, workers: int, device, seconds: float, clock: Clock) -> dict:
+def loader_rate(backend: str, images, cfg: Config, workers: int, device, seconds: float, clock: Clock) -> dict:
     """Build `backend`'s loader at `workers`, take a first batch, then time loader-only img/s (views augmented
     on the device as train.py does). Returns the row, with "error" instead of a rate if it does not run."""
     row = {"loader": backend, "workers": workers}
     started = time.perf_counter()
-    views = loader_views(METHODS[cfg["method"]])
+    views = loader_views(METHODS[cfg.method.method])
     try:
         loader = make_loader(
             backend,
             images,
-            image_size=cfg["image_size"],
-            batch_size=cfg["batch_size"],
+            image_size=cfg.data.image_size,
+            batch_size=cfg.optimisation.batch_size,
             device=device,
             train=True,
-            seed=cfg["seed"],
+            seed=cfg.run.seed,
             workers=workers,
             views=views,
         )
@@ -217,7 +218,7 @@ def loader_rate(backend: str, images, cfg: dict, workers: int, device, seconds: 
         return {**row, "error": reason(error)}
     batches = forever(loader)
     try:
-        aug, generator = augment_config(cfg), torch.Generator(device=device).manual_seed(cfg["seed"])
+        aug, generator = augment_config(cfg), torch.Generator(device=device).manual_seed(cfg.run.seed)
         step = lambda: len(delivered(next(batches), aug, generator)[0])
         step()
         sync(device)
@@ -235,20 +236,20 @@ def loader_rate(backend: str, images, cfg: dict, workers: int, device, seconds: 
     return row
 
 
-def step_rates(cfg: dict, images, device, seconds: float, steps: tuple, clock: Clock, compute: bool = True) -> dict:
+def step_rates(cfg: Config, images, device, seconds: float, steps: tuple, clock: Clock, compute: bool = True) -> dict:
     """Compute-only (if `compute`) and end-to-end img/s of train.py's step through benchmarks.train_step's
     Runner, fed by cfg's loader and workers; `steps` = (untimed, least timed) steps per measurement."""
     warmup, least = steps
-    runner = Runner(cfg, cfg["method"], images, device)
+    runner = Runner(cfg, cfg.method.method, images, device)
     rates = {}
     try:
         if compute:
             rates["compute"] = measure(lambda: runner.step(end_to_end=False), device, seconds, warmup, least)
             rate = rates["compute"]["images_per_sec"]
-            clock.say(f"compute only {cfg['arch']}, {cfg['method']}: {rate:9.1f} img/s")
+            clock.say(f"compute only {cfg.model.arch}, {cfg.method.method}: {rate:9.1f} img/s")
         rates["end_to_end"] = measure(lambda: runner.step(end_to_end=True), device, seconds, warmup, least)
         rate = rates["end_to_end"]["images_per_sec"]
-        clock.say(f"end to end   {cfg['loader']:11s} --workers {cfg['workers']:<3d} {rate:9.1f} img/s")
+        clock.say(f"end to end   {cfg.data.loader:11s} --workers {cfg.data.workers:<3d} {rate:9.1f} img/s")
     finally:
         runner.batches.close()
         runner.loader.close()
@@ -427,16 +428,12 @@ def main(
     json_path,
 ) -> None:
     """Is my GPU starved? Loader-only, compute-only and end-to-end img/s on this machine, and a verdict."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("torch sees no CUDA device here", param_hint="--device")
     setting = "tiny" if tiny else dev.type
     clock = Clock(budget_s or (20.0 if tiny else 300.0))
     count = images or IMAGES[setting]
     backends = list(dict.fromkeys([*backends, loader]))  # the training loader is always measured alone too
-    defaults = {p.name: p.default for p in train.main.params if p.name not in ("resume", "help")}
     given = dict(
         method=method,
         arch=arch,
@@ -446,16 +443,16 @@ def main(
         bn_splits=bn_splits,
         workers=workers,
     )
-    options = {**defaults, **RECIPES[setting], **{k: v for k, v in given.items() if v is not None}}
+    options = {**Config().to_dict(), **RECIPES[setting], **{k: v for k, v in given.items() if v is not None}}
     # The queue's size barely changes a step's cost; MoCo needs it to be whole batches.
     options["queue_size"] = -(-options["queue_size"] // options["batch_size"]) * options["batch_size"]
-    cfg = train.resolve({**options, "loader": loader, "data": str(data), "device": device, "seed": seed})
-    cfg["workers"] = machine_workers() if cfg["workers"] is None else cfg["workers"]
-    cfg["amp"], _ = resolve_amp(cfg["amp"], dev, cfg["arch"], cfg["image_size"])
+    cfg = resolve({**options, "loader": loader, "data": str(data), "device": device, "seed": seed})
+    cfg.data.workers = machine_workers() if cfg.data.workers is None else cfg.data.workers
+    cfg.optimisation.amp, _ = resolve_amp(cfg.optimisation.amp, dev, cfg.model.arch, cfg.data.image_size)
     views = loader_views(METHODS[method])
     clock.say(
-        f"{device_name(dev)}; {method} ({views} views), {cfg['arch']}, {cfg['image_size']} px, batch "
-        f"{cfg['batch_size']}, amp {cfg['amp']}; budget {clock.budget:.0f} s"
+        f"{device_name(dev)}; {method} ({views} views), {cfg.model.arch}, {cfg.data.image_size} px, batch "
+        f"{cfg.optimisation.batch_size}, amp {cfg.optimisation.amp}; budget {clock.budget:.0f} s"
     )
     temporary = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="doctor-")) if temporary else work_dir
@@ -471,8 +468,8 @@ def main(
     click.echo("")
     click.echo(
         f"Is the {report['device_type']} starved? {report['device']}; {report['data']['images']} "
-        f"{report['data']['source']} JPEGs; {method}, {cfg['arch']}, {cfg['image_size']} px, batch "
-        f"{cfg['batch_size']}, amp {cfg['amp']}"
+        f"{report['data']['source']} JPEGs; {method}, {cfg.model.arch}, {cfg.data.image_size} px, batch "
+        f"{cfg.optimisation.batch_size}, amp {cfg.optimisation.amp}"
     )
     for name, row in report["backends"].items():
         shown = f"{row['images_per_sec']:9.1f} img/s loader only" if "images_per_sec" in row else "does not run"
@@ -497,11 +494,12 @@ def diagnose(
 ) -> dict:
     """Every measurement, in budget order; returns the JSON report (without elapsed_s)."""
     try:
-        folder, images, source = prepare_images(data, work, count, cfg["seed"], tiny, clock)
+        folder, images, source = prepare_images(data, work, count, cfg.run.seed, tiny, clock)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error
-    if len(images) < cfg["batch_size"]:
-        raise click.ClickException(f"{len(images)} images cannot fill a batch of {cfg['batch_size']}: more --images")
+    batch = cfg.optimisation.batch_size
+    if len(images) < batch:
+        raise click.ClickException(f"{len(images)} images cannot fill a batch of {batch}: more --images")
     sizes = np.stack([images.widths, images.heights], axis=1)
     data_info = {
         "path": str(folder),
@@ -519,13 +517,13 @@ def diagnose(
     if "ffcv" in backends:
         try:
             if ffcv_data is not None:
-                per_backend["ffcv"] = load_splits(ffcv_data, "ffcv", count, val_limit=1, seed=cfg["seed"])[0]
+                per_backend["ffcv"] = load_splits(ffcv_data, "ffcv", count, val_limit=1, seed=cfg.run.seed)[0]
             else:
                 per_backend["ffcv"] = beton_for(images, work, folder.name, ffcv_max_resolution, tiny, clock)
         except Exception as error:  # FFCV not importing, a conversion failing: FFCV does not run here
             per_backend["ffcv"] = reason(error)
     least, most = SLICE_S[setting]
-    sweep_guess = len(sweep_values(cfg["workers"], tiny)) if sweep else 2
+    sweep_guess = len(sweep_values(cfg.data.workers, tiny)) if sweep else 2
 
     def slice_s(measurements_left: int) -> float:
         return float(np.clip(clock.left() / (measurements_left + 1), least, most))
@@ -535,10 +533,10 @@ def diagnose(
     for k, backend in enumerate(backends):
         target = per_backend[backend]
         if isinstance(target, str):
-            rows[backend] = {"loader": backend, "workers": cfg["workers"], "error": target}
+            rows[backend] = {"loader": backend, "workers": cfg.data.workers, "error": target}
         else:
             seconds = slice_s(len(backends) - k + 2 + sweep_guess)
-            rows[backend] = loader_rate(backend, target, cfg, cfg["workers"], dev, seconds, clock)
+            rows[backend] = loader_rate(backend, target, cfg, cfg.data.workers, dev, seconds, clock)
         if "error" in rows[backend]:
             clock.say(f"backend      {backend:11s} does not run: {rows[backend]['error']}")
         rows[backend]["note"] = {
@@ -552,11 +550,11 @@ def diagnose(
             "no loader backend runs here: " + "; ".join(f"{b}: {rows[b]['error']}" for b in rows)
         )
     fastest = max(running, key=lambda b: rows[b]["images_per_sec"])
-    e2e_loader = cfg["loader"] if cfg["loader"] in running else fastest
-    if e2e_loader != cfg["loader"]:
-        clock.say(f"--loader {cfg['loader']} does not run here: end to end with the fastest, {fastest}")
+    e2e_loader = cfg.data.loader if cfg.data.loader in running else fastest
+    if e2e_loader != cfg.data.loader:
+        clock.say(f"--loader {cfg.data.loader} does not run here: end to end with the fastest, {fastest}")
     # Compute only and end to end, with the training loader.
-    run_cfg = {**cfg, "loader": e2e_loader}
+    run_cfg = cfg.replace(loader=e2e_loader)
     try:
         rates = step_rates(run_cfg, per_backend[e2e_loader], dev, slice_s(2 + sweep_guess), STEPS[setting], clock)
     except torch.OutOfMemoryError as error:
@@ -572,7 +570,7 @@ def diagnose(
     # The workers sweep on the fastest backend, fewest workers first, until one is enough.
     sweep_rows, stopped = [], None
     if sweep or (sweep is None and verdict["bound"] == "loader"):
-        values = [w for w in sweep_values(cfg["workers"], tiny) if w != cfg["workers"]]
+        values = [w for w in sweep_values(cfg.data.workers, tiny) if w != cfg.data.workers]
         for k, w in enumerate(values):
             setup = rows[fastest].get("first_batch_s", 0)
             if clock.left() < setup + least:
@@ -593,7 +591,7 @@ def diagnose(
         "device": device_name(dev),
         "device_type": "GPU" if dev.type == "cuda" else "CPU",
         "config": {
-            k: cfg[k]
+            k: cfg.to_dict()[k]
             for k in (
                 "method",
                 "arch",
@@ -607,21 +605,21 @@ def diagnose(
                 "seed",
             )
         },
-        "views": loader_views(METHODS[cfg["method"]]),
+        "views": loader_views(METHODS[cfg.method.method]),
         "budget_s": clock.budget,
         "data": data_info,
         "backends": rows,
         "compute_only_images_per_sec": compute,
         "compute_only": rates["compute"],
-        "end_to_end": {"loader": e2e_loader, "workers": cfg["workers"], **rates["end_to_end"]},
+        "end_to_end": {"loader": e2e_loader, "workers": cfg.data.workers, **rates["end_to_end"]},
         "sweep": sweep_rows,
         "sweep_stopped": stopped,
         "confirmed": None,
     }
     fix = verdict["fix"]
-    if fix is not None and (fix["loader"], fix["workers"]) != (e2e_loader, cfg["workers"]):
+    if fix is not None and (fix["loader"], fix["workers"]) != (e2e_loader, cfg.data.workers):
         if clock.left() > least + rows[fix["loader"]].get("first_batch_s", 0):
-            fixed_cfg = {**cfg, "loader": fix["loader"], "workers": fix["workers"]}
+            fixed_cfg = cfg.replace(loader=fix["loader"], workers=fix["workers"])
             try:
                 confirmed = step_rates(
                     fixed_cfg, per_backend[fix["loader"]], dev, slice_s(1), STEPS[setting], clock, compute=False

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import train
 from model.backbone import resnet
+from model.config import Config, DataConfig, resolve
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from model.training import build, loader_views, optimize
@@ -100,8 +100,8 @@ class Runner(Timed):
     """One method's model and loader. A runner made `like` another shares its loader and compute-only batch
     (compute only: a second model, e.g. compiled, on the same data)."""
 
-    def __init__(self, cfg: dict, method: str, images, device: torch.device, like: Runner | None = None) -> None:
-        torch.manual_seed(cfg["seed"])
+    def __init__(self, cfg: Config, method: str, images, device: torch.device, like: Runner | None = None) -> None:
+        torch.manual_seed(cfg.run.seed)
         self.cfg, self.method, self.device = cfg, METHODS[method], device
         self.model, self.optimizer, self.scaler = build(cfg, device)
         if like is not None:
@@ -109,11 +109,11 @@ class Runner(Timed):
             self.batches, self.fixed = None, like.fixed
             return
         views = loader_views(self.method)
-        sizes = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"])
-        self.loader = make_loader(cfg["loader"], images, device=device, train=True, seed=cfg["seed"],
-                                  workers=cfg["workers"], views=views, **sizes)  # fmt: skip
-        self.aug = AugmentConfig(blur_p=0.5 if cfg["blur"] else 0.0)
-        self.generator = torch.Generator(device=device).manual_seed(cfg["seed"])
+        sizes = dict(image_size=cfg.data.image_size, batch_size=cfg.optimisation.batch_size)
+        self.loader = make_loader(cfg.data.loader, images, device=device, train=True, seed=cfg.run.seed,
+                                  workers=cfg.data.workers, views=views, **sizes)  # fmt: skip
+        self.aug = AugmentConfig(blur_p=0.5 if cfg.method.blur else 0.0)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
         self.batches = self._forever()
         self.fixed = self._augmented(next(self.batches))  # the compute-only batch
 
@@ -135,20 +135,20 @@ class Yardstick(Timed):
     1000-way classifier: forward + backward + SGD on a fixed batch of random images and labels, as
     channels_last and under the same autocast as train.py's step."""
 
-    def __init__(self, cfg: dict, device: torch.device) -> None:
-        torch.manual_seed(cfg["seed"])
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        torch.manual_seed(cfg.run.seed)
         self.cfg, self.device = cfg, device
-        net, dim = resnet(cfg["arch"], cfg["image_size"])
+        net, dim = resnet(cfg.model.arch, cfg.data.image_size)
         net.fc = nn.Linear(dim, 1000)
         self.net = net.to(device, memory_format=torch.channels_last).train()
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
-        size, batch = cfg["image_size"], cfg["batch_size"]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.optimisation.amp == "fp16")
+        size, batch = cfg.data.image_size, cfg.optimisation.batch_size
         self.images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
         self.labels = torch.randint(1000, (batch,), device=device)
 
     def step(self, end_to_end: bool) -> int:
-        with autocast(self.device, self.cfg["amp"]):
+        with autocast(self.device, self.cfg.optimisation.amp):
             loss = F.cross_entropy(self.net(self.images), self.labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -159,7 +159,7 @@ class Yardstick(Timed):
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--loader", type=click.Choice(BACKENDS), default="dali")
-@click.option("--data", type=click.Path(exists=True, path_type=Path), default=train.DEFAULT_DATA,
+@click.option("--data", type=click.Path(exists=True, path_type=Path), default=Path(DataConfig.data),
               help="As train.py's --data (a .beton folder or file for --loader ffcv).")  # fmt: skip
 @click.option("--arch", default=None, help="[default: train.py's]")
 @click.option("--image-size", type=click.IntRange(8), default=None, help="[default: train.py's]")
@@ -194,19 +194,18 @@ class Yardstick(Timed):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def main(loader, data, device, steps, warmup, rounds, yardstick, compiled, json_path, **overrides) -> None:
     """Training images/sec per method, end to end and compute only, and the LeOCLR / MoCo-v2 ratios."""
-    defaults = {p.name: p.default for p in train.main.params if p.name not in ("resume", "help")}
     given = {k: v for k, v in overrides.items() if v is not None}
-    cfg = train.resolve({**defaults, **given, "loader": loader, "data": data, "device": device})
-    dev = torch.device(cfg["device"])
-    cfg["amp"], why = resolve_amp(cfg["amp"], dev, cfg["arch"], cfg["image_size"])
-    click.echo(describe(cfg["amp"], why))
-    images, _ = load_splits(cfg["data"], loader, cfg["train_limit"], val_limit=1, seed=cfg["seed"])
+    cfg = resolve({**given, "loader": loader, "data": data, "device": device})
+    dev = torch.device(cfg.run.device)
+    cfg.optimisation.amp, why = resolve_amp(cfg.optimisation.amp, dev, cfg.model.arch, cfg.data.image_size)
+    click.echo(describe(cfg.optimisation.amp, why))
+    images, _ = load_splits(cfg.data.data, loader, cfg.data.train_limit, val_limit=1, seed=cfg.run.seed)
     runners = {name: Runner(cfg, name, images, dev) for name in ("mocov2", "leoclr")}
     timed = [(name, runner, mode) for name, runner in runners.items() for mode in ("e2e", "compute")]
     result: dict = {}
     if compiled:
         for name, runner in runners.items():
-            twin = Runner({**cfg, "compile": True}, name, images, dev, like=runner)
+            twin = Runner(cfg.replace(compile=True), name, images, dev, like=runner)
             result[f"{name}_compile_seconds"] = twin.first_step_seconds()
             click.echo(f"{name} compiled: first step {result[f'{name}_compile_seconds']:.1f} s")
             timed.append((f"{name}_compiled", twin, "compute"))
@@ -232,7 +231,7 @@ def main(loader, data, device, steps, warmup, rounds, yardstick, compiled, json_
             "device": device_name(dev),
             "loader": loader,
             "rounds": rates,
-            "config": {**{k: cfg[k] for k in CONFIG_KEYS}, "workers": runners["leoclr"].loader.workers},
+            "config": {**{k: cfg.to_dict()[k] for k in CONFIG_KEYS}, "workers": runners["leoclr"].loader.workers},
         }
     )
     for name in runners:
@@ -268,9 +267,9 @@ def bounds(stick: Yardstick, runners: dict[str, Runner], stick_rate: float, medi
     unit = stick.flops_per_image() / 3
     cfg = stick.cfg
     click.echo(
-        f"yardstick: supervised {cfg['arch']} forward + backward, {cfg['image_size']} px, batch "
-        f"{cfg['batch_size']}, amp {cfg['amp']}: {stick_rate:.1f} img/s; 1 unit = {unit / 1e9:.3f} GFLOP "
-        f"per image (FlopCounterMode: the yardstick's step / 3)"
+        f"yardstick: supervised {cfg.model.arch} forward + backward, {cfg.data.image_size} px, batch "
+        f"{cfg.optimisation.batch_size}, amp {cfg.optimisation.amp}: {stick_rate:.1f} img/s; "
+        f"1 unit = {unit / 1e9:.3f} GFLOP per image (FlopCounterMode: the yardstick's step / 3)"
     )
     out = {"yardstick_images_per_sec": stick_rate, "unit_gflop_per_image": unit / 1e9}
     for name, runner in runners.items():

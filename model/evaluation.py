@@ -11,6 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model.backbone import resnet
+from model.config import from_checkpoint
 from model.distributed import is_main
 from model.precision import autocast
 from pipeline.augment import normalize
@@ -127,7 +128,7 @@ def backbone_weights(state: dict) -> dict[str, torch.Tensor]:
 def load_backbone(state: dict) -> tuple[nn.Module, int]:
     """The checkpoint's query backbone (N, 3, S, S) -> (N, D), with plain batch norm (split BN is a training
     device only; its parameters and statistics are those of BatchNorm2d). Returns (net, D) on the CPU."""
-    cfg = state["config"]
-    net, dim = resnet(cfg["arch"], cfg["image_size"], bn_splits=1)
+    cfg = from_checkpoint(state)
+    net, dim = resnet(cfg.model.arch, cfg.data.image_size, bn_splits=1)
     net.load_state_dict(backbone_weights(state))
     return net, dim

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.config import from_checkpoint
 from model.moco import Encoder
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from model.training import load_checkpoint
@@ -36,7 +37,8 @@ def sampler_encoder(state: dict, random_init: bool = False, seed: int = 0) -> En
     """The checkpoint's query encoder with its projection head (plain BN), or with `random_init` a seeded fresh
     one of the same architecture."""
     torch.manual_seed(seed)
-    encoder = Encoder(state["config"]["arch"], state["config"]["image_size"], bn_splits=1)
+    cfg = from_checkpoint(state)
+    encoder = Encoder(cfg.model.arch, cfg.data.image_size, bn_splits=1)
     if not random_init:
         prefix = "query_encoder."
         encoder.load_state_dict({k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)})
@@ -88,12 +90,12 @@ def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block,
         state = load_checkpoint(checkpoint)
     except ValueError as error:
         raise click.ClickException(str(error)) from error
-    cfg = state["config"]
-    data, loader = data or cfg["data"], loader or cfg["loader"]
-    train_limit = cfg["train_limit"] if train_limit is None else train_limit
-    seed, image_size = cfg["seed"] if seed is None else seed, image_size or cfg["image_size"]
+    cfg = from_checkpoint(state)
+    data, loader = data or cfg.data.data, loader or cfg.data.loader
+    train_limit = cfg.data.train_limit if train_limit is None else train_limit
+    seed, image_size = cfg.run.seed if seed is None else seed, image_size or cfg.data.image_size
     device = torch.device(resolve_device(device))
-    amp, reason = resolve_amp(amp, device, cfg["arch"], image_size)
+    amp, reason = resolve_amp(amp, device, cfg.model.arch, image_size)
     click.echo(describe(amp, reason))
     try:
         train, _ = load_splits(data, loader, train_limit, 0, seed)
@@ -102,7 +104,7 @@ def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block,
         raise click.ClickException(str(error)) from error
     encoder = sampler_encoder(state, random_init, seed).to(device, memory_format=torch.channels_last).eval()
     images = select(train, chosen)
-    passes = make_loader(loader, images, image_size=image_size, batch_size=batch_size or cfg["batch_size"],
+    passes = make_loader(loader, images, image_size=image_size, batch_size=batch_size or cfg.optimisation.batch_size,
                          device=device, train=False, workers=workers)  # fmt: skip
     embeddings = []
     with torch.no_grad():
@@ -115,7 +117,7 @@ def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block,
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, pairs.astype(np.int64))
     report = {
-        "checkpoint": str(checkpoint), "random_init": random_init, "method": cfg["method"],
+        "checkpoint": str(checkpoint), "random_init": random_init, "method": cfg.method.method,
         "pretrain_epochs": 0 if random_init else state.get("epoch"),
         "data": str(data), "train_limit": train_limit, "seed": seed, "train_images": len(train),
         "images_embedded": len(chosen), "low": low, "high": high, "pairs": len(pairs),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from model import distributed
+from model.config import Config
 from model.distributed import gather, gather_to_main
 from model.evaluation import extract_features
 from model.knn import knn_top1
@@ -32,46 +33,51 @@ from pipeline.data import ImageList, select, subset
 from pipeline.loader import Loader
 
 
-def build(cfg: dict, device: torch.device) -> tuple[MomentumContrast, torch.optim.Optimizer, torch.amp.GradScaler]:
+def build(cfg: Config, device: torch.device) -> tuple[MomentumContrast, torch.optim.Optimizer, torch.amp.GradScaler]:
     """The model (channels_last on `device`), its SGD optimizer and the gradient scaler (fp16 only)."""
     model = build_model(cfg, device)
     return model, *optimizer_and_scaler(cfg, model, device)
 
 
-def build_model(cfg: dict, device: torch.device) -> MomentumContrast:
+def build_model(cfg: Config, device: torch.device) -> MomentumContrast:
+    settings = cfg.model
     model = MomentumContrast(
-        cfg["arch"], cfg["image_size"], queue_size=cfg["queue_size"], momentum=cfg["moco_momentum"],
-        bn_splits=cfg["bn_splits"],
+        settings.arch, cfg.data.image_size, queue_size=settings.queue_size, momentum=settings.moco_momentum,
+        bn_splits=settings.bn_splits,
     ).to(device, memory_format=torch.channels_last)  # fmt: skip
-    if cfg.get("compile"):  # in place: the state dict keeps its keys
+    if settings.compile:  # in place: the state dict keeps its keys
         model.query_encoder.compile()
         model.key_encoder.compile()
     return model
 
 
 def optimizer_and_scaler(
-    cfg: dict, model: MomentumContrast, device: torch.device
+    cfg: Config, model: MomentumContrast, device: torch.device
 ) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
     """SGD on the query encoder and the gradient scaler (on only for fp16: cfg's amp must be settled)."""
     optimizer = torch.optim.SGD(
-        model.query_encoder.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"]
+        model.query_encoder.parameters(),
+        lr=cfg.optimisation.lr,
+        momentum=0.9,
+        weight_decay=cfg.optimisation.weight_decay,
     )
-    return optimizer, torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+    return optimizer, torch.amp.GradScaler(device.type, enabled=cfg.optimisation.amp == "fp16")
 
 
-def settle_amp(cfg: dict, device: torch.device, backbone: torch.nn.Module) -> None:
-    """Resolve `--amp auto` in cfg: "amp" becomes the precision chosen here for `backbone` and "amp_auto" the
+def settle_amp(cfg: Config, device: torch.device, backbone: torch.nn.Module) -> None:
+    """Resolve `--amp auto` in cfg: its amp becomes the precision chosen here for `backbone` and amp_auto the
     reason (None when --amp forced it). With several processes rank 0's choice holds for all: they must agree."""
-    choice = list(resolve_amp(cfg["amp"], device, cfg["arch"], cfg["image_size"], backbone))
-    if distributed.active() and cfg["amp"] == "auto":
+    choice = list(resolve_amp(cfg.optimisation.amp, device, cfg.model.arch, cfg.data.image_size, backbone))
+    if distributed.active() and cfg.optimisation.amp == "auto":
         torch.distributed.broadcast_object_list(choice, src=0)
-    cfg["amp"], cfg["amp_auto"] = choice
+    cfg.optimisation.amp, cfg.optimisation.amp_auto = choice
 
 
-def augment_config(cfg: dict) -> AugmentConfig:
+def augment_config(cfg: Config) -> AugmentConfig:
     """MoCo-v2 aug+ with the parts --no-color-jitter, --no-grayscale and --no-blur remove (Figure 4)."""
-    return AugmentConfig(jitter_p=0.8 if cfg["color_jitter"] else 0.0, grayscale_p=0.2 if cfg["grayscale"] else 0.0,
-                         blur_p=0.5 if cfg["blur"] else 0.0)  # fmt: skip
+    method = cfg.method
+    return AugmentConfig(jitter_p=0.8 if method.color_jitter else 0.0, grayscale_p=0.2 if method.grayscale else 0.0,
+                         blur_p=0.5 if method.blur else 0.0)  # fmt: skip
 
 
 def loader_views(method: Method) -> int:
@@ -105,7 +111,7 @@ class Loaders(NamedTuple):
 
 
 def make_loaders(
-    cfg: dict,
+    cfg: Config,
     method: Method,
     pairs: np.ndarray | None,
     train_images: ImageList,
@@ -115,29 +121,29 @@ def make_loaders(
     world: int = 1,
 ) -> Loaders:
     """This rank's loaders of a run (`Loaders`), with cfg's backend, size, workers and seed; `pairs` as `Loader`."""
-    common = dict(image_size=cfg["image_size"], batch_size=cfg["batch_size"] // world, device=device,
-                  workers=cfg["workers"], rank=rank, world=world)  # fmt: skip
-    loader = make_loader(cfg["loader"], train_images, train=True, seed=cfg["seed"], views=loader_views(method),
-                         pairs=pairs, original_crop=cfg["original"] == "random-crop", **common)  # fmt: skip
-    loader.alpha = cfg["ccrop_alpha"]
+    common = dict(image_size=cfg.data.image_size, batch_size=cfg.optimisation.batch_size // world, device=device,
+                  workers=cfg.data.workers, rank=rank, world=world)  # fmt: skip
+    loader = make_loader(cfg.data.loader, train_images, train=True, seed=cfg.run.seed, views=loader_views(method),
+                         pairs=pairs, original_crop=cfg.method.original == "random-crop", **common)  # fmt: skip
+    loader.alpha = cfg.method.ccrop_alpha
     # Un-augmented passes over the training images: the kNN bank (a seeded subset, --knn-bank) and
     # ContrastiveCrop's localisation (every image); one loader when both read every image.
-    bank_ids = subset(len(train_images), cfg["knn_bank"], cfg["seed"])
+    bank_ids = subset(len(train_images), cfg.run.knn_bank, cfg.run.seed)
     whole = len(bank_ids) == len(train_images)
     bank_images = train_images if whole else select(train_images, bank_ids)
-    bank_loader = make_loader(cfg["loader"], bank_images, train=False, **common) if val_images else None
+    bank_loader = make_loader(cfg.data.loader, bank_images, train=False, **common) if val_images else None
     box_loader = None
-    if cfg["crop"] == "ccrop":
+    if cfg.method.crop == "ccrop":
         shared = whole and bank_loader is not None
-        box_loader = bank_loader if shared else make_loader(cfg["loader"], train_images, train=False, **common)
-    val_loader = make_loader(cfg["loader"], val_images, train=False, **common) if val_images else None
+        box_loader = bank_loader if shared else make_loader(cfg.data.loader, train_images, train=False, **common)
+    val_loader = make_loader(cfg.data.loader, val_images, train=False, **common) if val_images else None
     return Loaders(loader, bank_loader, box_loader, val_loader)
 
 
-def optimize(model, method: Method, optimizer, scaler, views: dict, cfg: dict, generator) -> torch.Tensor:
+def optimize(model, method: Method, optimizer, scaler, views: dict, cfg: Config, generator) -> torch.Tensor:
     """One training step on augmented float views; returns the loss, detached, on the device."""
-    with autocast(views[method.views[0]].device, cfg["amp"]):
-        loss, keys = method.step(model, views, cfg["temperature"], generator)
+    with autocast(views[method.views[0]].device, cfg.optimisation.amp):
+        loss, keys = method.step(model, views, cfg.method.temperature, generator)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -146,12 +152,13 @@ def optimize(model, method: Method, optimizer, scaler, views: dict, cfg: dict, g
     return loss.detach()
 
 
-def learning_rate(cfg: dict, epoch: int, fraction: float) -> float:
+def learning_rate(cfg: Config, epoch: int, fraction: float) -> float:
     """Linear warm-up over the first --warmup-epochs (per step; `fraction` of the epoch done after this step),
     then MoCo's cosine decay, stepped per epoch."""
-    if epoch + fraction <= cfg["warmup_epochs"]:
-        return cfg["lr"] * (epoch + fraction) / cfg["warmup_epochs"]
-    return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / cfg["epochs"]))
+    opt = cfg.optimisation
+    if epoch + fraction <= opt.warmup_epochs:
+        return opt.lr * (epoch + fraction) / opt.warmup_epochs
+    return opt.lr * 0.5 * (1 + math.cos(math.pi * epoch / opt.epochs))
 
 
 CHECK_EVERY = 10  # steps between the loop's looks at the stop flag and the loss (one collective, one host read)
@@ -213,12 +220,12 @@ def world_totals(total_loss: torch.Tensor, seen: int, device: torch.device) -> t
     return gather(torch.stack([total_loss.float(), torch.tensor(float(seen), device=device)])[None]).sum(0).tolist()
 
 
-def checkpoint_state(model, optimizer, scaler, cfg: dict, epoch: int, boxes: np.ndarray | None, **within) -> dict:
+def checkpoint_state(model, optimizer, scaler, cfg: Config, epoch: int, boxes: np.ndarray | None, **within) -> dict:
     """What train.py's checkpoint.pt holds: both encoders and the queue, optimizer, scaler, `epoch` (epochs
     done), the config, the RNG states and ContrastiveCrop's boxes. A checkpoint written within an epoch adds
     `within`: step (steps done of the next epoch), generators and partials (`rank_states`), elapsed (seconds)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "config": cfg, "rng": rng_states(), "boxes": boxes, **within}  # fmt: skip
+            "epoch": epoch, "config": cfg.to_dict(), "rng": rng_states(), "boxes": boxes, **within}  # fmt: skip
 
 
 def restore(state: dict, model, optimizer, scaler) -> None:
@@ -281,14 +288,14 @@ def rank_partial(resume: dict, rank: int) -> tuple[torch.Tensor, float, int, flo
     return resume["generators"][rank].clone(), loss_sum, int(seen), resume["elapsed"]
 
 
-def knn_monitor(model, bank_loader, val_loader, cfg) -> float | None:
+def knn_monitor(model, bank_loader, val_loader, cfg: Config) -> float | None:
     """Weighted kNN top-1 of the query backbone: the bank subset's features vote for each val image. Computed on
     rank 0 (None on the others, and without a val split); on CUDA the bank is unit-length float16."""
     if val_loader is None:
         return None
     net = model.query_encoder.backbone
     half = bank_loader.device.type == "cuda"  # CPU matmuls in float16 are slow: float32 there, as before
-    embed = partial(extract_features, net, amp=cfg["amp"], dtype=torch.float16 if half else torch.float32,
+    embed = partial(extract_features, net, amp=cfg.optimisation.amp, dtype=torch.float16 if half else torch.float32,
                     l2_normalize=half)  # fmt: skip
     # Each rank embeds its part of the files; gathered in rank order on rank 0 they are the files in order.
     bank, bank_labels = map(gather_to_main, embed(bank_loader, desc="kNN bank"))
@@ -296,12 +303,12 @@ def knn_monitor(model, bank_loader, val_loader, cfg) -> float | None:
     if bank is None:
         return None
     classes = len(bank_loader.images.classes)
-    return knn_top1(bank, bank_labels, val, val_labels, classes, cfg["knn_k"], cfg["knn_temperature"])
+    return knn_top1(bank, bank_labels, val, val_labels, classes, cfg.run.knn_k, cfg.run.knn_temperature)
 
 
-def knn_due(cfg: dict, epoch: int) -> bool:
+def knn_due(cfg: Config, epoch: int) -> bool:
     """Whether the kNN monitor runs after `epoch` epochs (0 = before training): every --knn-every, and the last."""
-    return epoch % cfg["knn_every"] == 0 or epoch == cfg["epochs"]
+    return epoch % cfg.run.knn_every == 0 or epoch == cfg.optimisation.epochs
 
 
 def box_area(boxes: np.ndarray) -> float:
@@ -328,11 +335,12 @@ def append_atomic(path: Path, line: str) -> None:
     os.replace(tmp, path)
 
 
-def remaining_work(cfg: dict, epoch: int, step: int, steps: int, box_updates: list[int], knn: bool) -> dict:
+def remaining_work(cfg: Config, epoch: int, step: int, steps: int, box_updates: list[int], knn: bool) -> dict:
     """What is left of the run after `step` of `epoch`: training steps, kNN passes (when on, as --knn-every makes
     them due) and ContrastiveCrop localisation passes."""
-    later = range(epoch + 1, cfg["epochs"] + 1)
-    return {"steps": (cfg["epochs"] - epoch) * steps - step - 1, "knn": sum(knn_due(cfg, e) for e in later) * knn,
+    epochs = cfg.optimisation.epochs
+    later = range(epoch + 1, epochs + 1)
+    return {"steps": (epochs - epoch) * steps - step - 1, "knn": sum(knn_due(cfg, e) for e in later) * knn,
             "boxes": sum(e > epoch for e in box_updates)}  # fmt: skip
 
 

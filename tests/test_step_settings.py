@@ -16,10 +16,10 @@ def defaults(**overrides) -> dict:
 
 
 def test_bn_splits_default_follows_the_number_of_processes(monkeypatch):
-    assert defaults()["bn_splits"] == 8  # one process: split BN stands in for shuffle BN
+    assert defaults().model.bn_splits == 8  # one process: split BN stands in for shuffle BN
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert defaults()["bn_splits"] == 1  # torchrun: plain BN, keys shuffled across the ranks
-    assert defaults(bn_splits=4)["bn_splits"] == 4  # given: kept
+    assert defaults().model.bn_splits == 1  # torchrun: plain BN, keys shuffled across the ranks
+    assert defaults(bn_splits=4).model.bn_splits == 4  # given: kept
     help_text = CliRunner().invoke(train.main, ["--help"]).output
     assert "8 with one process" in help_text and "1 under torchrun" in help_text
 
@@ -27,7 +27,7 @@ def test_bn_splits_default_follows_the_number_of_processes(monkeypatch):
 def test_compile_wraps_both_encoders_in_place():
     cfg = defaults(arch="resnet18", image_size=16, queue_size=64, batch_size=8)
     plain, _, _ = training.build(cfg, torch.device("cpu"))
-    compiled, _, _ = training.build({**cfg, "compile": True}, torch.device("cpu"))
+    compiled, _, _ = training.build(cfg.replace(compile=True), torch.device("cpu"))
     assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints keep their keys
     for encoder in (compiled.query_encoder, compiled.key_encoder):
         assert encoder._compiled_call_impl is not None

@@ -8,6 +8,7 @@ from conftest import LOADERS
 
 import train
 from model import training
+from model.config import Config
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32",
         "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "1", "--amp", "off",
@@ -72,11 +73,11 @@ def test_help_documents_the_paper_recipe():
 
 
 def test_learning_rate_warms_up_then_follows_cosine():
-    cfg = {"lr": 0.1, "epochs": 4, "warmup_epochs": 1.0}
+    cfg = Config.from_dict({"lr": 0.1, "epochs": 4, "warmup_epochs": 1.0})
     assert train.learning_rate(cfg, 0, 0.25) == pytest.approx(0.025)
     assert train.learning_rate(cfg, 0, 1.0) == pytest.approx(0.1)
     assert train.learning_rate(cfg, 2, 0.5) == pytest.approx(0.05)  # cosine at epoch 2 of 4
-    cfg["warmup_epochs"] = 0.0
+    cfg.optimisation.warmup_epochs = 0.0
     assert train.learning_rate(cfg, 0, 0.1) == pytest.approx(0.1)
     assert train.learning_rate(cfg, 3, 0.9) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
 
@@ -113,7 +114,7 @@ def test_variant_flags_only_where_they_apply(tmp_path):
 
 
 def test_augmentation_removal_reaches_the_augment_config():
-    cfg = {"color_jitter": False, "grayscale": True, "blur": False}
+    cfg = Config.from_dict({"color_jitter": False, "grayscale": True, "blur": False})
     config = train.augment_config(cfg)
     assert config.jitter_p == 0 and config.grayscale_p == 0.2 and config.blur_p == 0
 
@@ -135,5 +136,6 @@ def test_knn_monitor_every_n_epochs_and_the_last_on_a_bank_subset(tiny_data, tmp
     assert banks == [(10, 512)] * 3  # ResNet-18 features of the 10 bank images, at each evaluation
     config = json.loads((out / "config.json").read_text())
     assert config["knn_every"] == 2 and config["knn_bank"] == 10
-    assert train.knn_due({"knn_every": 5, "epochs": 12}, 0) and train.knn_due({"knn_every": 5, "epochs": 12}, 12)
-    assert not train.knn_due({"knn_every": 5, "epochs": 12}, 4)
+    every5 = Config.from_dict({"knn_every": 5, "epochs": 12})
+    assert train.knn_due(every5, 0) and train.knn_due(every5, 12)
+    assert not train.knn_due(every5, 4)

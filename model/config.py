@@ -1,0 +1,191 @@
+"""A run's settings as one typed object, `Config`, in sections: data, model, method, optimisation, run.
+
+Every field is named as train.py's option (`--train-limit` -> `cfg.data.train_limit`) and defaults to that
+option's default (tests/test_config.py checks they agree). config.json and a checkpoint's "config" hold
+`to_dict()`, flat; `Config.from_dict` reads that back, a sectioned dict, or CLI option names ("--train-limit",
+"train-limit"), and stops at an unknown key, naming it. `resolve` fills the automatic defaults and checks the
+combinations of a run's options.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import click
+
+from model.methods import method_for
+from pipeline.device import resolve_device
+
+
+@dataclass
+class DataConfig:
+    """What is read, by which loader backend, at which resolution S."""
+
+    data: str = "data/fashion-mnist"
+    loader: str = "dali"
+    train_limit: int = 4000
+    val_limit: int = 1000
+    skip_bad: bool = False
+    workers: int | None = None  # None: this process's share of the cores, less one
+    image_size: int = 32
+
+
+@dataclass
+class ModelConfig:
+    """The encoders, the momentum and the queue."""
+
+    arch: str = "resnet18"
+    bn_splits: int | None = None  # None: by topology, set by `resolve`
+    queue_size: int = 1024
+    moco_momentum: float = 0.99
+    compile: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """The objective and its variants, the crops and the augmentation."""
+
+    method: str = "leoclr"
+    symmetric: bool = False
+    attract_all: bool = False
+    original: str = "whole"
+    pairs: str | None = None
+    temperature: float = 0.1
+    crop: str = "random"
+    ccrop_k: float = 0.1
+    ccrop_alpha: float = 0.6
+    ccrop_warmup: int | None = None  # None: 20% of the epochs, set by `resolve`
+    ccrop_interval: int | None = None
+    blur: bool | None = None  # None: on when S > 64, set by `resolve`
+    color_jitter: bool = True
+    grayscale: bool = True
+
+
+@dataclass
+class OptimisationConfig:
+    """Epochs, batch, SGD and precision."""
+
+    epochs: int = 6
+    batch_size: int = 64  # global: split over torchrun's processes
+    lr: float = 0.015
+    warmup_epochs: float = 0.0
+    weight_decay: float = 5e-4
+    amp: str = "auto"  # the precision chosen (training settles "auto")
+    amp_auto: str | None = None  # why "auto" chose it; None when --amp forced it
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes, on which device, its seed and processes, and the kNN monitor."""
+
+    out: str | None = None  # None: runs/<method>-<loader>, set by `resolve`
+    device: str = "auto"
+    seed: int = 0
+    world_size: int = 1  # torchrun's processes, set by `resolve`
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_every: int = 1
+    knn_bank: int = 131_072
+
+
+@dataclass
+class Config:
+    """A run's settings. Sections as attributes (`cfg.optimisation.lr`); option names are unique across them."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optimisation: OptimisationConfig = field(default_factory=OptimisationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Config:
+        """The settings in `values`: flat ({"train_limit": 0}), sectioned ({"data": {"train_limit": 0}}), or by
+        CLI option name ("--train-limit", "train-limit"), mixed as they come; settings not given keep their
+        defaults. ValueError naming a key that is no setting, or a setting given twice."""
+        given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+
+        def put(key: str, value: Any, section: str | None = None) -> None:
+            name = key.lstrip("-").replace("-", "_")
+            where = f"{section}.{key}" if section else key
+            if name not in SECTION_OF:
+                raise ValueError(f"unknown setting {where!r}")
+            if section is not None and SECTION_OF[name] != section:
+                raise ValueError(f"unknown setting {where!r}: {name} is in section {SECTION_OF[name]}")
+            if name in given[SECTION_OF[name]]:
+                raise ValueError(f"setting {where!r} given twice")
+            given[SECTION_OF[name]][name] = value
+
+        for key, value in values.items():
+            if key in SECTIONS and isinstance(value, Mapping):  # "data" and "method" are settings too: a str there
+                for inner, setting in value.items():
+                    put(inner, setting, key)
+            else:
+                put(key, value)
+        return cls(**{name: SECTIONS[name](**settings) for name, settings in given.items()})
+
+    def to_dict(self, nested: bool = False) -> dict[str, Any]:
+        """Flat {option name: value} (what config.json and checkpoints hold), or {section: {name: value}}."""
+        sections = {name: vars(getattr(self, name)).copy() for name in SECTIONS}
+        return sections if nested else {k: v for settings in sections.values() for k, v in settings.items()}
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with the settings `changes` (flat names) changed."""
+        return Config.from_dict({**self.to_dict(), **changes})
+
+
+SECTIONS = {f.name: f.default_factory for f in fields(Config)}
+SECTION_OF = {setting.name: name for name, kind in SECTIONS.items() for setting in fields(kind)}
+# Settings added after the first checkpoints were written, with the value those runs trained with.
+LEGACY = {"pairs": None, "symmetric": False, "attract_all": False, "original": "whole", "color_jitter": True,
+          "grayscale": True, "skip_bad": False, "knn_every": 1, "knn_bank": 0, "compile": False}  # fmt: skip
+
+
+def from_checkpoint(state: Mapping[str, Any]) -> Config:
+    """The settings a train.py checkpoint was trained with (its flat "config"; older ones lack `LEGACY`'s)."""
+    return Config.from_dict({**LEGACY, **state["config"]})
+
+
+def resolve(options: Mapping[str, Any]) -> Config:
+    """A run's settings from its options (as `Config.from_dict` takes them): the automatic defaults filled and
+    the combinations checked, with click errors naming the option; the result is what config.json records."""
+    cfg = Config.from_dict({k: v for k, v in options.items() if k != "amp_auto"})  # settled again by training
+    data, model, method, opt, run = cfg.data, cfg.model, cfg.method, cfg.optimisation, cfg.run
+    run.device = resolve_device(run.device)
+    if method.blur is None:
+        method.blur = data.image_size > 64
+    if method.ccrop_warmup is None:  # the paper: 20 of 100 epochs each
+        method.ccrop_warmup = max(1, round(0.2 * opt.epochs))
+    if method.ccrop_interval is None:
+        method.ccrop_interval = max(1, round(0.2 * opt.epochs))
+    if run.out is None:
+        run.out = f"runs/{method.method}-{data.loader}"
+    data.data, run.out = str(data.data), str(run.out)
+    if opt.amp == "fp16" and run.device == "cpu":
+        raise click.BadParameter("fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off", param_hint="--amp")
+    try:
+        chosen = method_for(method.method, method.symmetric, method.attract_all)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--symmetric/--attract-all") from error
+    if method.original == "random-crop" and "original" not in chosen.views:
+        raise click.BadParameter(f"--method {method.method} has no original view", param_hint="--original")
+    if chosen.pairs != (method.pairs is not None):
+        raise click.BadParameter("--method sepp needs --pairs, and only it takes them", param_hint="--pairs")
+    if method.pairs is not None:
+        method.pairs = str(method.pairs)
+    if model.queue_size % opt.batch_size:  # MoCo's rule: the queue turns over in whole batches
+        raise click.BadParameter(f"must be a multiple of --batch-size ({opt.batch_size})", param_hint="--queue-size")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; --batch-size is the global batch
+    run.world_size = world
+    if model.bn_splits is None:  # MoCo's choice by topology: shuffle BN across ranks, else split BN
+        model.bn_splits = 1 if world > 1 else 8
+    if opt.batch_size % world:
+        raise click.BadParameter(f"must be a multiple of the {world} processes", param_hint="--batch-size")
+    if opt.batch_size // world % model.bn_splits:
+        per_rank = f" per process ({world})" if world > 1 else ""
+        raise click.BadParameter(f"must be a multiple of --bn-splits ({model.bn_splits}){per_rank}",
+                                 param_hint="--batch-size")  # fmt: skip
+    return cfg
