@@ -60,9 +60,18 @@ class Setup:
 
     def loader(self, images: ImageList, train: bool, batch_size: int | None = None, **kwargs) -> Loader:
         o = self.options
-        return make_loader(o["loader"], images, image_size=o["image_size"], batch_size=batch_size or o["batch_size"],
-                           device=self.device, train=train, seed=o["seed"], workers=o["workers"],
-                           crop_fraction=o["crop_fraction"], **kwargs)  # fmt: skip
+        return make_loader(
+            o["loader"],
+            images,
+            image_size=o["image_size"],
+            batch_size=batch_size or o["batch_size"],
+            device=self.device,
+            train=train,
+            seed=o["seed"],
+            workers=o["workers"],
+            crop_fraction=o["crop_fraction"],
+            **kwargs,
+        )
 
     def backbone(self) -> tuple[nn.Module, int]:
         net, dim = load_backbone(self.state)
@@ -81,38 +90,83 @@ class Setup:
 
     def record(self, protocol: str, top1: float, top5: float, started: float, **fields) -> dict:
         cfg = from_checkpoint(self.state)
-        return {"protocol": protocol, "top1": top1, "top5": top5, **fields, "checkpoint": self.checkpoint,
-                "method": cfg.method.method, "pretrain_epochs": self.state.get("epoch"), "arch": cfg.model.arch,
-                "image_size": self.options["image_size"], "loader": self.options["loader"],
-                "data": str(self.options["data"]), "train_images": len(self.train), "val_images": len(self.val),
-                "device": str(self.device), "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        return {
+            "protocol": protocol,
+            "top1": top1,
+            "top5": top5,
+            **fields,
+            "checkpoint": self.checkpoint,
+            "method": cfg.method.method,
+            "pretrain_epochs": self.state.get("epoch"),
+            "arch": cfg.model.arch,
+            "image_size": self.options["image_size"],
+            "loader": self.options["loader"],
+            "data": str(self.options["data"]),
+            "train_images": len(self.train),
+            "val_images": len(self.val),
+            "device": str(self.device),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
 
 
 def common_options(command):
     """The options every protocol shares, then: load the checkpoint and the splits, run, print, write JSON."""
     options = [
-        click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-                     help="A train.py checkpoint (RUN_DIR/checkpoint.pt)."),
-        click.option("--data", type=click.Path(path_type=Path), default=None,
-                     help="As train.py --data; must hold a val split. [default: the checkpoint's]"),
-        click.option("--loader", type=click.Choice(BACKENDS), default=None,
-                     help="Loader backend, as in training. [default: the checkpoint's]"),
-        click.option("--train-limit", type=int, default=None,
-                     help="Seeded subset of the train split (0 = all). [default: the checkpoint's]"),
-        click.option("--val-limit", type=int, default=None,
-                     help="Seeded subset of the val split (0 = all). [default: the checkpoint's]"),
+        click.option(
+            "--checkpoint",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            required=True,
+            help="A train.py checkpoint (RUN_DIR/checkpoint.pt).",
+        ),
+        click.option(
+            "--data",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="As train.py --data; must hold a val split. [default: the checkpoint's]",
+        ),
+        click.option(
+            "--loader",
+            type=click.Choice(BACKENDS),
+            default=None,
+            help="Loader backend, as in training. [default: the checkpoint's]",
+        ),
+        click.option(
+            "--train-limit",
+            type=int,
+            default=None,
+            help="Seeded subset of the train split (0 = all). [default: the checkpoint's]",
+        ),
+        click.option(
+            "--val-limit",
+            type=int,
+            default=None,
+            help="Seeded subset of the val split (0 = all). [default: the checkpoint's]",
+        ),
         click.option("--image-size", type=int, default=None, help="Evaluation resolution. [default: the checkpoint's]"),
-        click.option("--crop-fraction", type=float, default=0.875,
-                     help="Center crop side / shorter image side (224/256 as on ImageNet)."),
+        click.option(
+            "--crop-fraction",
+            type=float,
+            default=0.875,
+            help="Center crop side / shorter image side (224/256 as on ImageNet).",
+        ),
         click.option("--batch-size", type=int, default=None, help="[default: the checkpoint's]"),
         click.option("--workers", type=int, default=2, help="Loader threads/processes."),
-        click.option("--amp", type=click.Choice(AMP_CHOICES), default="auto",
-                     help="Precision of the backbone, as train.py's --amp (auto: picked by the hardware)."),
+        click.option(
+            "--amp",
+            type=click.Choice(AMP_CHOICES),
+            default="auto",
+            help="Precision of the backbone, as train.py's --amp (auto: picked by the hardware).",
+        ),
         click.option("--device", default="auto", help="auto = cuda where torch can use a GPU, else cpu (as train.py)."),
         click.option("--seed", type=int, default=None, help="Subsets, crops, shuffles. [default: the checkpoint's]"),
-        click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Write the result as a JSON object here."),
-    ]  # fmt: skip
+        click.option(
+            "--json",
+            "json_out",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Write the result as a JSON object here.",
+        ),
+    ]
 
     @wraps(command)
     def run(checkpoint: Path, json_out: Path | None, **kwargs):
@@ -121,8 +175,10 @@ def common_options(command):
         result = command(setup, started=started, **kwargs)
         click.echo(f"{result['protocol']}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%")
         if "drop" in result:
-            click.echo(f"center crop {result['center_top1']:.2f}%, random crop {result['random_top1']:.2f}%, "
-                       f"drop {result['drop']:.2f} points")  # fmt: skip
+            click.echo(
+                f"center crop {result['center_top1']:.2f}%, random crop {result['random_top1']:.2f}%, "
+                f"drop {result['drop']:.2f} points"
+            )
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(result, indent=2) + "\n")
@@ -134,8 +190,19 @@ def common_options(command):
     return run
 
 
-COMMON = ("data", "loader", "train_limit", "val_limit", "image_size", "crop_fraction", "batch_size", "workers",
-          "amp", "device", "seed")  # fmt: skip
+COMMON = (
+    "data",
+    "loader",
+    "train_limit",
+    "val_limit",
+    "image_size",
+    "crop_fraction",
+    "batch_size",
+    "workers",
+    "amp",
+    "device",
+    "seed",
+)
 
 
 def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
@@ -156,15 +223,18 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
     if not 0 < options["crop_fraction"] <= 1:
         raise click.BadParameter("must be in (0, 1]", param_hint="--crop-fraction")
     try:
-        train, val = load_splits(options["data"], options["loader"], options["train_limit"], options["val_limit"],
-                                 options["seed"])  # fmt: skip
+        train, val = load_splits(
+            options["data"], options["loader"], options["train_limit"], options["val_limit"], options["seed"]
+        )
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     if val is None:
         raise click.ClickException(f"{options['data']} has no val split: every protocol scores on it")
-    click.echo(f"{checkpoint}: {cfg.method.method} {cfg.model.arch} after {state.get('epoch')} epochs; "
-               f"{len(train)} train / {len(val)} val images from {options['data']} ({options['loader']}), "
-               f"{options['image_size']} px, device {device}")  # fmt: skip
+    click.echo(
+        f"{checkpoint}: {cfg.method.method} {cfg.model.arch} after {state.get('epoch')} epochs; "
+        f"{len(train)} train / {len(val)} val images from {options['data']} ({options['loader']}), "
+        f"{options['image_size']} px, device {device}"
+    )
     torch.manual_seed(options["seed"])
     return Setup(state, str(checkpoint), train, val, options, device)
 
@@ -195,11 +265,14 @@ def linear_options(command):
         click.option("--epochs", type=int, default=100, help="Classifier training epochs (the papers: 100)."),
         click.option("--lr", type=float, default=0.1, help="SGD learning rate (momentum 0.9, cosine to 0)."),
         click.option("--weight-decay", type=float, default=0.0),
-        click.option("--cached-features/--augmented", default=False,
-                     help="Compute the train split's center-crop features once and train on them (no augmentation; "
-                     "fast on CPU), instead of RandomResizedCrop + flip images through the frozen backbone every "
-                     "epoch (the papers' protocol)."),
-    ]  # fmt: skip
+        click.option(
+            "--cached-features/--augmented",
+            default=False,
+            help="Compute the train split's center-crop features once and train on them (no augmentation; "
+            "fast on CPU), instead of RandomResizedCrop + flip images through the frozen backbone every "
+            "epoch (the papers' protocol).",
+        ),
+    ]
     for option in reversed(options):
         command = option(command)
     return command
@@ -245,8 +318,9 @@ def linear(setup: Setup, started: float, epochs: int, lr: float, weight_decay: f
     net, dim = setup.backbone()
     probe = train_probe(setup, net, dim, epochs, lr, weight_decay, cached_features)
     top1, top5 = score_probe(setup, net, probe, "center")
-    return setup.record("linear", top1, top5, started, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                        cached_features=cached_features)  # fmt: skip
+    return setup.record(
+        "linear", top1, top5, started, epochs=epochs, lr=lr, weight_decay=weight_decay, cached_features=cached_features
+    )
 
 
 @main.command("crop-test")
@@ -260,9 +334,20 @@ def crop_test(setup: Setup, started: float, epochs: int, lr: float, weight_decay
     probe = train_probe(setup, net, dim, epochs, lr, weight_decay, cached_features)
     center_top1, center_top5 = score_probe(setup, net, probe, "center")
     random_top1, random_top5 = score_probe(setup, net, probe, "random")
-    return setup.record("crop-test", center_top1, center_top5, started, center_top1=center_top1,
-                        random_top1=random_top1, random_top5=random_top5, drop=center_top1 - random_top1,
-                        epochs=epochs, lr=lr, weight_decay=weight_decay, cached_features=cached_features)  # fmt: skip
+    return setup.record(
+        "crop-test",
+        center_top1,
+        center_top5,
+        started,
+        center_top1=center_top1,
+        random_top1=random_top1,
+        random_top5=random_top5,
+        drop=center_top1 - random_top1,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        cached_features=cached_features,
+    )
 
 
 @main.command()
@@ -288,8 +373,14 @@ def finetune(setup: Setup, started: float, fraction: float, epochs: int, lr: flo
     model = nn.Sequential(net, nn.Linear(dim, setup.classes)).to(setup.device, memory_format=torch.channels_last)
     loader = setup.loader(labelled, train=True, batch_size=min(setup.options["batch_size"], len(labelled)), views=1)
     fp16 = setup.options["amp"] == "fp16"
-    optimizer = CosineSGD(model.parameters(), lr, weight_decay, epochs * len(loader), nesterov=True,
-                          scaler=torch.amp.GradScaler(setup.device.type, enabled=fp16))  # fmt: skip
+    optimizer = CosineSGD(
+        model.parameters(),
+        lr,
+        weight_decay,
+        epochs * len(loader),
+        nesterov=True,
+        scaler=torch.amp.GradScaler(setup.device.type, enabled=fp16),
+    )
     generator = torch.Generator(device=setup.device).manual_seed(setup.options["seed"])
     model.train()
     for epoch in range(epochs):
@@ -304,13 +395,26 @@ def finetune(setup: Setup, started: float, fraction: float, epochs: int, lr: flo
     loader.close()
     logits, labels = setup.features(model, setup.val, "center", "val center")
     top1, top5 = topk_accuracy(logits, labels)
-    return setup.record("finetune", top1, top5, started, fraction=fraction, labelled_images=len(labelled),
-                        epochs=epochs, lr=lr, weight_decay=weight_decay)  # fmt: skip
+    return setup.record(
+        "finetune",
+        top1,
+        top5,
+        started,
+        fraction=fraction,
+        labelled_images=len(labelled),
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+    )
 
 
 @main.command()
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="A train.py checkpoint (RUN_DIR/checkpoint.pt).")  # fmt: skip
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A train.py checkpoint (RUN_DIR/checkpoint.pt).",
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .pth file.")
 def export(checkpoint: Path, out: Path) -> None:
     """Write the query backbone as a plain torchvision ResNet state_dict (every key but fc)."""
@@ -326,8 +430,10 @@ def export(checkpoint: Path, out: Path) -> None:
     load = f"torchvision.models.{arch}().load_state_dict(torch.load('{out}'), strict=False)"
     click.echo(f"wrote {out}: {len(weights)} tensors of a {arch}; load with {load} (fc stays missing)")
     if size <= 64:
-        click.echo(f"trained at {size} px with the small-image stem: first set net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, "
-                   "bias=False) and net.maxpool = nn.Identity()")  # fmt: skip
+        click.echo(
+            f"trained at {size} px with the small-image stem: first set net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, "
+            "bias=False) and net.maxpool = nn.Identity()"
+        )
 
 
 if __name__ == "__main__":

@@ -94,9 +94,11 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
     loaders = make_loaders(cfg, method, pairs, train_images, val_images, device, rank, world)
     loader = loaders.train
     if val_images:
-        echo(f"kNN monitor: a bank of {len(loaders.bank.images)} of the {len(train_images)} training images "
-             f"(--knn-bank), {'float16' if device.type == 'cuda' else 'float32'} on {device}, after every "
-             f"{cfg.run.knn_every} epoch(s) and the last")  # fmt: skip
+        echo(
+            f"kNN monitor: a bank of {len(loaders.bank.images)} of the {len(train_images)} training images "
+            f"(--knn-bank), {'float16' if device.type == 'cuda' else 'float32'} on {device}, after every "
+            f"{cfg.run.knn_every} epoch(s) and the last"
+        )
     ccrop, epochs = cfg.method.crop == "ccrop", cfg.optimisation.epochs
     box_updates = update_epochs(epochs, cfg.method.ccrop_warmup, cfg.method.ccrop_interval) if ccrop else []
 
@@ -155,8 +157,14 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
                 generator.set_state(state)  # a CPU ByteTensor, for a CUDA generator too
                 total_loss += loss_sum
                 started -= elapsed
-            bar = tqdm(loader.epoch(epoch, skip), total=len(loader), initial=skip, unit="batch",
-                       desc=f"epoch {epoch + 1}/{epochs}", disable=not main_rank)  # fmt: skip
+            bar = tqdm(
+                loader.epoch(epoch, skip),
+                total=len(loader),
+                initial=skip,
+                unit="batch",
+                desc=f"epoch {epoch + 1}/{epochs}",
+                disable=not main_rank,
+            )
             for step, batch in enumerate(bar, start=skip):
                 lr = learning_rate(cfg, epoch, (step + 1) / len(loader))
                 for group in optimizer.param_groups:
@@ -178,11 +186,14 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
                     generators, partials = rank_states(generator, total_loss, seen, device)
                     if main_rank:  # mid-epoch: where the epoch stands, so a resume replays nothing and skips nothing
                         elapsed = time.perf_counter() - started
-                        checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch, loader.boxes, step=step + 1,
-                                                 generators=generators, partials=partials, elapsed=elapsed)  # fmt: skip
+                        within = dict(step=step + 1, generators=generators, partials=partials, elapsed=elapsed)
+                        checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch, loader.boxes, **within)
                         save_atomic(checkpoint, out / "checkpoint.pt")
-                    echo(f"{signals.name}: checkpoint written at epoch {epoch + 1}, step {step + 1}/{len(loader)}; "
-                         f"continue with: python train.py --resume {out / 'checkpoint.pt'}", err=True)  # fmt: skip
+                    echo(
+                        f"{signals.name}: checkpoint written at epoch {epoch + 1}, step {step + 1}/{len(loader)}; "
+                        f"continue with: python train.py --resume {out / 'checkpoint.pt'}",
+                        err=True,
+                    )
                     loaders.close()
                     raise SystemExit(128 + signals.number)
             bar.close()  # the epoch's last step checked the loss
@@ -423,8 +434,9 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
         )
     require_backend(cfg.data.loader)  # DALI and FFCV are optional: say how to install one before indexing any data
     try:
-        splits = load_splits(cfg.data.data, cfg.data.loader, cfg.data.train_limit, cfg.data.val_limit, cfg.run.seed,
-                             cfg.data.skip_bad)  # fmt: skip
+        splits = load_splits(
+            cfg.data.data, cfg.data.loader, cfg.data.train_limit, cfg.data.val_limit, cfg.run.seed, cfg.data.skip_bad
+        )
         for split in splits:
             for path, reason in split.skipped if split is not None else ():
                 click.echo(f"skipped {path}: {reason}", err=True)

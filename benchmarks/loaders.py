@@ -26,8 +26,15 @@ from pathlib import Path
 import click
 import numpy as np
 
-LOADERS = ("decode-only-dali", "decode-only-ffcv", "decode-only-pil", "official-torchvision", "torchvision", "dali",
-           "ffcv")  # fmt: skip
+LOADERS = (
+    "decode-only-dali",
+    "decode-only-ffcv",
+    "decode-only-pil",
+    "official-torchvision",
+    "torchvision",
+    "dali",
+    "ffcv",
+)
 DECODE_ONLY = {"decode-only-dali": "dali", "decode-only-ffcv": "ffcv", "decode-only-pil": "torchvision"}
 
 
@@ -116,9 +123,16 @@ def official_torchvision(cfg: Config, images):
             return x.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0)))
 
     size = cfg.image_size
-    colour = [transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-              transforms.RandomGrayscale(p=0.2), transforms.RandomApply([Blur()], p=0.5),
-              transforms.RandomHorizontalFlip()] if cfg.augment else []  # fmt: skip
+    colour = (
+        [
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([Blur()], p=0.5),
+            transforms.RandomHorizontalFlip(),
+        ]
+        if cfg.augment
+        else []
+    )
     tail = [*colour, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     crop = transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.2, 1.0)), *tail])
     whole = transforms.Compose([transforms.Resize((size, size)), *tail])
@@ -134,8 +148,14 @@ def official_torchvision(cfg: Config, images):
             return [t(image) for t in per_view], int(images.labels[i])
 
     device = torch.device(cfg.device)
-    data = DataLoader(Folder(), batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                      pin_memory=device.type == "cuda", drop_last=True)  # fmt: skip
+    data = DataLoader(
+        Folder(),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
 
     def passes():
         while True:
@@ -157,8 +177,16 @@ def ours(cfg: Config, images):
     device = torch.device(cfg.device)
     backend = DECODE_ONLY.get(cfg.loader, cfg.loader)
     views = 0 if cfg.loader in DECODE_ONLY else cfg.views
-    loader = make_loader(backend, images, image_size=cfg.image_size, batch_size=cfg.batch_size, device=device,
-                         train=True, workers=cfg.workers, views=views)  # fmt: skip
+    loader = make_loader(
+        backend,
+        images,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        device=device,
+        train=True,
+        workers=cfg.workers,
+        views=views,
+    )
     if cfg.crop == "ccrop":  # seeded boxes covering 10-100% of each side: ContrastiveCrop's sampling path
         rng = np.random.default_rng(0)
         start, extent = rng.uniform(0, 0.9, (len(images), 2)), rng.uniform(0.1, 1.0, (len(images), 2))
@@ -209,12 +237,22 @@ def run_one(cfg: Config) -> Result:
             rates.append(round(count / elapsed, 1))
     rss.stop()
     return Result(
-        loader=cfg.loader, views=cfg.views, crop=cfg.crop, images_per_sec=float(np.median(rates)),
-        images_per_sec_passes=rates, peak_rss_mb=round(rss.peak, 1), base_rss_mb=round(base, 1),
+        loader=cfg.loader,
+        views=cfg.views,
+        crop=cfg.crop,
+        images_per_sec=float(np.median(rates)),
+        images_per_sec_passes=rates,
+        peak_rss_mb=round(rss.peak, 1),
+        base_rss_mb=round(base, 1),
         workers_peak_uss_mb=round(rss.workers_peak, 1),
-        rss_after_pass_mb=after, images=count, image_size=cfg.image_size, batch_size=cfg.batch_size,
-        workers=cfg.workers, augment=cfg.augment, device=cfg.device,
-    )  # fmt: skip
+        rss_after_pass_mb=after,
+        images=count,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        augment=cfg.augment,
+        device=cfg.device,
+    )
 
 
 def _child(cfg: Config, queue) -> None:
@@ -251,8 +289,10 @@ def plot(results: list[dict], path: Path) -> None:
     image = Image.new("RGB", (width, 40 + row_h * len(rows)), "white")
     draw = ImageDraw.Draw(image)
     first = rows[0]
-    title = (f"images/sec delivered, {first['image_size']} px, batch {first['batch_size']}, "
-             f"{first['workers']} workers, device {first['device']}, aug+ {first['augment']}")  # fmt: skip
+    title = (
+        f"images/sec delivered, {first['image_size']} px, batch {first['batch_size']}, "
+        f"{first['workers']} workers, device {first['device']}, aug+ {first['augment']}"
+    )
     draw.text((10, 10), title, fill="black")
     colours = {None: "#888888", 1: "#9ecae1", 2: "#4292c6", 3: "#08519c"}
     scale = (width - label_w - 80) / top
@@ -347,8 +387,22 @@ def report(results: list[dict]) -> list[str]:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def main(data, ffcv_data, loaders, view_counts, crops, augment, image_size, batch_size, workers, passes, limit,
-         device, json_path, plot_path) -> None:  # fmt: skip
+def main(
+    data,
+    ffcv_data,
+    loaders,
+    view_counts,
+    crops,
+    augment,
+    image_size,
+    batch_size,
+    workers,
+    passes,
+    limit,
+    device,
+    json_path,
+    plot_path,
+) -> None:
     """Loader throughput in images/sec, each configuration in a fresh process."""
     from pipeline.device import resolve_device
 
@@ -362,8 +416,9 @@ def main(data, ffcv_data, loaders, view_counts, crops, augment, image_size, batc
         own = loader in ("torchvision", "dali", "ffcv")
         for views in [None] if loader in DECODE_ONLY else view_counts:
             for crop in crops if own else ["random"]:
-                configs.append(Config(loader, views, crop, source, image_size, batch_size, workers, passes, limit,
-                                      augment, device))  # fmt: skip
+                configs.append(
+                    Config(loader, views, crop, source, image_size, batch_size, workers, passes, limit, augment, device)
+                )
     results = []
     for cfg in configs:
         result = run_isolated(cfg)

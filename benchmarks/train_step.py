@@ -110,8 +110,16 @@ class Runner(Timed):
             return
         views = loader_views(self.method)
         sizes = dict(image_size=cfg.data.image_size, batch_size=cfg.optimisation.batch_size)
-        self.loader = make_loader(cfg.data.loader, images, device=device, train=True, seed=cfg.run.seed,
-                                  workers=cfg.data.workers, views=views, **sizes)  # fmt: skip
+        self.loader = make_loader(
+            cfg.data.loader,
+            images,
+            device=device,
+            train=True,
+            seed=cfg.run.seed,
+            workers=cfg.data.workers,
+            views=views,
+            **sizes,
+        )
         self.aug = AugmentConfig(blur_p=0.5 if cfg.method.blur else 0.0)
         self.generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
         self.batches = self._forever()
@@ -159,8 +167,12 @@ class Yardstick(Timed):
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--loader", type=click.Choice(BACKENDS), default="dali")
-@click.option("--data", type=click.Path(exists=True, path_type=Path), default=Path(DataConfig.data),
-              help="As train.py's --data (a .beton folder or file for --loader ffcv).")  # fmt: skip
+@click.option(
+    "--data",
+    type=click.Path(exists=True, path_type=Path),
+    default=Path(DataConfig.data),
+    help="As train.py's --data (a .beton folder or file for --loader ffcv).",
+)
 @click.option("--arch", default=None, help="[default: train.py's]")
 @click.option("--image-size", type=click.IntRange(8), default=None, help="[default: train.py's]")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: train.py's]")
@@ -237,12 +249,16 @@ def main(loader, data, device, steps, warmup, rounds, yardstick, compiled, json_
     for name in runners:
         fraction = median[f"{name}_e2e"] / median[f"{name}_compute"]
         result[f"{name}_end_to_end_fraction"] = fraction
-        click.echo(f"{name}: end to end {median[f'{name}_e2e']:.1f} img/s = {100 * fraction:.1f}% of compute only "
-                   f"{median[f'{name}_compute']:.1f} ({'meets' if fraction >= 0.9 else 'misses'} >= 90%)")  # fmt: skip
+        click.echo(
+            f"{name}: end to end {median[f'{name}_e2e']:.1f} img/s = {100 * fraction:.1f}% of compute only "
+            f"{median[f'{name}_compute']:.1f} ({'meets' if fraction >= 0.9 else 'misses'} >= 90%)"
+        )
     gap = result["ratio"] / result["compute_only_ratio"] - 1
-    click.echo(f"LeOCLR / MoCo-v2 epoch time: {result['ratio']:.3f} end to end, {result['compute_only_ratio']:.3f} "
-               f"compute only ({100 * gap:+.1f}%: {'meets' if abs(gap) <= 0.03 else 'misses'} within 3%); "
-               f"paper {result['paper_ratio']:.3f} (81 h / 68 h)")  # fmt: skip
+    click.echo(
+        f"LeOCLR / MoCo-v2 epoch time: {result['ratio']:.3f} end to end, {result['compute_only_ratio']:.3f} "
+        f"compute only ({100 * gap:+.1f}%: {'meets' if abs(gap) <= 0.03 else 'misses'} within 3%); "
+        f"paper {result['paper_ratio']:.3f} (81 h / 68 h)"
+    )
     if compiled:
         for name in runners:
             speedup = median[f"{name}_compiled_compute"] / median[f"{name}_compute"]

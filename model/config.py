@@ -140,8 +140,18 @@ class Config:
 SECTIONS = {f.name: f.default_factory for f in fields(Config)}
 SECTION_OF = {setting.name: name for name, kind in SECTIONS.items() for setting in fields(kind)}
 # Settings added after the first checkpoints were written, with the value those runs trained with.
-LEGACY = {"pairs": None, "symmetric": False, "attract_all": False, "original": "whole", "color_jitter": True,
-          "grayscale": True, "skip_bad": False, "knn_every": 1, "knn_bank": 0, "compile": False}  # fmt: skip
+LEGACY = {
+    "pairs": None,
+    "symmetric": False,
+    "attract_all": False,
+    "original": "whole",
+    "color_jitter": True,
+    "grayscale": True,
+    "skip_bad": False,
+    "knn_every": 1,
+    "knn_bank": 0,
+    "compile": False,
+}
 
 
 def from_checkpoint(state: Mapping[str, Any]) -> Config:
@@ -186,6 +196,7 @@ def resolve(options: Mapping[str, Any]) -> Config:
         raise click.BadParameter(f"must be a multiple of the {world} processes", param_hint="--batch-size")
     if opt.batch_size // world % model.bn_splits:
         per_rank = f" per process ({world})" if world > 1 else ""
-        raise click.BadParameter(f"must be a multiple of --bn-splits ({model.bn_splits}){per_rank}",
-                                 param_hint="--batch-size")  # fmt: skip
+        raise click.BadParameter(
+            f"must be a multiple of --bn-splits ({model.bn_splits}){per_rank}", param_hint="--batch-size"
+        )
     return cfg

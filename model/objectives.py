@@ -41,17 +41,25 @@ def leoclr_loss(
 
 
 def symmetric_mocov2_loss(
-    query1: torch.Tensor, query2: torch.Tensor, key1: torch.Tensor, key2: torch.Tensor, queue: torch.Tensor,
+    query1: torch.Tensor,
+    query2: torch.Tensor,
+    key1: torch.Tensor,
+    key2: torch.Tensor,
+    queue: torch.Tensor,
     temperature: float,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Symmetric MoCo-v2: both directions, l(q1, k2) + l(q2, k1)."""
     return info_nce(query1, key2, queue, temperature) + info_nce(query2, key1, queue, temperature)
 
 
 def leoclr_attract_all_loss(
-    original: torch.Tensor, query1: torch.Tensor, key1: torch.Tensor, key2: torch.Tensor, queue: torch.Tensor,
+    original: torch.Tensor,
+    query1: torch.Tensor,
+    key1: torch.Tensor,
+    key2: torch.Tensor,
+    queue: torch.Tensor,
     temperature: float,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """LeOCLR Table 8 "attract all crops": every pair of the three views attracted once,
     l(u, v1) + l(u, v2) + l(q1, v2), where q1 is crop 1's query."""
     return leoclr_loss(original, key1, key2, queue, temperature) + info_nce(query1, key2, queue, temperature)

@@ -75,13 +75,36 @@ def sampler_encoder(state: dict, random_init: bool = False, seed: int = 0) -> En
 @click.option("--workers", type=int, default=2)
 @click.option("--amp", type=click.Choice(AMP_CHOICES), default="auto", help="Precision, as train.py's --amp.")
 @click.option("--device", default="auto", help="auto = cuda where torch can use a GPU, else cpu (as train.py).")
-@click.option("--random-init", is_flag=True,
-              help="Embed with a randomly initialised encoder of the checkpoint's architecture (seeded; a baseline "
-              "for the sampler's pair accuracy) instead of its trained weights.")  # fmt: skip
-@click.option("--seed", type=int, default=None,
-              help="Training subset (as train.py) and embedded fraction. [default: the checkpoint's]")  # fmt: skip
-def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block, image_size, batch_size, workers, amp,
-         device, random_init, seed) -> None:  # fmt: skip
+@click.option(
+    "--random-init",
+    is_flag=True,
+    help="Embed with a randomly initialised encoder of the checkpoint's architecture (seeded; a baseline "
+    "for the sampler's pair accuracy) instead of its trained weights.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Training subset (as train.py) and embedded fraction. [default: the checkpoint's]",
+)
+def main(
+    checkpoint,
+    data,
+    loader,
+    train_limit,
+    out,
+    fraction,
+    low,
+    high,
+    block,
+    image_size,
+    batch_size,
+    workers,
+    amp,
+    device,
+    random_init,
+    seed,
+) -> None:
     """Mine SePP-ID's semantic positive pairs from a pre-trained checkpoint."""
     started = time.perf_counter()
     if low > high:
@@ -104,8 +127,15 @@ def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block,
         raise click.ClickException(str(error)) from error
     encoder = sampler_encoder(state, random_init, seed).to(device, memory_format=torch.channels_last).eval()
     images = select(train, chosen)
-    passes = make_loader(loader, images, image_size=image_size, batch_size=batch_size or cfg.optimisation.batch_size,
-                         device=device, train=False, workers=workers)  # fmt: skip
+    passes = make_loader(
+        loader,
+        images,
+        image_size=image_size,
+        batch_size=batch_size or cfg.optimisation.batch_size,
+        device=device,
+        train=False,
+        workers=workers,
+    )
     embeddings = []
     with torch.no_grad():
         for batch in tqdm(passes.epoch(0), total=len(passes), desc="embed", unit="batch"):
@@ -117,17 +147,28 @@ def main(checkpoint, data, loader, train_limit, out, fraction, low, high, block,
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, pairs.astype(np.int64))
     report = {
-        "checkpoint": str(checkpoint), "random_init": random_init, "method": cfg.method.method,
+        "checkpoint": str(checkpoint),
+        "random_init": random_init,
+        "method": cfg.method.method,
         "pretrain_epochs": 0 if random_init else state.get("epoch"),
-        "data": str(data), "train_limit": train_limit, "seed": seed, "train_images": len(train),
-        "images_embedded": len(chosen), "low": low, "high": high, "pairs": len(pairs),
-        "anchors_with_pairs": int(len(np.unique(pairs[:, 0]))), "pair_accuracy": pair_accuracy(pairs, train.labels),
+        "data": str(data),
+        "train_limit": train_limit,
+        "seed": seed,
+        "train_images": len(train),
+        "images_embedded": len(chosen),
+        "low": low,
+        "high": high,
+        "pairs": len(pairs),
+        "anchors_with_pairs": int(len(np.unique(pairs[:, 0]))),
+        "pair_accuracy": pair_accuracy(pairs, train.labels),
         "seconds": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
+    }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     accuracy = "n/a" if report["pair_accuracy"] is None else f"{100 * report['pair_accuracy']:.2f}%"
-    click.echo(f"{len(chosen)} images embedded, {len(pairs)} pairs over {report['anchors_with_pairs']} anchors, "
-               f"pair accuracy {accuracy} -> {out} (+ {out.with_suffix('.json')})")  # fmt: skip
+    click.echo(
+        f"{len(chosen)} images embedded, {len(pairs)} pairs over {report['anchors_with_pairs']} anchors, "
+        f"pair accuracy {accuracy} -> {out} (+ {out.with_suffix('.json')})"
+    )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,12 @@ def build(cfg: Config, device: torch.device) -> tuple[MomentumContrast, torch.op
 def build_model(cfg: Config, device: torch.device) -> MomentumContrast:
     settings = cfg.model
     model = MomentumContrast(
-        settings.arch, cfg.data.image_size, queue_size=settings.queue_size, momentum=settings.moco_momentum,
+        settings.arch,
+        cfg.data.image_size,
+        queue_size=settings.queue_size,
+        momentum=settings.moco_momentum,
         bn_splits=settings.bn_splits,
-    ).to(device, memory_format=torch.channels_last)  # fmt: skip
+    ).to(device, memory_format=torch.channels_last)
     if settings.compile:  # in place: the state dict keeps its keys
         model.query_encoder.compile()
         model.key_encoder.compile()
@@ -76,8 +79,11 @@ def settle_amp(cfg: Config, device: torch.device, backbone: torch.nn.Module) -> 
 def augment_config(cfg: Config) -> AugmentConfig:
     """MoCo-v2 aug+ with the parts --no-color-jitter, --no-grayscale and --no-blur remove (Figure 4)."""
     method = cfg.method
-    return AugmentConfig(jitter_p=0.8 if method.color_jitter else 0.0, grayscale_p=0.2 if method.grayscale else 0.0,
-                         blur_p=0.5 if method.blur else 0.0)  # fmt: skip
+    return AugmentConfig(
+        jitter_p=0.8 if method.color_jitter else 0.0,
+        grayscale_p=0.2 if method.grayscale else 0.0,
+        blur_p=0.5 if method.blur else 0.0,
+    )
 
 
 def loader_views(method: Method) -> int:
@@ -121,10 +127,24 @@ def make_loaders(
     world: int = 1,
 ) -> Loaders:
     """This rank's loaders of a run (`Loaders`), with cfg's backend, size, workers and seed; `pairs` as `Loader`."""
-    common = dict(image_size=cfg.data.image_size, batch_size=cfg.optimisation.batch_size // world, device=device,
-                  workers=cfg.data.workers, rank=rank, world=world)  # fmt: skip
-    loader = make_loader(cfg.data.loader, train_images, train=True, seed=cfg.run.seed, views=loader_views(method),
-                         pairs=pairs, original_crop=cfg.method.original == "random-crop", **common)  # fmt: skip
+    common = dict(
+        image_size=cfg.data.image_size,
+        batch_size=cfg.optimisation.batch_size // world,
+        device=device,
+        workers=cfg.data.workers,
+        rank=rank,
+        world=world,
+    )
+    loader = make_loader(
+        cfg.data.loader,
+        train_images,
+        train=True,
+        seed=cfg.run.seed,
+        views=loader_views(method),
+        pairs=pairs,
+        original_crop=cfg.method.original == "random-crop",
+        **common,
+    )
     loader.alpha = cfg.method.ccrop_alpha
     # Un-augmented passes over the training images: the kNN bank (a seeded subset, --knn-bank) and
     # ContrastiveCrop's localisation (every image); one loader when both read every image.
@@ -206,8 +226,10 @@ def check_finite(total_loss: float, epoch: int, step: int, out: Path) -> None:
             if (out / "checkpoint.pt").exists()
             else "no checkpoint yet"
         )
-        raise NonFiniteLoss(f"the loss became {total_loss} in epoch {epoch + 1} (by step {step + 1}); stopped "
-                            f"without saving ({kept}). Lower --lr or use --amp off/bf16.")  # fmt: skip
+        raise NonFiniteLoss(
+            f"the loss became {total_loss} in epoch {epoch + 1} (by step {step + 1}); stopped "
+            f"without saving ({kept}). Lower --lr or use --amp off/bf16."
+        )
 
 
 class NonFiniteLoss(click.ClickException):
@@ -224,8 +246,16 @@ def checkpoint_state(model, optimizer, scaler, cfg: Config, epoch: int, boxes: n
     """What train.py's checkpoint.pt holds: both encoders and the queue, optimizer, scaler, `epoch` (epochs
     done), the config, the RNG states and ContrastiveCrop's boxes. A checkpoint written within an epoch adds
     `within`: step (steps done of the next epoch), generators and partials (`rank_states`), elapsed (seconds)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "config": cfg.to_dict(), "rng": rng_states(), "boxes": boxes, **within}  # fmt: skip
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "config": cfg.to_dict(),
+        "rng": rng_states(),
+        "boxes": boxes,
+        **within,
+    }
 
 
 def restore(state: dict, model, optimizer, scaler) -> None:
@@ -295,8 +325,13 @@ def knn_monitor(model, bank_loader, val_loader, cfg: Config) -> float | None:
         return None
     net = model.query_encoder.backbone
     half = bank_loader.device.type == "cuda"  # CPU matmuls in float16 are slow: float32 there, as before
-    embed = partial(extract_features, net, amp=cfg.optimisation.amp, dtype=torch.float16 if half else torch.float32,
-                    l2_normalize=half)  # fmt: skip
+    embed = partial(
+        extract_features,
+        net,
+        amp=cfg.optimisation.amp,
+        dtype=torch.float16 if half else torch.float32,
+        l2_normalize=half,
+    )
     # Each rank embeds its part of the files; gathered in rank order on rank 0 they are the files in order.
     bank, bank_labels = map(gather_to_main, embed(bank_loader, desc="kNN bank"))
     val, val_labels = map(gather_to_main, embed(val_loader, desc="kNN val"))
@@ -318,8 +353,15 @@ def box_area(boxes: np.ndarray) -> float:
 
 def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_time, area) -> dict:
     """The epoch's record, appended to metrics.jsonl and printed; with no path (ranks > 0) only returned."""
-    record = {"epoch": epoch, "loss": loss, "knn_top1": knn, "images_per_sec": images_per_sec, "lr": lr,
-              "epoch_time_s": epoch_time, "box_area": area}  # fmt: skip
+    record = {
+        "epoch": epoch,
+        "loss": loss,
+        "knn_top1": knn,
+        "images_per_sec": images_per_sec,
+        "lr": lr,
+        "epoch_time_s": epoch_time,
+        "box_area": area,
+    }
     if path is None:
         return record
     append_atomic(path, json.dumps(record))
@@ -340,8 +382,11 @@ def remaining_work(cfg: Config, epoch: int, step: int, steps: int, box_updates: 
     them due) and ContrastiveCrop localisation passes."""
     epochs = cfg.optimisation.epochs
     later = range(epoch + 1, epochs + 1)
-    return {"steps": (epochs - epoch) * steps - step - 1, "knn": sum(knn_due(cfg, e) for e in later) * knn,
-            "boxes": sum(e > epoch for e in box_updates)}  # fmt: skip
+    return {
+        "steps": (epochs - epoch) * steps - step - 1,
+        "knn": sum(knn_due(cfg, e) for e in later) * knn,
+        "boxes": sum(e > epoch for e in box_updates),
+    }
 
 
 def duration(seconds: float) -> str:

@@ -35,8 +35,10 @@ def missing_backend(backend: str) -> str | None:
         importlib.import_module(module)
     except (ImportError, OSError) as error:  # OSError: a compiled part that fails to load its shared libraries
         cause = str(error).splitlines()[0] if str(error) else ""
-        return (f"{name} (--loader {backend}) cannot be imported here ({type(error).__name__}: {cause}); "
-                f"install it with: {INSTALL[backend]}")  # fmt: skip
+        return (
+            f"{name} (--loader {backend}) cannot be imported here ({type(error).__name__}: {cause}); "
+            f"install it with: {INSTALL[backend]}"
+        )
     finally:
         torch.set_num_threads(threads)  # FFCV's import sets one thread
     return None

@@ -67,8 +67,10 @@ def scan_split(split_dir: str | Path, limit: int = 0, seed: int = 0, skip_bad: b
             bad.append((i, str(error)))
     if bad and not skip_bad:
         listed = "\n".join(f"  {paths[i]}: {reason}" for i, reason in bad)
-        raise ValueError(f"{len(bad)} of {len(paths)} images in {split_dir} cannot be decoded (nothing was trained; "
-                         f"--skip-bad leaves them out):\n{listed}")  # fmt: skip
+        raise ValueError(
+            f"{len(bad)} of {len(paths)} images in {split_dir} cannot be decoded (nothing was trained; "
+            f"--skip-bad leaves them out):\n{listed}"
+        )
     if bad:
         keep = np.setdiff1d(np.arange(len(paths)), [i for i, _ in bad])
         skipped = tuple((paths[i], reason) for i, reason in bad)

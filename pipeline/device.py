@@ -28,8 +28,12 @@ def nvidia_driver(proc: Path = PROC_DRIVER) -> str | None:
         pass
     if shutil.which("nvidia-smi"):
         try:
-            done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                  capture_output=True, text=True, timeout=20)  # fmt: skip
+            done = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
         if done.returncode == 0 and done.stdout.strip():
@@ -41,17 +45,23 @@ def unusable_gpu(driver: str) -> str:
     """Why torch cannot use the NVIDIA GPU of a machine with `driver`, and what to install (one line)."""
     build = torch.version.cuda
     if build is None:
-        return (f"an NVIDIA GPU is here (driver {driver}) but torch {torch.__version__} is a CPU-only build: "
-                "install a CUDA build of torch")  # fmt: skip
+        return (
+            f"an NVIDIA GPU is here (driver {driver}) but torch {torch.__version__} is a CPU-only build: "
+            "install a CUDA build of torch"
+        )
     major = int(build.split(".")[0])
     needed = MINIMUM_DRIVER.get(major)
     installed = int(driver.split(".")[0]) if driver[:1].isdigit() else None
     if needed is not None and (installed is None or installed < needed):
-        return (f"an NVIDIA GPU is here (driver {driver}) but torch {torch.__version__} is a CUDA {build} build, "
-                f"which needs driver >= {needed}: install NVIDIA driver >= {needed}, or a torch build for the "
-                "driver's CUDA version (nvidia-smi shows it)")  # fmt: skip
-    return (f"an NVIDIA GPU is here (driver {driver}) but torch {torch.__version__} (CUDA {build}) cannot use it: "
-            "check CUDA_VISIBLE_DEVICES and that this process may open /dev/nvidia*")  # fmt: skip
+        return (
+            f"an NVIDIA GPU is here (driver {driver}) but torch {torch.__version__} is a CUDA {build} build, "
+            f"which needs driver >= {needed}: install NVIDIA driver >= {needed}, or a torch build for the "
+            "driver's CUDA version (nvidia-smi shows it)"
+        )
+    return (
+        f"an NVIDIA GPU is here (driver {driver}) but torch {torch.__version__} (CUDA {build}) cannot use it: "
+        "check CUDA_VISIBLE_DEVICES and that this process may open /dev/nvidia*"
+    )
 
 
 def resolve_device(requested: str = "auto") -> str:
@@ -82,11 +92,15 @@ def resolve_device(requested: str = "auto") -> str:
         raise click.BadParameter(f"{why}; --device cpu trains on the CPU", param_hint=hint)
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
-        raise click.BadParameter(f"{requested}: torch sees {count} GPU(s) here (cuda:0 to cuda:{count - 1})",
-                                 param_hint=hint)  # fmt: skip
+        raise click.BadParameter(
+            f"{requested}: torch sees {count} GPU(s) here (cuda:0 to cuda:{count - 1})", param_hint=hint
+        )
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this node
     if local > count:
-        raise click.BadParameter(f"torchrun starts {local} processes on this node but torch sees {count} GPU(s), "
-                                 f"one per process: use --nproc_per_node {count}, or --device cpu to train on the "
-                                 "CPU (gloo)", param_hint=hint)  # fmt: skip
+        raise click.BadParameter(
+            f"torchrun starts {local} processes on this node but torch sees {count} GPU(s), "
+            f"one per process: use --nproc_per_node {count}, or --device cpu to train on the "
+            "CPU (gloo)",
+            param_hint=hint,
+        )
     return requested

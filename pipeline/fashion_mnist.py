@@ -19,9 +19,17 @@ from tqdm import tqdm
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = (
-    "t-shirt", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle-boot",
-)  # fmt: skip
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+)
 SPLITS = {"train": "train", "val": "t10k"}
 
 

@@ -56,8 +56,10 @@ def read_pairs(path: str | Path, train_images: int) -> np.ndarray:
     if report.is_file():
         mined = json.loads(report.read_text()).get("train_images")
         if mined is not None and mined != train_images:
-            raise ValueError(f"{path} indexes a training split of {mined} images, this run has {train_images}: "
-                             "mine the pairs with the same --data, --train-limit and --seed")  # fmt: skip
+            raise ValueError(
+                f"{path} indexes a training split of {mined} images, this run has {train_images}: "
+                "mine the pairs with the same --data, --train-limit and --seed"
+            )
     if len(pairs) and (pairs.min() < 0 or pairs.max() >= train_images):
         raise ValueError(f"{path} has indices outside the {train_images} training images")
     return pairs.astype(np.int64)

@@ -47,8 +47,12 @@ def draw(batch, windows: np.ndarray, boxes: np.ndarray | None, heights, widths, 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--data", type=click.Path(exists=True, path_type=Path), required=True, help="As train.py --data.")
 @click.option("--loader", "backend", type=click.Choice(BACKENDS), default="torchvision")
-@click.option("--boxes", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="RUN_DIR/boxes.npy of a --crop ccrop run (with its --train-limit and --seed).")  # fmt: skip
+@click.option(
+    "--boxes",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="RUN_DIR/boxes.npy of a --crop ccrop run (with its --train-limit and --seed).",
+)
 @click.option("--alpha", type=float, default=0.6, help="ContrastiveCrop Beta parameter.")
 @click.option("--train-limit", type=int, default=4000, help="As train.py: must match the run the boxes are from.")
 @click.option("--seed", type=int, default=0)
@@ -68,16 +72,30 @@ def main(data, backend, boxes, alpha, train_limit, seed, epoch, count, size, out
             f"{boxes} holds {table.shape[0]} boxes for {len(images)} images: same --train-limit?"
         )
     count = min(count, len(images))
-    loader = make_loader(backend, images, image_size=size, batch_size=count, device=torch.device("cpu"),
-                         train=True, seed=seed, workers=0 if backend == "torchvision" else 1)  # fmt: skip
+    loader = make_loader(
+        backend,
+        images,
+        image_size=size,
+        batch_size=count,
+        device=torch.device("cpu"),
+        train=True,
+        seed=seed,
+        workers=0 if backend == "torchvision" else 1,
+    )
     loader.boxes, loader.alpha = table, alpha
     order, windows, _ = loader.schedule(epoch)
     batches = loader.epoch(epoch)
     batch = next(batches)
     batches.close()
     picked = order[:count]
-    grid = draw(batch, windows[:count], None if table is None else table[picked],
-                images.heights[picked], images.widths[picked], count)  # fmt: skip
+    grid = draw(
+        batch,
+        windows[:count],
+        None if table is None else table[picked],
+        images.heights[picked],
+        images.widths[picked],
+        count,
+    )
     loader.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)

@@ -81,14 +81,45 @@ def tiny_loader(
     from pipeline.backends import make_loader
 
     return make_loader(
-        backend, images, image_size=size, batch_size=batch, device=torch.device("cpu"), train=train, seed=seed,
-        workers=0 if backend == "torchvision" else 1, views=views, **kwargs,
-    )  # fmt: skip
+        backend,
+        images,
+        image_size=size,
+        batch_size=batch,
+        device=torch.device("cpu"),
+        train=train,
+        seed=seed,
+        workers=0 if backend == "torchvision" else 1,
+        views=views,
+        **kwargs,
+    )
 
 
-TINY_TRAIN = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--epochs", "1",
-              "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "0",
-              "--loader", "torchvision", "--amp", "off", "--device", "cpu"]  # fmt: skip
+TINY_TRAIN = [
+    "--image-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--bn-splits",
+    "2",
+    "--queue-size",
+    "32",
+    "--epochs",
+    "1",
+    "--train-limit",
+    "0",
+    "--val-limit",
+    "0",
+    "--knn-k",
+    "5",
+    "--workers",
+    "0",
+    "--loader",
+    "torchvision",
+    "--amp",
+    "off",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="session")

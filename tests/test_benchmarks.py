@@ -11,9 +11,36 @@ from benchmarks import loaders, train_step
 @pytest.mark.ffcv
 def test_loaders_benchmark_writes_every_requested_row(tiny_data, tiny_beton, tmp_path):
     out, picture = tmp_path / "loaders.json", tmp_path / "loaders.png"
-    args = ["--data", tiny_data, "--ffcv-data", tiny_beton, "--image-size", 16, "--batch-size", 8, "--passes", 2,
-            "--loader", "decode-only-ffcv", "--loader", "official-torchvision", "--loader", "dali", "--views", 1,
-            "--views", 3, "--crop", "random", "--crop", "ccrop", "--json", out, "--plot", picture]  # fmt: skip
+    args = [
+        "--data",
+        tiny_data,
+        "--ffcv-data",
+        tiny_beton,
+        "--image-size",
+        16,
+        "--batch-size",
+        8,
+        "--passes",
+        2,
+        "--loader",
+        "decode-only-ffcv",
+        "--loader",
+        "official-torchvision",
+        "--loader",
+        "dali",
+        "--views",
+        1,
+        "--views",
+        3,
+        "--crop",
+        "random",
+        "--crop",
+        "ccrop",
+        "--json",
+        out,
+        "--plot",
+        picture,
+    ]
     result = CliRunner().invoke(loaders.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
@@ -37,9 +64,28 @@ def test_loaders_benchmark_writes_every_requested_row(tiny_data, tiny_beton, tmp
 
 def test_loaders_benchmark_reports_a_failed_configuration_and_goes_on(tiny_data, tmp_path):
     out = tmp_path / "loaders.json"
-    args = ["--data", tiny_data, "--ffcv-data", tmp_path, "--image-size", 16, "--batch-size", 8, "--passes", 1,
-            "--loader", "ffcv", "--loader", "decode-only-pil", "--views", 1, "--crop", "random",
-            "--json", out]  # fmt: skip
+    args = [
+        "--data",
+        tiny_data,
+        "--ffcv-data",
+        tmp_path,
+        "--image-size",
+        16,
+        "--batch-size",
+        8,
+        "--passes",
+        1,
+        "--loader",
+        "ffcv",
+        "--loader",
+        "decode-only-pil",
+        "--views",
+        1,
+        "--crop",
+        "random",
+        "--json",
+        out,
+    ]
     result = CliRunner().invoke(loaders.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
@@ -49,13 +95,38 @@ def test_loaders_benchmark_reports_a_failed_configuration_and_goes_on(tiny_data,
 
 def test_train_step_benchmark_writes_both_methods_ratios_and_the_yardstick(tiny_data, tmp_path):
     out = tmp_path / "train_step.json"
-    args = ["--loader", "torchvision", "--data", tiny_data, "--image-size", 16, "--batch-size", 8, "--steps", 1,
-            "--warmup", 0, "--rounds", 1, "--workers", 1, "--yardstick", "--json", out]  # fmt: skip
+    args = [
+        "--loader",
+        "torchvision",
+        "--data",
+        tiny_data,
+        "--image-size",
+        16,
+        "--batch-size",
+        8,
+        "--steps",
+        1,
+        "--warmup",
+        0,
+        "--rounds",
+        1,
+        "--workers",
+        1,
+        "--yardstick",
+        "--json",
+        out,
+    ]
     result = CliRunner().invoke(train_step.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    for key in ("mocov2_images_per_sec", "leoclr_images_per_sec", "mocov2_compute_only_images_per_sec",
-                "leoclr_compute_only_images_per_sec", "ratio", "compute_only_ratio"):  # fmt: skip
+    for key in (
+        "mocov2_images_per_sec",
+        "leoclr_images_per_sec",
+        "mocov2_compute_only_images_per_sec",
+        "leoclr_compute_only_images_per_sec",
+        "ratio",
+        "compute_only_ratio",
+    ):
         assert report[key] > 0
     assert report["paper_ratio"] == 81 / 68 and report["device"]
     assert report["ratio"] == report["mocov2_images_per_sec"] / report["leoclr_images_per_sec"]

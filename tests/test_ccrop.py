@@ -146,9 +146,36 @@ def test_localize_gives_one_box_per_image_in_file_order(split):
     assert np.allclose(boxes[:8], expected)
 
 
-TINY = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--train-limit", "0",
-        "--val-limit", "0", "--knn-k", "5", "--workers", "0", "--loader", "torchvision", "--crop", "ccrop",
-        "--ccrop-warmup", "0", "--ccrop-interval", "2", "--amp", "off", "--device", "cpu"]  # fmt: skip
+TINY = [
+    "--image-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--bn-splits",
+    "2",
+    "--queue-size",
+    "32",
+    "--train-limit",
+    "0",
+    "--val-limit",
+    "0",
+    "--knn-k",
+    "5",
+    "--workers",
+    "0",
+    "--loader",
+    "torchvision",
+    "--crop",
+    "ccrop",
+    "--ccrop-warmup",
+    "0",
+    "--ccrop-interval",
+    "2",
+    "--amp",
+    "off",
+    "--device",
+    "cpu",
+]
 
 
 def run(*args):

@@ -19,16 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def torchrun_command(*args, processes: int = 2) -> list[str]:
     """train.py under torchrun on this machine: `processes` CPU ranks (gloo; TINY_TRAIN says --device cpu)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            "train.py", *map(str, args)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "train.py",
+        *map(str, args),
+    ]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def torchrun(*args, processes: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(*args, processes=processes), cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        torchrun_command(*args, processes=processes), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -82,8 +90,14 @@ def test_two_processes_interrupted_mid_epoch_resume_each_ranks_own_draws(longer_
     done = torchrun(*common, "--out", tmp_path / "straight")
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
-    process = subprocess.Popen(torchrun_command(*common, "--out", run), cwd=ROOT, env=ENV, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        torchrun_command(*common, "--out", run),
+        cwd=ROOT,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         metrics = run / "metrics.jsonl"

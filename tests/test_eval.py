@@ -59,8 +59,25 @@ def test_each_protocol_runs_and_writes_its_json(checkpoint, tmp_path, protocol, 
 def test_evaluation_runs_through_every_loader(checkpoint, data_for, tmp_path, loader):
     data = ["--data", data_for(loader)] if loader == "ffcv" else []
     out = tmp_path / "crop.json"
-    run_eval("crop-test", "--checkpoint", checkpoint, "--loader", loader, *data, "--batch-size", 8, "--workers", 1,
-             "--epochs", 1, "--augmented", "--amp", "off", "--json", out)  # fmt: skip
+    run_eval(
+        "crop-test",
+        "--checkpoint",
+        checkpoint,
+        "--loader",
+        loader,
+        *data,
+        "--batch-size",
+        8,
+        "--workers",
+        1,
+        "--epochs",
+        1,
+        "--augmented",
+        "--amp",
+        "off",
+        "--json",
+        out,
+    )
     result = json.loads(out.read_text())
     assert result["loader"] == loader and result["val_images"] == 12 and 0 <= result["random_top1"] <= 100
 
@@ -105,8 +122,10 @@ def test_probe_is_linear_at_evaluation():
 def test_topk_accuracy_against_a_loop():
     generator = torch.Generator().manual_seed(0)
     scores, labels = torch.randn(50, 7, generator=generator), torch.randint(0, 7, (50,), generator=generator)
-    expected = [100 * np.mean([int(labels[i]) in scores[i].argsort(descending=True)[:k].tolist() for i in range(50)])
-                for k in (1, 5)]  # fmt: skip
+    expected = [
+        100 * np.mean([int(labels[i]) in scores[i].argsort(descending=True)[:k].tolist() for i in range(50)])
+        for k in (1, 5)
+    ]
     assert topk_accuracy(scores, labels) == pytest.approx(expected)
     assert topk_accuracy(scores[:, :3], labels % 3)[1] == 100  # fewer classes than k
 

@@ -77,12 +77,14 @@ def dali_decodes(paths: list[str], device: str, fancy: bool = False) -> list[np.
 
     batch = [np.fromfile(path, dtype=np.uint8) for path in paths]
 
-    @pipeline_def(batch_size=len(paths), num_threads=1, device_id=0 if device != "cpu" else None,
-                  prefetch_queue_depth=1)  # fmt: skip
+    @pipeline_def(
+        batch_size=len(paths), num_threads=1, device_id=0 if device != "cpu" else None, prefetch_queue_depth=1
+    )
     def decode():
         jpegs = fn.external_source(source=[batch], cycle=True)
-        return fn.decoders.image(jpegs, device=device, output_type=types.RGB, adjust_orientation=False,
-                                 jpeg_fancy_upsampling=fancy)  # fmt: skip
+        return fn.decoders.image(
+            jpegs, device=device, output_type=types.RGB, adjust_orientation=False, jpeg_fancy_upsampling=fancy
+        )
 
     return dali_run(decode())[0]
 
@@ -114,15 +116,23 @@ def dali_resizes(paths: list[str], windows: np.ndarray, device: str) -> list[np.
     starts = [w[:2].astype(np.float32) for w in windows]
     ends = [(w[:2] + w[2:]).astype(np.float32) for w in windows]
 
-    @pipeline_def(batch_size=len(paths), num_threads=1, device_id=0 if device != "cpu" else None,
-                  prefetch_queue_depth=1)  # fmt: skip
+    @pipeline_def(
+        batch_size=len(paths), num_threads=1, device_id=0 if device != "cpu" else None, prefetch_queue_depth=1
+    )
     def resize():
         jpegs = fn.external_source(source=[batch], cycle=True)
         start, end = fn.external_source(source=[starts], cycle=True), fn.external_source(source=[ends], cycle=True)
         images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB, adjust_orientation=False)
         images = images.gpu() if device == "gpu" else images
-        return fn.resize(images, size=[SIZE, SIZE], interp_type=types.INTERP_LINEAR, antialias=True,
-                         roi_start=start, roi_end=end, roi_relative=False)  # fmt: skip
+        return fn.resize(
+            images,
+            size=[SIZE, SIZE],
+            interp_type=types.INTERP_LINEAR,
+            antialias=True,
+            roi_start=start,
+            roi_end=end,
+            roi_relative=False,
+        )
 
     return dali_run(resize())[0]
 
@@ -186,8 +196,23 @@ def test_batched_augmentation_on_cuda_matches_the_cpu_path(monkeypatch):
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_training_on_cuda(tiny_data, tmp_path, amp):
     out = tmp_path / "run"
-    args = [*TINY_TRAIN, "--loader", "dali", "--workers", 1, "--device", "cuda", "--amp", amp, "--data", tiny_data,
-            "--out", out, "--epochs", 2]  # fmt: skip
+    args = [
+        *TINY_TRAIN,
+        "--loader",
+        "dali",
+        "--workers",
+        1,
+        "--device",
+        "cuda",
+        "--amp",
+        amp,
+        "--data",
+        tiny_data,
+        "--out",
+        out,
+        "--epochs",
+        2,
+    ]
     result = CliRunner().invoke(train.main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "device cuda" in result.output and "float16 on cuda" in result.output  # the kNN bank on the GPU
@@ -202,11 +227,34 @@ def test_sigterm_mid_epoch_then_resume_on_cuda(tmp_path):
     from conftest import write_tiny_dataset
 
     data, run = write_tiny_dataset(tmp_path / "data", per_class=40), tmp_path / "run"  # 15 steps per epoch
-    args = [*TINY_TRAIN, "--loader", "dali", "--workers", 1, "--device", "cuda", "--method", "mocov2",
-            "--data", data, "--out", run, "--epochs", 4, "--val-limit", 6]  # fmt: skip
+    args = [
+        *TINY_TRAIN,
+        "--loader",
+        "dali",
+        "--workers",
+        1,
+        "--device",
+        "cuda",
+        "--method",
+        "mocov2",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--epochs",
+        4,
+        "--val-limit",
+        6,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         metrics = run / "metrics.jsonl"
@@ -220,8 +268,14 @@ def test_sigterm_mid_epoch_then_resume_on_cuda(tmp_path):
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     # A CUDA generator's state is a CPU ByteTensor (torch takes nothing else to restore it).
     assert state["step"] > 0 and state["generators"].device.type == "cpu" and state["generators"].dtype == torch.uint8
-    done = subprocess.run([sys.executable, "train.py", "--resume", str(run / "checkpoint.pt")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "train.py", "--resume", str(run / "checkpoint.pt")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed after epoch {state['epoch']}, step {state['step']}" in done.stdout
     final = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)

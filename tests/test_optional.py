@@ -29,8 +29,9 @@ def hiding(root: Path, *libraries: str) -> dict:
 
 
 def python(env: dict, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_the_hiding_works(tmp_path):
@@ -45,11 +46,23 @@ def test_the_hiding_works(tmp_path):
 
 
 def test_suite_skips_ffcv_tests_with_the_reason_and_runs_the_rest(tmp_path):
-    chosen = ["tests/test_ffcv.py::test_a_limit_picks_the_same_images_as_from_the_folder",
-              "tests/test_loaders.py::test_training_batches_follow_the_contract",
-              "tests/test_reliability.py::test_invalid_options_are_click_errors"]  # fmt: skip
-    done = python(hiding(tmp_path / "hidden", "ffcv"), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                  "--basetemp", tmp_path / "inner", *chosen)  # fmt: skip
+    chosen = [
+        "tests/test_ffcv.py::test_a_limit_picks_the_same_images_as_from_the_folder",
+        "tests/test_loaders.py::test_training_batches_follow_the_contract",
+        "tests/test_reliability.py::test_invalid_options_are_click_errors",
+    ]
+    done = python(
+        hiding(tmp_path / "hidden", "ffcv"),
+        "-m",
+        "pytest",
+        "-q",
+        "-rs",
+        "-p",
+        "no:cacheprovider",
+        "--basetemp",
+        tmp_path / "inner",
+        *chosen,
+    )
     summary = done.stdout.strip().splitlines()[-1]
     # test_ffcv: 1 skipped; the contract: dali and torchvision pass, ffcv skips; the option errors: 6 + 1.
     assert done.returncode == 0 and "8 passed, 3 skipped" in summary, done.stdout[-3000:]
@@ -82,7 +95,16 @@ def test_commands_that_need_a_missing_library_stop_with_one_line(tiny_data, tmp_
 
 
 def test_torchvision_training_needs_neither_library(tiny_data, tmp_path):
-    done = python(hiding(tmp_path / "hidden", "ffcv", "dali"), "train.py", *TINY_TRAIN, "--data", tiny_data,
-                  "--out", tmp_path / "run", "--amp", "off")  # fmt: skip
+    done = python(
+        hiding(tmp_path / "hidden", "ffcv", "dali"),
+        "train.py",
+        *TINY_TRAIN,
+        "--data",
+        tiny_data,
+        "--out",
+        tmp_path / "run",
+        "--amp",
+        "off",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "final kNN top-1" in done.stdout and (tmp_path / "run" / "checkpoint.pt").is_file()

@@ -65,9 +65,30 @@ def test_read_pairs_checks_what_it_reads(tmp_path):
 @pytest.mark.parametrize("loader", LOADERS)
 def test_mining_cli_writes_pairs_and_report(tiny_checkpoint, tiny_data, data_for, tmp_path, loader):
     out = tmp_path / "pairs.npy"
-    args = ["--checkpoint", tiny_checkpoint, "--data", data_for(loader), "--loader", loader, "--out", out,
-            "--fraction", 1, "--low", -2, "--high", 2, "--block", 5, "--workers", 1, "--device", "cpu",
-            "--amp", "off"]  # fmt: skip
+    args = [
+        "--checkpoint",
+        tiny_checkpoint,
+        "--data",
+        data_for(loader),
+        "--loader",
+        loader,
+        "--out",
+        out,
+        "--fraction",
+        1,
+        "--low",
+        -2,
+        "--high",
+        2,
+        "--block",
+        5,
+        "--workers",
+        1,
+        "--device",
+        "cpu",
+        "--amp",
+        "off",
+    ]
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     pairs, report = np.load(out), json.loads(out.with_suffix(".json").read_text())
@@ -83,8 +104,21 @@ def test_sepp_trains_one_epoch_on_the_combined_set(data_for, tmp_path, loader):
     pairs = tmp_path / "pairs.npy"
     np.save(pairs, np.array([[0, 9], [9, 0], [3, 20], [12, 13], [1, 2], [5, 6], [7, 8], [10, 11]]))
     data = data_for(loader)
-    args = [*TINY_TRAIN, "--loader", loader, "--method", "sepp", "--pairs", pairs, "--data", data,
-            "--out", tmp_path / "run", "--workers", 1]  # fmt: skip
+    args = [
+        *TINY_TRAIN,
+        "--loader",
+        loader,
+        "--method",
+        "sepp",
+        "--pairs",
+        pairs,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--workers",
+        1,
+    ]
     result = CliRunner().invoke(train.main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "8 semantic pairs" in result.output and "final kNN top-1" in result.output
@@ -109,8 +143,27 @@ def test_random_init_embeds_with_untrained_weights(tiny_checkpoint, tiny_data, t
     reports = []
     for flags in ([], ["--random-init"]):
         out = tmp_path / f"pairs{len(flags)}.npy"
-        args = ["--checkpoint", tiny_checkpoint, "--data", tiny_data, "--loader", "torchvision", "--out", out,
-                "--fraction", 1, "--low", 0.5, "--high", 2, "--workers", 0, "--device", "cpu", *flags]  # fmt: skip
+        args = [
+            "--checkpoint",
+            tiny_checkpoint,
+            "--data",
+            tiny_data,
+            "--loader",
+            "torchvision",
+            "--out",
+            out,
+            "--fraction",
+            1,
+            "--low",
+            0.5,
+            "--high",
+            2,
+            "--workers",
+            0,
+            "--device",
+            "cpu",
+            *flags,
+        ]
         result = CliRunner().invoke(main, [str(a) for a in args])
         assert result.exit_code == 0, result.output
         reports.append(json.loads(out.with_suffix(".json").read_text()))

@@ -130,15 +130,32 @@ def hostile_beton(hostile, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("loader", LOADERS)
 def test_skip_bad_trains_and_odd_images_decode_to_rgb(hostile, request, tmp_path, loader):
     data = request.getfixturevalue("hostile_beton") if loader == "ffcv" else hostile
-    result = invoke(*TINY_TRAIN, "--loader", loader, "--workers", 1, "--data", data, "--out", tmp_path / "run",
-                    "--skip-bad", "--image-size", 32)  # fmt: skip
+    result = invoke(
+        *TINY_TRAIN,
+        "--loader",
+        loader,
+        "--workers",
+        1,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--skip-bad",
+        "--image-size",
+        32,
+    )
     assert result.exit_code == 0, result.output
     if loader != "ffcv":  # the converter already left them out
         assert all(f"skipped {hostile / 'train' / 'class1' / name}" in result.output for name in BAD_IMAGES)
     images = scan_split(hostile / "train", skip_bad=True)
     split = load_splits(data, loader, skip_bad=True)[0]
-    batch = next(iter(make_loader(loader, split, image_size=32, batch_size=len(split), device=torch.device("cpu"),
-                                  train=False, workers=1).epoch(0)))  # fmt: skip
+    batch = next(
+        iter(
+            make_loader(
+                loader, split, image_size=32, batch_size=len(split), device=torch.device("cpu"), train=False, workers=1
+            ).epoch(0)
+        )
+    )
     for i, path in enumerate(images.paths):
         if Path(path).name in ODD_IMAGES:
             with Image.open(path) as file:
@@ -150,15 +167,46 @@ def test_skip_bad_trains_and_odd_images_decode_to_rgb(hostile, request, tmp_path
                 assert np.abs(got - expected).mean() < 1.5, Path(path).name
 
 
-INTERRUPTED = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32", "--epochs", "4",
-               "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "0", "--loader", "torchvision",
-               "--method", "mocov2", "--amp", "off", "--device", "cpu"]  # fmt: skip
+INTERRUPTED = [
+    "--image-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--bn-splits",
+    "2",
+    "--queue-size",
+    "32",
+    "--epochs",
+    "4",
+    "--train-limit",
+    "0",
+    "--val-limit",
+    "0",
+    "--knn-k",
+    "5",
+    "--workers",
+    "0",
+    "--loader",
+    "torchvision",
+    "--method",
+    "mocov2",
+    "--amp",
+    "off",
+    "--device",
+    "cpu",
+]
 
 
 def start(*args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "train.py", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
@@ -192,8 +240,9 @@ def straight(longer_data, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_a_run_interrupted_and_resumed_ends_with_the_straight_runs_weights(longer_data, straight, tmp_path,
-                                                                           signal_number):  # fmt: skip
+def test_a_run_interrupted_and_resumed_ends_with_the_straight_runs_weights(
+    longer_data, straight, tmp_path, signal_number
+):
     run = tmp_path / "run"
     code, output = interrupt_after_first_epoch(run, longer_data, signal_number)
     state = torch.load(run / "checkpoint.pt", weights_only=False)

@@ -52,8 +52,22 @@ def test_only_every_kth_step_reads_from_the_device(tiny_data, tmp_path, monkeypa
     monkeypatch.setattr(train, "poll", counted_poll)
     monkeypatch.setattr(training, "gather", counted_gather)
     monkeypatch.setattr(train, "CHECK_EVERY", 3)
-    args = [*TINY_TRAIN, "--batch-size", 4, "--queue-size", 16, "--method", "leoclr", "--blur", "--amp", "off",
-            "--data", tiny_data, "--out", tmp_path / "run"]  # fmt: skip
+    args = [
+        *TINY_TRAIN,
+        "--batch-size",
+        4,
+        "--queue-size",
+        16,
+        "--method",
+        "leoclr",
+        "--blur",
+        "--amp",
+        "off",
+        "--data",
+        tiny_data,
+        "--out",
+        tmp_path / "run",
+    ]
     with reads:
         result = CliRunner().invoke(train.main, [str(a) for a in args], catch_exceptions=False)
         marks.append(reads.total)

@@ -10,9 +10,28 @@ import train
 from model import training
 from model.config import Config
 
-TINY = ["--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--queue-size", "32",
-        "--train-limit", "0", "--val-limit", "0", "--knn-k", "5", "--workers", "1", "--amp", "off",
-        "--device", "cpu"]  # fmt: skip
+TINY = [
+    "--image-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--bn-splits",
+    "2",
+    "--queue-size",
+    "32",
+    "--train-limit",
+    "0",
+    "--val-limit",
+    "0",
+    "--knn-k",
+    "5",
+    "--workers",
+    "1",
+    "--amp",
+    "off",
+    "--device",
+    "cpu",
+]
 
 
 def run(*args):
@@ -90,10 +109,12 @@ def test_learning_rate_warms_up_then_follows_cosine():
         (["--method", "mocov2", "--symmetric"], {"symmetric": True}),
         (["--method", "leoclr", "--attract-all"], {"attract_all": True}),
         (["--method", "leoclr", "--original", "random-crop"], {"original": "random-crop"}),
-        (["--method", "mocov2", "--no-color-jitter", "--no-grayscale", "--no-blur"],
-         {"color_jitter": False, "grayscale": False, "blur": False}),
+        (
+            ["--method", "mocov2", "--no-color-jitter", "--no-grayscale", "--no-blur"],
+            {"color_jitter": False, "grayscale": False, "blur": False},
+        ),
     ],
-)  # fmt: skip
+)
 def test_variants_train_and_record_their_flags(tiny_data, tmp_path, args, recorded):
     out = tmp_path / "run"
     run("--loader", "torchvision", "--workers", 0, "--data", tiny_data, "--out", out, "--epochs", 1, *args)
@@ -128,8 +149,22 @@ def test_knn_monitor_every_n_epochs_and_the_last_on_a_bank_subset(tiny_data, tmp
 
     monkeypatch.setattr(training, "knn_top1", recording)
     out = tmp_path / "run"
-    output = run("--loader", "torchvision", "--workers", 0, "--data", tiny_data, "--out", out, "--epochs", 3,
-                 "--knn-every", 2, "--knn-bank", 10)  # fmt: skip
+    output = run(
+        "--loader",
+        "torchvision",
+        "--workers",
+        0,
+        "--data",
+        tiny_data,
+        "--out",
+        out,
+        "--epochs",
+        3,
+        "--knn-every",
+        2,
+        "--knn-bank",
+        10,
+    )
     assert "kNN monitor: a bank of 10 of the 24 training images" in output and "every 2 epoch(s)" in output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["knn_top1"] is not None for r in records] == [True, False, True, True]  # 0, 2 and the last, 3
