@@ -1,0 +1,158 @@
+"""The import rules of the layout (README, "Layout"), read from every project module's imports with ast:
+pipeline/ <- model/ <- the training machinery and tools <- the scripts (train.py, eval.py, benchmarks/); no cycle;
+backends reached only through the factory; the batch contract imports no backend."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "model", "benchmarks")
+FACTORY = "pipeline.backends"
+BACKENDS = {"pipeline.backends.dali", "pipeline.backends.ffcv", "pipeline.backends.torchvision"}
+# What a backend may import: the package (its optional-library checks), the contract, the crop plan, the
+# augmentation and data reading.
+BACKEND_MAY_IMPORT = {"pipeline", "pipeline.loader", "pipeline.crop_plan", "pipeline.augment", "pipeline.data"}
+TOOLS = {"model.training", "model.pairs"}  # the training machinery and a CLI that runs a model
+SCRIPTS = {"train", "eval"}
+
+
+def project_modules() -> dict[str, Path]:
+    """Module name -> file, for train.py, eval.py and every .py under the packages (tests are not modules)."""
+    modules = {name: ROOT / f"{name}.py" for name in SCRIPTS}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, int]]:
+    """(project module, line) for every import in `path`, at any depth (a function's lazy import counts too).
+    `from a import b` imports a.b when that is a module; importing a.b runs package a's __init__ too."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's package up
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            parts = target.split(".")
+            for depth in range(1, len(parts) + 1):  # the packages on the way run first
+                module = ".".join(parts[:depth])
+                if module in modules and module != name:
+                    found.append((module, node.lineno))
+    return found
+
+
+def level(name: str) -> int:
+    """0 pipeline/, 1 model/, 2 the training machinery and tools, 3 the scripts and benchmarks/."""
+    if name in SCRIPTS or name.split(".")[0] == "benchmarks":
+        return 3
+    if name in TOOLS:
+        return 2
+    return {"pipeline": 0, "model": 1}[name.split(".")[0]]
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, list[tuple[str, int]]]:
+    modules = project_modules()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def where(name: str, line: int) -> str:
+    return f"{project_modules()[name].relative_to(ROOT)}:{line}"
+
+
+def test_the_graph_is_read():
+    """The rules below check something: the scanner sees the layout's known imports."""
+    modules = project_modules()
+    assert {"pipeline.loader", "pipeline.backends", "model.training", "train", "benchmarks.doctor"} <= set(modules)
+    edges = {
+        name: {target for target, _ in found}
+        for name, found in ((n, imports_of(n, p, modules)) for n, p in modules.items())
+    }
+    assert "pipeline.backends.ffcv" in edges["pipeline.backends"]  # the lazy `from pipeline.backends.ffcv import`
+    assert {"pipeline.loader", "pipeline"} <= edges["pipeline.backends.dali"]
+    assert {"pipeline.loader", "pipeline.data"} <= edges["pipeline.backends.ffcv"]
+    assert "model.training" in edges["train"] and "model.training" in edges["benchmarks.train_step"]
+
+
+def test_imports_run_one_way(graph):
+    """pipeline <- model <- training machinery and tools <- scripts: nothing imports a module of a higher level."""
+    upward = [
+        f"{where(name, line)}: {name} (level {level(name)}) imports {target} (level {level(target)})"
+        for name, found in graph.items()
+        for target, line in found
+        if level(target) > level(name)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_module_imports_a_script(graph):
+    wrong = [
+        f"{where(name, line)}: {name} imports the script {target}"
+        for name, found in graph.items()
+        for target, line in found
+        if target in SCRIPTS
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_backends_only_through_the_factory(graph):
+    wrong = [
+        f"{where(name, line)}: {name} imports the backend {target}; use pipeline.backends.make_loader"
+        for name, found in graph.items()
+        for target, line in found
+        if target in BACKENDS and name != FACTORY
+    ]
+    assert not wrong, "\n".join(wrong)
+    assert BACKENDS == {name for name in project_modules() if name.startswith(FACTORY + ".")}
+
+
+def test_backends_import_only_the_contract_crop_plan_augmentation_and_data(graph):
+    wrong = [
+        f"{where(name, line)}: the backend {name} imports {target}"
+        for name in BACKENDS
+        for target, line in graph[name]
+        if target not in BACKEND_MAY_IMPORT
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_contract_imports_no_backend(graph):
+    wrong = [
+        f"{where('pipeline.loader', line)}: imports {target}"
+        for target, line in graph["pipeline.loader"]
+        if target == FACTORY or target in BACKENDS
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycle(graph):
+    """No two project modules import each other, directly or through others."""
+    edges = {name: sorted({target for target, _ in found}) for name, found in graph.items()}
+    state: dict[str, str] = {}
+    cycles = []
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for target in edges[name]:
+            if state.get(target) == "open":
+                cycles.append(" -> ".join([*path[path.index(target) :], target]))
+            elif target not in state:
+                visit(target, [*path, target])
+        state[name] = "done"
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "\n".join(cycles)
