@@ -121,7 +121,7 @@ cuda=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2> /dev/nu
 # --- data: a generated JPEG set (mate-backgrounds photographs if installed, else synthetic) and its .beton
 if [ $small = 1 ]; then
   count=24; size=(--arch resnet18 --image-size 16 --batch-size 8 --amp off)
-  tests=tests/test_loaders.py  # its gpu-marked DALI test; collecting every file takes longer than the rest
+  tests=tests/test_gpu.py  # the gpu-marked tests (collecting every file takes longer than the rest)
 else
   count=2048; size=(--arch resnet50 --image-size 224 --batch-size 256 --amp bf16)
   tests=tests

@@ -26,11 +26,11 @@ class DataConfig:
 
     data: str = "data/fashion-mnist"
     loader: str = "dali"
-    train_limit: int = 4000
-    val_limit: int = 1000
+    train_limit: int = 2000
+    val_limit: int = 2000
     skip_bad: bool = False
     workers: int | None = None  # None: this process's share of the cores, less one
-    image_size: int = 32
+    image_size: int = 16
 
 
 @dataclass
@@ -70,7 +70,7 @@ class OptimisationConfig:
 
     epochs: int = 6
     batch_size: int = 64  # global: split over torchrun's processes
-    lr: float = 0.015
+    lr: float = 0.03
     warmup_epochs: float = 0.0
     weight_decay: float = 5e-4
     amp: str = "auto"  # the precision chosen (training settles "auto")
