@@ -286,13 +286,16 @@ def restore(state: dict, model, optimizer, scaler) -> None:
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash leaves the previous checkpoint whole. A write that
-    fails (disk full, no permission) removes the temporary file and raises CheckpointNotWritten."""
+    """torch.save to a temporary file, synced, then renamed: a crash leaves the previous checkpoint whole. A
+    write that fails (disk full, no permission) removes the temporary file and raises CheckpointNotWritten."""
     tmp = path.with_suffix(".tmp")
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as file:  # through a Python file: a failed write raises OSError with its errno
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # torch's zip writer reports a failed write as RuntimeError
+    except (OSError, RuntimeError) as error:  # RuntimeError: torch's zip writer, should it fail on its own
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         why = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]

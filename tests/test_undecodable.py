@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_TRAIN, tiny_loader, write_tiny_dataset
+from conftest import TINY_TRAIN, break_entropy_data, tiny_loader, write_tiny_dataset
 from PIL import Image
 
 import train
@@ -19,15 +19,6 @@ from pipeline import convert, verify
 from pipeline.data import check_image, scan_split
 
 BATCH = 8  # tiny_loader's: 24 training images are 3 batches
-
-
-def break_entropy_data(path: str) -> None:
-    """Overwrite the 16 code-length counts of the first DHT segment (after FF C4, its 2-byte length and its
-    class/id byte) with FF: the header and the end marker stay intact, the Huffman table does not."""
-    data = bytearray(Path(path).read_bytes())
-    at = data.index(b"\xff\xc4")
-    data[at + 5 : at + 21] = b"\xff" * 16
-    Path(path).write_bytes(bytes(data))
 
 
 def test_a_broken_huffman_table_passes_the_header_pass_and_fails_a_decode(tmp_path):
@@ -126,7 +117,7 @@ def no_val(clean, tmp_path) -> Path:
     return tmp_path / "data"
 
 
-def test_training_goes_on_names_the_file_and_keeps_it_out_on_resume(no_val, tmp_path):
+def test_training_goes_on_names_the_file_and_keeps_it_out_on_resume(no_val, tmp_path, one_torch_thread):
     """The reported case: DALI with --skip-bad died mid-epoch ("Failed to decode sample #k"); the loader-level
     test above covers torchvision too."""
     paths = scan_split(no_val / "train").paths
@@ -168,7 +159,7 @@ def test_verify_decodes_once_and_again_after_a_change(clean, tmp_path, monkeypat
     assert set(json.loads(cache.read_text())["files"]) == {os.path.relpath(p, data / "train") for p in paths}
 
 
-def test_train_verify_stops_naming_the_files_or_leaves_them_out(clean, tmp_path, monkeypatch):
+def test_train_verify_stops_naming_the_files_or_leaves_them_out(clean, tmp_path, monkeypatch, one_torch_thread):
     monkeypatch.setenv(verify.CACHE_ENV, str(tmp_path / "cache"))
     data, bad_paths = broken_copy(clean, tmp_path / "broken", [0, 23])
     args = [*map(str, TINY_TRAIN), "--data", str(data), "--verify"]
