@@ -31,9 +31,11 @@ from model.methods import METHODS, method_for
 from model.precision import AMP_CHOICES, autocast, describe
 from model.training import (
     CHECK_EVERY,
+    BadFileLog,
     RunClock,
     StopSignals,
     augment_config,
+    augmentation_seed,
     box_area,
     build_model,
     check_finite,
@@ -54,6 +56,7 @@ from model.training import (
     save_atomic,
     settle_amp,
     use_cuda,
+    verify_splits,
     world_totals,
 )
 from pipeline import require_backend
@@ -69,7 +72,8 @@ KNN_BANK = 131_072  # the kNN monitor's default bank: every image of the CPU-siz
 
 def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images: ImageList | None) -> list[dict]:
     """The run: loaders, model, the kNN monitor before training, then the epochs with their checkpoints, box
-    updates and metrics; stops with a checkpoint on SIGTERM/SIGINT. Returns the metrics records."""
+    updates and metrics; stops with a checkpoint on SIGTERM/SIGINT/SIGUSR1. Files that fail to decode mid-run
+    are left out (RUN_DIR/bad_files.txt). Returns the metrics records."""
     cuda = cfg.run.device.startswith("cuda")
     rank, world, local_rank = distributed.init_from_env(cuda)
     device = torch.device("cuda", local_rank) if cuda and world > 1 else torch.device(cfg.run.device)
@@ -82,6 +86,8 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
     if world > 1:
         per_rank = cfg.optimisation.batch_size // world
         echo(f"{world} processes ({'nccl' if cuda else 'gloo'}), {per_rank} images per rank and step")
+    if cfg.data.verify:
+        train_images, val_images = verify_splits(cfg, (train_images, val_images), rank, world, echo)
     echo(
         f"data {cfg.data.data}: {len(train_images)} train images"
         + (f", {len(val_images)} val images" if val_images else ", no val split (kNN off)")
@@ -91,7 +97,8 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
     pairs = read_pairs(cfg.method.pairs, len(train_images)) if method.pairs else None
     if pairs is not None:
         echo(f"SePP-ID: {len(pairs)} semantic pairs from {cfg.method.pairs} added to the {len(train_images)} images")
-    loaders = make_loaders(cfg, method, pairs, train_images, val_images, device, rank, world)
+    bad_log = BadFileLog(out, resume, main_rank)  # files found undecodable: shared by every loader of the run
+    loaders = make_loaders(cfg, method, pairs, train_images, val_images, device, rank, world, bad_log.files)
     loader = loaders.train
     if val_images:
         echo(
@@ -123,7 +130,9 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
         if not knn_due(cfg, epoch):
             return None
         with clock.timing_knn():
-            return knn_monitor(model, loaders.bank, loaders.val, cfg)
+            knn = knn_monitor(model, loaders.bank, loaders.val, cfg)
+        bad_log.share()  # what its passes found (every rank calls the monitor)
+        return knn
 
     if resume is not None:
         restore(resume, model, optimizer, scaler)
@@ -131,6 +140,12 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
         start_epoch, start_step = resume["epoch"], resume.get("step", 0)
         where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
         echo(f"resumed after {where}")
+        saved_world = resume["config"].get("world_size", 1)
+        if saved_world != world:  # the schedule is global: the same global batches and windows go on
+            draws = ", each rank's augmentation drawn from (seed, epoch, step, rank) until the epoch ends"
+            echo(f"  by {world} process(es) (the checkpoint's run had {saved_world}){draws if start_step else ''}")
+        if bad_log.files.reasons:
+            echo(f"  {len(bad_log.files.reasons)} file(s) found undecodable earlier stay out ({bad_log.path})")
     else:
         if main_rank:
             metrics_path.write_text("")
@@ -149,12 +164,15 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
                     np.save(out / "boxes.npy", loader.boxes)
                 echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}")
             # Per rank: its own augmentation draws (the key shuffle over ranks uses rank 0's).
-            generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + epoch + 7_919 * rank)
+            generator = torch.Generator(device=device).manual_seed(augmentation_seed(cfg.run.seed, epoch, rank))
             model.train()
             total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
             if skip:  # this rank's own draws and sums where the interrupted run stopped
-                state, loss_sum, seen, elapsed = rank_partial(resume, rank)
-                generator.set_state(state)  # a CPU ByteTensor, for a CUDA generator too
+                state, loss_sum, seen, elapsed = rank_partial(resume, rank, world)
+                if state is None:  # written by another number of processes: no stream of this rank to continue
+                    generator.manual_seed(augmentation_seed(cfg.run.seed, epoch, rank, skip))
+                else:
+                    generator.set_state(state)  # a CPU ByteTensor, for a CUDA generator too
                 total_loss += loss_sum
                 started -= elapsed
             bar = tqdm(
@@ -175,7 +193,7 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
                 seen += len(batch.labels)
                 if (step + 1) % CHECK_EVERY and step + 1 < len(loader):
                     continue  # nothing read back: the host queues the next steps while the device computes
-                loss_sum = poll(signals, total_loss)
+                loss_sum = poll(signals, total_loss, bad_log)
                 check_finite(loss_sum, epoch, step, out)
                 rate = seen / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{loss_sum / (seen * world):.3f}", img_s=f"{rate:.0f}")
@@ -187,7 +205,9 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
                     if main_rank:  # mid-epoch: where the epoch stands, so a resume replays nothing and skips nothing
                         elapsed = time.perf_counter() - started
                         within = dict(step=step + 1, generators=generators, partials=partials, elapsed=elapsed)
-                        checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch, loader.boxes, **within)
+                        checkpoint = checkpoint_state(
+                            model, optimizer, scaler, cfg, epoch, loader.boxes, bad_log.entries(), **within
+                        )
                         save_atomic(checkpoint, out / "checkpoint.pt")
                     echo(
                         f"{signals.name}: checkpoint written at epoch {epoch + 1}, step {step + 1}/{len(loader)}; "
@@ -202,7 +222,7 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
             total_loss, seen = world_totals(total_loss, seen, device)
             epoch_loss = total_loss / seen
             if main_rank:
-                checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch + 1, loader.boxes)
+                checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch + 1, loader.boxes, bad_log.entries())
                 save_atomic(checkpoint, out / "checkpoint.pt")
             knn = monitor(epoch + 1)
             area = None if loader.boxes is None else box_area(loader.boxes)
@@ -362,6 +382,13 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
     default=False,
     help="Leave out images no loader can decode (listed) instead of stopping before training with their list.",
 )
+@click.option(
+    "--verify",
+    is_flag=True,
+    default=False,
+    help="Decode every image fully before training (in parallel; cached by path, size and mtime in "
+    "$LEOCLR_CACHE, default ~/.cache/leoclr) and stop on those that fail, or leave them out with --skip-bad.",
+)
 @click.option("--knn-k", type=click.IntRange(min=1), default=200)
 @click.option("--knn-temperature", type=click.FloatRange(min=0, min_open=True), default=0.1)
 @click.option(
@@ -423,16 +450,19 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
         if saved.get("amp_auto") and "amp" not in given:
             options["amp"] = "auto"  # chosen by the hardware: choose again on the machine that resumes
         options["out"] = options["out"] if "out" in given else str(resume.parent)
-    saved_world = options.get("world_size", 1)
+        # Another number of processes goes on with the same global schedule; batch norm follows the new topology
+        # when the checkpoint's --bn-splits was the old one's default (1 under torchrun, 8 alone).
+        saved_world, world = options.get("world_size", 1), int(os.environ.get("WORLD_SIZE", "1"))
+        if (
+            world != saved_world
+            and "bn_splits" not in given
+            and options.get("bn_splits") == (8 if saved_world == 1 else 1)
+        ):
+            options["bn_splits"] = None
     try:
         cfg = resolve(options)
     except ValueError as error:  # a setting this version does not know, in the checkpoint's config
         raise click.ClickException(f"{resume}: {error}" if resume is not None else str(error)) from error
-    if resume is not None and cfg.run.world_size != saved_world:
-        raise click.ClickException(
-            f"{resume} was trained by {saved_world} process(es); resume it with as many "
-            f"(this run has {cfg.run.world_size}): the sample shards and the queue depend on it"
-        )
     require_backend(cfg.data.loader)  # DALI and FFCV are optional: say how to install one before indexing any data
     try:
         splits = load_splits(

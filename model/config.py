@@ -29,6 +29,7 @@ class DataConfig:
     train_limit: int = 2000
     val_limit: int = 2000
     skip_bad: bool = False
+    verify: bool = False  # a full decode of every image before training (cached)
     workers: int | None = None  # None: this process's share of the cores, less one
     image_size: int = 16
 
@@ -148,6 +149,7 @@ LEGACY = {
     "color_jitter": True,
     "grayscale": True,
     "skip_bad": False,
+    "verify": False,
     "knn_every": 1,
     "knn_bank": 0,
     "compile": False,

@@ -74,6 +74,15 @@ def gather_to_main(x: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
+def gather_objects(value: object) -> list:
+    """Every rank's picklable `value`, in rank order ([value] with one process)."""
+    if not active():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def sum_arrays(array: np.ndarray) -> np.ndarray:
     """The element-wise sum of a numpy array over ranks (rows each rank filled, zeros elsewhere, combine)."""
     if not active():

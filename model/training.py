@@ -1,9 +1,11 @@
 """The training machinery train.py wires together, importable by eval.py, the benchmarks and tools: the model
 and its optimizer, the training step and learning-rate schedule, the run's loaders, checkpoints (the one dict
-train.py writes, saving, loading, resuming), stop signals, the kNN monitor, the epoch log and the run clock."""
+train.py writes, saving, loading, resuming), stop signals, undecodable files and --verify, the kNN monitor, the
+epoch log and the run clock."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +23,7 @@ import torch
 
 from model import distributed
 from model.config import Config
-from model.distributed import gather, gather_to_main
+from model.distributed import gather, gather_objects, gather_to_main
 from model.evaluation import extract_features
 from model.knn import knn_top1
 from model.methods import Method
@@ -30,7 +32,8 @@ from model.precision import autocast, resolve_amp
 from pipeline.augment import AugmentConfig
 from pipeline.backends import make_loader
 from pipeline.data import ImageList, select, subset
-from pipeline.loader import Loader
+from pipeline.loader import BadFiles, Loader, machine_workers
+from pipeline.verify import cache_file, verify
 
 
 def build(cfg: Config, device: torch.device) -> tuple[MomentumContrast, torch.optim.Optimizer, torch.amp.GradScaler]:
@@ -125,8 +128,10 @@ def make_loaders(
     device: torch.device,
     rank: int = 0,
     world: int = 1,
+    bad_files: BadFiles | None = None,
 ) -> Loaders:
-    """This rank's loaders of a run (`Loaders`), with cfg's backend, size, workers and seed; `pairs` as `Loader`."""
+    """This rank's loaders of a run (`Loaders`), with cfg's backend, size, workers and seed; `pairs` as `Loader`;
+    `bad_files` shared by all of them (a file one finds undecodable stays out of every one)."""
     common = dict(
         image_size=cfg.data.image_size,
         batch_size=cfg.optimisation.batch_size // world,
@@ -134,6 +139,7 @@ def make_loaders(
         workers=cfg.data.workers,
         rank=rank,
         world=world,
+        bad_files=BadFiles() if bad_files is None else bad_files,
     )
     loader = make_loader(
         cfg.data.loader,
@@ -185,15 +191,17 @@ CHECK_EVERY = 10  # steps between the loop's looks at the stop flag and the loss
 
 
 class StopSignals:
-    """SIGTERM and SIGINT (a preempted job, Ctrl-C) set a flag instead of killing the run; the loop checks it
-    every CHECK_EVERY steps (`poll`) and stops there with a checkpoint. With several ranks all stop at the
-    same step."""
+    """SIGTERM, SIGINT and SIGUSR1 (a preempted job, Ctrl-C, SLURM's warning ahead of the time limit with
+    --signal=USR1@SECONDS) set a flag instead of killing the run; the loop checks it every CHECK_EVERY steps
+    (`poll`) and stops there with a checkpoint. With several ranks all stop at the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.number, self.previous = 0, {}
 
     def __enter__(self) -> StopSignals:
-        for each in (signal.SIGTERM, signal.SIGINT):
+        for each in self.SIGNALS:
             self.previous[each] = signal.signal(each, self._note)
         return self
 
@@ -209,13 +217,19 @@ class StopSignals:
         return signal.Signals(self.number).name if self.number else ""
 
 
-def poll(signals: StopSignals, total_loss: torch.Tensor) -> float:
+def poll(signals: StopSignals, total_loss: torch.Tensor, bad_files: BadFileLog | None = None) -> float:
     """Every rank's stop signal (the largest goes to `signals.number`) and the sum over ranks of the running
-    loss sums (scalar tensors on the device): one all_gather (none with one process) and one host read."""
-    mine = torch.stack([total_loss.float(), total_loss.new_full((), float(signals.number))])  # no host-to-device copy
-    everyone = gather(mine[None]).tolist()  # (world, 2)
-    signals.number = int(max(number for _, number in everyone))
-    return sum(loss for loss, _ in everyone)
+    loss sums (scalar tensors on the device): one all_gather (none with one process) and one host read. It
+    carries each rank's count of undecodable files found since the last look too: when any has found one,
+    `bad_files` shares them (one more collective, only then)."""
+    pending = float(len(bad_files.files.pending)) if bad_files is not None else 0.0
+    flags = [total_loss.new_full((), float(signals.number)), total_loss.new_full((), pending)]
+    mine = torch.stack([total_loss.float(), *flags])  # filled on the device: no host-to-device copy
+    everyone = gather(mine[None]).tolist()  # (world, 3)
+    signals.number = int(max(row[1] for row in everyone))
+    if bad_files is not None and any(row[2] for row in everyone):
+        bad_files.share()
+    return sum(row[0] for row in everyone)
 
 
 def check_finite(total_loss: float, epoch: int, step: int, out: Path) -> None:
@@ -242,11 +256,15 @@ def world_totals(total_loss: torch.Tensor, seen: int, device: torch.device) -> t
     return gather(torch.stack([total_loss.float(), torch.tensor(float(seen), device=device)])[None]).sum(0).tolist()
 
 
-def checkpoint_state(model, optimizer, scaler, cfg: Config, epoch: int, boxes: np.ndarray | None, **within) -> dict:
+def checkpoint_state(
+    model, optimizer, scaler, cfg: Config, epoch: int, boxes: np.ndarray | None, bad_files=(), **within
+) -> dict:
     """What train.py's checkpoint.pt holds: both encoders and the queue, optimizer, scaler, `epoch` (epochs
-    done), the config, the RNG states and ContrastiveCrop's boxes. A checkpoint written within an epoch adds
-    `within`: step (steps done of the next epoch), generators and partials (`rank_states`), elapsed (seconds)."""
+    done), the config, the RNG states, ContrastiveCrop's boxes and the files found undecodable ([path, reason]).
+    A checkpoint written within an epoch adds `within`: step (steps done of the next epoch), generators and
+    partials (`rank_states`), elapsed (seconds)."""
     return {
+        "bad_files": [list(entry) for entry in bad_files],
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -268,10 +286,25 @@ def restore(state: dict, model, optimizer, scaler) -> None:
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash leaves the previous checkpoint whole."""
+    """torch.save to a temporary file, synced, then renamed: a crash leaves the previous checkpoint whole. A
+    write that fails (disk full, no permission) removes the temporary file and raises CheckpointNotWritten."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:  # through a Python file: a failed write raises OSError with its errno
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # RuntimeError: torch's zip writer, should it fail on its own
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        why = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        kept = "the previous checkpoint there is unchanged" if path.exists() else "no checkpoint was written"
+        raise CheckpointNotWritten(f"cannot write the checkpoint {path} ({why}); {kept}. Stopped.") from error
+
+
+class CheckpointNotWritten(click.ClickException):
+    """A checkpoint write failed: the run stops rather than train on without one."""
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -308,14 +341,94 @@ def rank_states(generator: torch.Generator, total_loss: torch.Tensor, seen: int,
     return gather(state.to(device)[None]).cpu(), gather(sums[None]).cpu()
 
 
-def rank_partial(resume: dict, rank: int) -> tuple[torch.Tensor, float, int, float]:
-    """This rank's (generator state, loss sum, images, seconds) from a mid-epoch checkpoint. Checkpoints written
-    before every rank's state was saved hold rank 0's only."""
+def rank_partial(resume: dict, rank: int, world: int = 1) -> tuple[torch.Tensor | None, float, int, float]:
+    """This rank's (generator state, loss sum, images, seconds) from a mid-epoch checkpoint. Resumed by another
+    number of processes than wrote it, no rank continues a saved stream (state None: the caller seeds the
+    generator with `augmentation_seed` at the step) and rank 0 carries the epoch's sums so far, so the epoch's
+    totals stay right. Checkpoints written before every rank's state was saved hold rank 0's only."""
     if "generators" not in resume:
         loss_sum, seen, elapsed = resume["partial"]
-        return resume["generator"].cpu(), loss_sum, seen, elapsed
-    loss_sum, seen = resume["partials"][rank].tolist()
-    return resume["generators"][rank].clone(), loss_sum, int(seen), resume["elapsed"]
+        states, partials = [resume["generator"].cpu()], torch.tensor([[loss_sum, seen]], dtype=torch.float64)
+    else:
+        states, partials, elapsed = resume["generators"], resume["partials"], resume["elapsed"]
+    if len(states) == world:
+        loss_sum, seen = partials[rank].tolist()
+        return states[rank].clone(), loss_sum, int(seen), elapsed
+    loss_sum, seen = partials.sum(0).tolist() if rank == 0 else (0.0, 0)
+    return None, loss_sum, int(seen), elapsed
+
+
+def augmentation_seed(seed: int, epoch: int, rank: int, step: int = 0) -> int:
+    """Seed of a rank's augmentation generator (its draws of aug+ and of the key shuffle): (seed, epoch, rank) at
+    the start of each epoch; a run resumed mid-epoch by another number of processes than wrote the checkpoint
+    seeds each rank from (seed, epoch, step, rank) at that step, for the rest of the epoch."""
+    if step == 0:
+        return seed * 1_000_003 + epoch + 7_919 * rank
+    return int(np.random.SeedSequence([seed % 2**63, epoch, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class BadFileLog:
+    """The run's files found undecodable mid-run (`files`, shared by its loaders). `share` makes them the same on
+    every rank and has rank 0 append the new ones to RUN_DIR/bad_files.txt, one line each: the path, a tab, the
+    reason. Checkpoints hold them; a resumed run starts with the checkpoint's and the file's (a fresh run in
+    the same folder starts a new file)."""
+
+    NAME = "bad_files.txt"
+
+    def __init__(self, out: Path, resume: dict | None, main_rank: bool) -> None:
+        self.path, self.main_rank = out / self.NAME, main_rank
+        listed = []
+        if resume is not None and self.path.exists():
+            listed = [tuple(line.rsplit("\t", 1)) for line in self.path.read_text().splitlines() if "\t" in line]
+        elif resume is None and main_rank:
+            self.path.unlink(missing_ok=True)
+        self.written = {path for path, _ in listed}
+        self.files = BadFiles([*(tuple(entry) for entry in (resume or {}).get("bad_files", [])), *listed])
+
+    def share(self) -> None:
+        """Every rank's new finds to every rank (one all-gather of objects; none with one process) and the file
+        brought up to date. A collective: every rank calls it at the same point."""
+        for found in gather_objects(self.files.take_pending()):
+            for path, reason in found:
+                self.files.add(path, reason, found_here=False)
+        new = [(path, reason) for path, reason in self.files.reasons.items() if path not in self.written]
+        if self.main_rank and new:
+            with self.path.open("a") as file:
+                file.writelines(f"{path}\t{reason}\n" for path, reason in new)
+        self.written.update(path for path, _ in new)
+
+    def entries(self) -> list[tuple[str, str]]:
+        return list(self.files.reasons.items())
+
+
+def verify_splits(
+    cfg: Config, splits: tuple[ImageList, ImageList | None], rank: int = 0, world: int = 1, echo=click.echo
+) -> tuple[ImageList, ImageList | None]:
+    """--verify: every image of the folder splits fully decoded before training (`pipeline.verify.verify`, its
+    cache, the ranks sharing the work); files that fail stop the run with their list, or with --skip-bad are
+    left out and listed on stderr. A .beton was decoded by the converter when it was written: nothing to do."""
+    verified = []
+    for name, images in zip(("train", "val"), splits):
+        if images is None or images.beton is not None:
+            if images is not None:
+                echo(f"--verify: {images.beton} was fully decoded when pipeline.convert wrote it")
+            verified.append(images)
+            continue
+        workers = cfg.data.workers or machine_workers()
+        file = cache_file(images.paths)
+        bad, decoded = verify(images.paths, workers, file, rank, world, gather_objects)
+        echo(f"verify {name}: {decoded} of {len(images)} images decoded, the others known from {file}")
+        if bad and not cfg.data.skip_bad:
+            listed = "\n".join(f"  {path}: {reason}" for path, reason in bad.items())
+            raise click.ClickException(
+                f"{len(bad)} of {len(images)} {name} images do not decode (nothing was trained; --skip-bad leaves "
+                f"them out):\n{listed}"
+            )
+        for path, reason in bad.items():
+            echo(f"skipped {path}: {reason}", err=True)
+        keep = [i for i, path in enumerate(images.paths) if path not in bad]
+        verified.append(select(images, keep) if bad else images)
+    return verified[0], verified[1]
 
 
 def knn_monitor(model, bank_loader, val_loader, cfg: Config) -> float | None:

@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline import require_backend
-from pipeline.data import ImageList, scan_split
+from pipeline.data import ImageList, scan_split, select
+from pipeline.verify import decode_error
 
 SPLITS = ("train", "val")
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -43,7 +44,7 @@ class _Decoded:
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         label = int(self.images.labels[i])
-        try:
+        try:  # a full decode: a JPEG whose header and end marker are intact but whose data is broken fails here
             with Image.open(self.images.paths[i]) as file:
                 if self.max_resolution:
                     # Let the JPEG decoder skip detail the stored size cannot keep (DCT scaling, >= the target).
@@ -68,16 +69,52 @@ def convert_split(
     skip_bad: bool = False,
 ) -> int:
     """Write SPLIT/<class>/*.jpg to `out` (.beton); returns the image count. Files that cannot be decoded raise
-    ValueError naming every one (the index pass finds them first, before anything is written), or with
-    `skip_bad` are left out and printed; no partial file is left behind. BackendUnavailable without FFCV."""
+    ValueError naming every one (the index pass finds those with a bad header before anything is written; the
+    others fail the writer's full decode, and the file is removed), or with `skip_bad` are left out and printed
+    (those the writer found by writing the file again without them); no partial file is left behind.
+    BackendUnavailable without FFCV."""
     require_backend("ffcv")  # FFCV is optional: imported here, not when this module is (keeps torch's threads)
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     images = scan_split(split_dir, skip_bad=skip_bad)
     for path, reason in images.skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    options = (max_resolution, write_mode, jpeg_quality, compress_probability, smart_threshold, workers)
+    failed = _write(images, out, *options)
+    if failed and skip_bad:
+        for i in failed:
+            click.echo(f"skipped {images.paths[i]}: {decode_error(images.paths[i]) or 'does not decode'}", err=True)
+        if len(failed) == len(images):
+            out.unlink(missing_ok=True)
+            raise ValueError(f"none of the {len(images)} images of {split_dir} decodes")
+        images = select(images, np.setdiff1d(np.arange(len(images)), failed))
+        failed = [images.paths[i] for i in _write(images, out, *options)]  # nothing new fails: the same decoder
+    else:
+        failed = [images.paths[i] for i in failed]
+    if failed:
+        out.unlink(missing_ok=True)
+        listed = "\n  ".join(failed)
+        raise ValueError(
+            f"cannot decode {len(failed)} image(s) of {split_dir}; nothing written (--skip-bad leaves them out):"
+            f"\n  {listed}"
+        )
+    return len(images)
+
+
+def _write(
+    images: ImageList,
+    out: Path,
+    max_resolution: int,
+    write_mode: str,
+    jpeg_quality: int,
+    compress_probability: float,
+    smart_threshold: int | None,
+    workers: int,
+) -> list[int]:
+    """Write `images` to `out`; returns the positions of those that failed to decode (stored as 1 pixel)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
     source = _Decoded(images, max_resolution)
     field = RGBImageField(
         write_mode=write_mode,
@@ -93,12 +130,7 @@ def convert_split(
         num_workers=workers or min(len(images), os.cpu_count() or 1),
     )
     writer.from_indexed_dataset(source, chunksize=max(1, min(100, len(images) // max(1, writer.num_workers))))
-    failed = [images.paths[i] for i in np.flatnonzero(np.frombuffer(source.failed, dtype=np.int8))]
-    if failed:
-        out.unlink(missing_ok=True)
-        listed = "\n  ".join(failed)
-        raise ValueError(f"cannot decode {len(failed)} image(s) of {split_dir}; nothing written:\n  {listed}")
-    return len(images)
+    return np.flatnonzero(np.frombuffer(source.failed, dtype=np.int8)).tolist()
 
 
 def page_size(images: ImageList, max_resolution: int) -> int:

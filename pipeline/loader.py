@@ -13,6 +13,14 @@ original (`eval_view="original"`), or as crop 1 the center crop ("center") or a 
 crop test ("random", drawn from the seed and the epoch).
 Each image is decoded once per step whatever the number of views.
 
+A file that fails to decode mid-epoch (a JPEG whose header and end marker are intact but whose data is broken
+passes the index pass) does not end the epoch: the backend raises `Undecodable`, the file goes into the run's
+`BadFiles` (named on stderr), and the batch is served again from its position with, in training, each sample
+that read it replaced by another image (the epoch's dropped tail first, then a seeded draw of the others) with
+that image's own windows of the epoch's plan: batches keep their size (split BN, the queue and the ranks'
+gathers need it) and the batch's other samples are unchanged. Evaluation passes leave the file out (a smaller
+batch). A file in `BadFiles` stays out of every later schedule of every loader sharing it.
+
 With `pairs` (SePP-ID's semantic positive pairs, (P, 2) image indices) a training epoch runs over N + P
 samples: every image as usual, and every pair (a, b) as an extra sample whose crop 1 (and original) come
 from a and crop 2 from b, with crop windows of their own; a pair sample decodes its two images once each.
@@ -20,15 +28,18 @@ from a and crop 2 from b, with crop windows of their own; a pair sample decodes 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
+import click
 import numpy as np
 import torch
 
 from pipeline.crop_plan import center_crop, crop_plan, epoch_order, epoch_rng, random_crop_test, random_resized_crop
 from pipeline.data import ImageList
+from pipeline.verify import decode_error
 
 EVAL_VIEWS = ("original", "center", "random")
 
@@ -56,6 +67,51 @@ class Schedule(NamedTuple):
     second: np.ndarray | None  # (M,) int64: the image crop 2 comes from; None = `order` (no pair samples)
 
 
+class BadFiles:
+    """Files found undecodable while a run reads them, path -> reason: shared by a run's loaders, so a file one of
+    them finds stays out of all of them. `pending` holds what was added since the trainer last took it
+    (`take_pending`: it writes RUN_DIR/bad_files.txt and tells the other ranks)."""
+
+    def __init__(self, known: Iterable[tuple[str, str]] = ()) -> None:
+        self.reasons: dict[str, str] = dict(known)
+        self.pending: list[tuple[str, str]] = []
+        self.version = 0  # bumped by every addition: loaders recompute their masks
+
+    def add(self, path: str, reason: str, found_here: bool = True) -> bool:
+        """Record a file (False when already known). Found here: named on stderr and pending; from another rank:
+        that rank named it."""
+        if path in self.reasons:
+            return False
+        self.reasons[path] = reason
+        self.version += 1
+        if found_here:
+            self.pending.append((path, reason))
+            click.echo(f"undecodable {path}: {reason}; left out for the rest of the run", err=True)
+        return True
+
+    def take_pending(self) -> list[tuple[str, str]]:
+        pending, self.pending = self.pending, []
+        return pending
+
+    def mask(self, paths: list[str]) -> np.ndarray | None:
+        """(len(paths),) bool: which of these files are known bad; None when none is."""
+        if not self.reasons or not paths:
+            return None
+        bad = np.fromiter((p in self.reasons for p in paths), dtype=bool, count=len(paths))
+        return bad if bad.any() else None
+
+
+class Undecodable(Exception):
+    """Raised by a backend's `_batches` when the next batch cannot be decoded: `found` maps the images (indices
+    into the split) that failed to why, when the backend knows; otherwise the loader decodes that batch's files
+    with PIL to find them, and falls back to `sample` (the failing sample's place in the batch, if the backend's
+    error named it). The backend is ready to serve again when it raises this."""
+
+    def __init__(self, found: dict[int, str] | None = None, sample: int | None = None, cause: str = "") -> None:
+        super().__init__(cause)
+        self.found, self.sample, self.cause = found or {}, sample, cause
+
+
 class Loader:
     """Base of every backend: owns the epoch schedule (sample order + crop windows), backends apply it.
 
@@ -78,6 +134,7 @@ class Loader:
         original_crop: bool = False,
         rank: int = 0,
         world: int = 1,
+        bad_files: BadFiles | None = None,
     ) -> None:
         if train and len(images) < batch_size * world:
             raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size} x {world} ranks")
@@ -108,6 +165,9 @@ class Loader:
         self.original_crop = original_crop and self.original and train
         if self.original_crop and self.pairs is not None:
             raise ValueError("a cropped original and semantic pairs do not combine")
+        # Files found undecodable (shared by a run's loaders) and this split's mask of them, by version.
+        self.bad_files = BadFiles() if bad_files is None else bad_files
+        self._bad_mask: tuple[int, np.ndarray | None] = (-1, None)
 
     @property
     def worker_count(self) -> int:
@@ -125,15 +185,69 @@ class Loader:
         training batch k of rank r is the r-th slice of the global batch k of `world` x `batch_size` samples
         of the single-process schedule with that global batch (same order, same windows); evaluation gives
         each rank a contiguous part of the files."""
-        schedule = self._global_schedule(epoch)
-        if self.world == 1:
+        schedule, bad = self._global_schedule(epoch), self._bad()
+        if bad is not None and self.train:
+            schedule = self._replace_bad(schedule, epoch, bad)
+        if self.world > 1:
+            positions = np.arange(len(schedule.order))
+            if self.train:
+                mine = positions.reshape(-1, self.world, self.batch_size)[:, self.rank].reshape(-1)
+            else:
+                mine = np.array_split(positions, self.world)[self.rank]
+            schedule = Schedule(*(None if part is None else part[mine] for part in schedule))
+        if bad is not None and not self.train:  # this rank's files without them: the others keep their places
+            keep = ~bad[schedule.order]
+            schedule = Schedule(*(None if part is None else part[keep] for part in schedule))
+        return schedule
+
+    def _bad(self) -> np.ndarray | None:
+        """(N,) bool: this split's images in `bad_files`; None when there are none."""
+        if self._bad_mask[0] != self.bad_files.version:
+            self._bad_mask = (self.bad_files.version, self.bad_files.mask(self.images.paths))
+        return self._bad_mask[1]
+
+    def _replace_bad(self, schedule: Schedule, epoch: int, bad: np.ndarray) -> Schedule:
+        """The training schedule with every sample that reads a bad image (either of a pair's) replaced by an
+        image sample: first the good images of the epoch's dropped tail (trained on by no other sample this
+        epoch), then a seeded permutation of every good image; each with its own windows of the epoch's plan.
+        Depends only on (seed, epoch, the bad set): every rank and a resumed run replace alike."""
+        n, (order, windows, second) = len(self.images), schedule
+        hit = bad[order] if second is None else bad[order] | bad[second]
+        count = int(hit.sum())
+        if not count:
             return schedule
-        positions = np.arange(len(schedule.order))
-        if self.train:
-            mine = positions.reshape(-1, self.world, self.batch_size)[:, self.rank].reshape(-1)
-        else:
-            mine = np.array_split(positions, self.world)[self.rank]
-        return Schedule(*(None if part is None else part[mine] for part in schedule))
+        if bad.all():
+            raise ValueError(f"every one of the {n} training images is undecodable")
+        total = n + (0 if self.pairs is None else len(self.pairs))
+        tail = epoch_order(total, self.seed, epoch)[len(order) :]
+        tail = tail[tail < n]  # image samples only
+        drawn = epoch_rng(self.seed, epoch, stream=4).permutation(n)
+        candidates = np.concatenate([tail[~bad[tail]], drawn[~bad[drawn]]]).tolist()
+        # Each replacement: the first candidate not yet taken and not in its global batch (no image twice in a
+        # batch: in-batch negatives); with too few good images, any good image.
+        batch, taken, picked = self.batch_size * self.world, set(), []
+        for position in np.flatnonzero(hit):
+            start = position - position % batch
+            members = set(order[start : start + batch].tolist())
+            choice = next((c for c in candidates if c not in taken and c not in members), None)
+            choice = candidates[len(picked) % len(candidates)] if choice is None else choice
+            taken.add(choice)
+            picked.append(choice)
+        picked = np.asarray(picked, dtype=np.int64)
+        order = order.copy()
+        order[hit] = picked
+        if second is not None:
+            second = second.copy()
+            second[hit] = picked
+        if windows is not None:
+            views = 3 if self.original_crop else 2  # as `_global_schedule` draws them
+            heights, widths = self.images.heights, self.images.widths
+            plan = crop_plan(heights, widths, self.seed, epoch, views=views, boxes=self.boxes, alpha=self.alpha)[picked]
+            windows = windows.copy()
+            windows[hit] = (
+                np.concatenate([plan[:, 2:], plan[:, : self.crops]], 1) if self.original_crop else plan[:, : self.crops]
+            )
+        return Schedule(order, windows, second)
 
     def _global_schedule(self, epoch: int) -> Schedule:
         heights, widths = self.images.heights, self.images.widths
@@ -167,9 +281,41 @@ class Loader:
         return Schedule(first, windows, second)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
-        """Batches of one epoch in the contract's form, from batch `skip` on (a run resumed mid-epoch)."""
-        cut = skip * self.batch_size
-        return self._batches(*(None if part is None else part[cut:] for part in self.schedule(epoch)))
+        """Batches of one epoch in the contract's form, from batch `skip` on (a run resumed mid-epoch). A batch
+        the backend cannot decode is served again without its bad files (see the module's docstring)."""
+        step = skip
+        while True:
+            schedule = self.schedule(epoch)
+            cut = step * self.batch_size
+            batches = self._batches(*(None if part is None else part[cut:] for part in schedule))
+            try:
+                with contextlib.closing(batches):
+                    for batch in batches:
+                        yield batch
+                        step += 1
+                return
+            except Undecodable as error:  # raised while fetching batch `step`
+                self._leave_out(error, schedule, step * self.batch_size)
+
+    def _leave_out(self, error: Undecodable, schedule: Schedule, cut: int) -> None:
+        """Add the bad files of the batch from position `cut` of `schedule` to `bad_files`: those the backend
+        named, else those PIL cannot decode, else the sample the backend's error named; an error otherwise."""
+        found, rows = dict(error.found), slice(cut, cut + self.batch_size)
+        if not self.images.paths:
+            raise RuntimeError(f"a batch of {self.images.beton} could not be decoded: {error.cause}")
+        if not found:
+            second = schedule.order[rows] if schedule.second is None else schedule.second[rows]
+            for image in dict.fromkeys([*schedule.order[rows].tolist(), *second.tolist()]):
+                if (reason := decode_error(self.images.paths[image])) is not None:
+                    found[image] = reason
+        if not found and error.sample is not None and schedule.second is None:
+            if error.sample < len(schedule.order[rows]):
+                found[int(schedule.order[rows][error.sample])] = error.cause
+        if not found:
+            raise RuntimeError(f"a batch could not be decoded, yet PIL decodes each of its files: {error.cause}")
+        added = [self.bad_files.add(self.images.paths[image], reason) for image, reason in found.items()]
+        if not any(added):  # files already left out still failed: serving the batch again would loop
+            raise RuntimeError(f"a batch still fails to decode without its known bad files: {error.cause}")
 
     def _batches(self, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None) -> Iterator[Batch]:
         raise NotImplementedError

@@ -158,3 +158,24 @@ def write_hostile_dataset(root: Path, good_per_class: int = 6) -> Path:
     (bad / "text.jpg").write_text("this is not an image\n")
     (bad / "dangling-link.jpg").symlink_to(root / "nowhere.jpg")
     return root
+
+
+def break_entropy_data(path: str) -> None:
+    """Overwrite the 16 code-length counts of the first DHT segment (after FF C4, its 2-byte length and its
+    class/id byte) with FF: the header and the end marker stay intact, the Huffman table does not."""
+    data = bytearray(Path(path).read_bytes())
+    at = data.index(b"\xff\xc4")
+    data[at + 5 : at + 21] = b"\xff" * 16
+    Path(path).write_bytes(bytes(data))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for a test's in-process training runs, as the subprocess runs get with
+    OMP_NUM_THREADS=1: a 2-core machine shared with other work runs tiny steps several times faster so."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

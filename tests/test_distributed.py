@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,33 +11,41 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import LOADERS, TINY_TRAIN, write_tiny_dataset
+from conftest import LOADERS, TINY_TRAIN, break_entropy_data, tiny_loader, write_tiny_dataset
+from schedule_recorder import global_batches, recorded_epoch
 
 import train
+from pipeline.data import scan_split
+from pipeline.loader import Loader
+from pipeline.verify import decode_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun_command(*args, processes: int = 2) -> list[str]:
-    """train.py under torchrun on this machine: `processes` CPU ranks (gloo; TINY_TRAIN says --device cpu)."""
+def torchrun_command(*args, processes: int = 2, script: str = "train.py") -> list[str]:
+    """train.py (or `script`) under torchrun on this machine: `processes` CPU ranks (gloo; TINY_TRAIN says
+    --device cpu)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={processes}",
-        "train.py",
+        script,
         *map(str, args),
     ]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+RECORDER = "tests/schedule_recorder.py"  # train.py with the schedule its loaders apply written down
 
 
-def torchrun(*args, processes: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        torchrun_command(*args, processes=processes), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
-    )
+def torchrun(
+    *args, processes: int = 2, env: dict | None = None, script: str = "train.py"
+) -> subprocess.CompletedProcess:
+    env = {**ENV, **{k: str(v) for k, v in (env or {}).items()}}
+    command = torchrun_command(*args, processes=processes, script=script)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -63,12 +72,70 @@ def test_two_cpu_processes_train_share_the_queue_and_resume(data_for, tmp_path, 
     assert epochs == [0, 1, 2] and torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
 
-def test_resume_needs_the_same_number_of_processes(tiny_data, tmp_path):
-    out = tmp_path / "run"
-    done = torchrun(*TINY_TRAIN, "--method", "mocov2", "--data", tiny_data, "--out", out)
+def recorded_run(monkeypatch, record: Path, *args) -> str:
+    """train.py in this process (one process) with its training schedule recorded to `record` (schedule_recorder)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(Loader, "epoch", recorded_epoch(str(record)))
+        result = CliRunner().invoke(train.main, [*map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_two_processes_for_an_epoch_then_one_go_on_with_the_same_schedule(
+    tiny_data, tmp_path, monkeypatch, one_torch_thread
+):
+    """--batch-size is global and the schedule too: a checkpoint of 2 processes resumed by 1 trains the same
+    global batches, with the same crop windows, as a straight one-process run."""
+    common = [*TINY_TRAIN, "--method", "mocov2", "--data", tiny_data]
+    recorded_run(monkeypatch, tmp_path / "straight", *common, "--epochs", 2, "--out", tmp_path / "straight-run")
+    out, record = tmp_path / "run", tmp_path / "run-record"
+    done = torchrun(*common, "--out", out, env={"SCHEDULE_RECORD": record}, script=RECORDER)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = CliRunner().invoke(train.main, ["--resume", str(out / "checkpoint.pt"), "--epochs", "2"])
-    assert result.exit_code != 0 and "trained by 2 process(es)" in result.output
+    output = recorded_run(monkeypatch, record, "--resume", out / "checkpoint.pt", "--epochs", 2)
+    assert "by 1 process(es) (the checkpoint's run had 2)" in output
+    straight = global_batches(tmp_path / "straight")
+    assert len(straight) == 6 and global_batches(record) == straight
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["config"]["world_size"] == 1 and int(state["model"]["queue_ptr"]) == 48 % 32
+
+
+def test_sigusr1_mid_epoch_to_two_processes_then_one_go_on_with_the_same_schedule(
+    longer_data, tmp_path, monkeypatch, one_torch_thread
+):
+    """SLURM's SIGUSR1 to torchrun (which forwards it when --signals-to-handle names it) stops both ranks
+    mid-epoch with a checkpoint; one process goes on from that step with the straight run's batches and windows.
+    A file rank 1 finds undecodable in epoch 1 is replaced alike in both runs and listed once by rank 0."""
+    data = tmp_path / "data"
+    shutil.copytree(longer_data / "train", data / "train")  # no val split: only the training loader reads
+    paths = scan_split(data / "train").paths
+    bad = paths[tiny_loader("torchvision", scan_split(data / "train")).schedule(0).order[3 * 8 + 5]]
+    break_entropy_data(bad)  # global batch 4 of epoch 1, rank 1's slice
+    common = [*TINY_TRAIN, "--method", "mocov2", "--data", data, "--epochs", 3]
+    recorded_run(monkeypatch, tmp_path / "straight", *common, "--out", tmp_path / "straight-run")
+    run, record = tmp_path / "run", tmp_path / "run-record"
+    env = {**ENV, "SCHEDULE_RECORD": str(record), "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+    command = torchrun_command(*common, "--out", run, script=RECORDER)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # epoch 1 is done: now in epoch 2
+            process.send_signal(signal.SIGUSR1)
+            break
+        time.sleep(0.02)
+    out, err = process.communicate(timeout=300)
+    assert "SIGUSR1: checkpoint written" in out + err, err[-3000:]
+    assert (out + err).count(f"undecodable {bad}: ") == 1  # rank 1 found it
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] > 0 and state["generators"].shape[0] == 2
+    assert [path for path, _ in state["bad_files"]] == [bad]  # rank 0 learnt it at the next loss check
+    output = recorded_run(monkeypatch, record, "--resume", run / "checkpoint.pt")
+    assert "each rank's augmentation drawn from (seed, epoch, step, rank)" in output and "undecodable /" not in output
+    straight = global_batches(tmp_path / "straight")
+    assert len(straight) == 45 and global_batches(record) == straight
+    assert (run / "bad_files.txt").read_text().splitlines() == [f"{bad}\t{decode_error(bad)}"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
 
 
 def test_global_batch_must_split_over_the_processes(tiny_data, tmp_path, monkeypatch):

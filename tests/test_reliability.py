@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -260,3 +261,65 @@ def test_a_run_interrupted_and_resumed_ends_with_the_straight_runs_weights(
         assert torch.equal(tensor, resumed["model"][name]), name
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2, 3, 4]
+
+
+def test_sigusr1_stops_like_sigterm():
+    """SLURM's warning ahead of the time limit (--signal=USR1@120) sets the stop flag as SIGTERM does; the
+    previous handler comes back afterwards (torchrun's forwarding of it: tests/test_distributed.py)."""
+    before = signal.getsignal(signal.SIGUSR1)
+    with training.StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signals.number == signal.SIGUSR1 and signals.name == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_stops(tiny_data, tmp_path, monkeypatch, one_torch_thread):
+    out, save, calls = tmp_path / "run", torch.save, []
+
+    def disk_full(state, file, *args, **kwargs):
+        calls.append(file.name)
+        if len(calls) == 2:  # the second epoch's checkpoint: half written, then the disk is full
+            file.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(state, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    result = invoke(*TINY_TRAIN, "--method", "mocov2", "--data", tiny_data, "--out", out, "--epochs", 3)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    message = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert message == [
+        f"Error: cannot write the checkpoint {out / 'checkpoint.pt'} (No space left on device); the previous "
+        "checkpoint there is unchanged. Stopped."
+    ]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1 and not list(out.glob("*.tmp"))
+    assert len(calls) == 2  # no third epoch
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_checkpoint_into_a_read_only_folder_is_a_one_line_error(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    training.save_atomic({"epoch": 1}, folder / "checkpoint.pt")
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(training.CheckpointNotWritten) as error:
+            training.save_atomic({"epoch": 2}, folder / "checkpoint.pt")
+    finally:
+        folder.chmod(0o755)
+    assert str(folder / "checkpoint.pt") in error.value.message and "\n" not in error.value.message
+    assert torch.load(folder / "checkpoint.pt")["epoch"] == 1
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_real_failed_write_through_dev_full_is_a_one_line_error(tmp_path):
+    """torch's own writer hitting a full disk (its temporary file is a link to /dev/full: ENOSPC on write)."""
+    path = tmp_path / "checkpoint.pt"
+    training.save_atomic({"epoch": 1}, path)
+    (tmp_path / "checkpoint.tmp").symlink_to("/dev/full")
+    with pytest.raises(training.CheckpointNotWritten) as error:
+        training.save_atomic({"epoch": 2, "weights": torch.zeros(1000)}, path)
+    assert error.value.message == (
+        f"cannot write the checkpoint {path} (No space left on device); the previous checkpoint there is unchanged. "
+        "Stopped."
+    )
+    assert torch.load(path)["epoch"] == 1 and not (tmp_path / "checkpoint.tmp").exists()

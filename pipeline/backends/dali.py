@@ -6,10 +6,16 @@ for each crop. Outputs stay HWC, so the NCHW tensors the trainer sees are channe
 The external source runs in the thread that asks DALI for a batch (the trainer's); the files themselves are
 read by a thread pool, the next batches' while the current one trains, so that thread only hands DALI
 bytes already in memory.
+
+DALI cannot skip a sample inside a pipeline (DALI issue 3913): a file its decoder rejects fails the whole
+pipeline ("Critical error in pipeline ... Failed to decode sample #k"), which is unusable afterwards. The
+iterator's error is caught here, the pipeline rebuilt, and `Undecodable` raised with DALI's sample number; the
+loader finds the bad files of that batch and serves it again without them.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -19,7 +25,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from pipeline.loader import Batch, Loader, machine_workers, to_batch
+from pipeline.loader import Batch, Loader, Undecodable, machine_workers, to_batch
 
 # NVIDIA's DALI ResNet-50 example (docs/examples/use_cases/pytorch/resnet50): nvJPEG's buffers sized for the
 # largest ImageNet image up front, so no batch reallocates them; hw_decoder_load is the decoder's
@@ -162,11 +168,15 @@ def _views_pipeline(
 class DaliLoader(Loader):
     def __init__(self, images, **kwargs) -> None:
         super().__init__(images, **kwargs)
-        cuda = self.device.type == "cuda"
-        self.workers, depth = machine_threads(self.workers)
+        self.workers, self._depth = machine_threads(self.workers)
         self._source = _ScheduledSource(self, readers=self.workers)
         self._names = ["original"] * self.original + ["crop1", "crop2"][: self.crops] or ["shapes"]
-        self._pipe = _views_pipeline(
+        self._pipe = self._pipeline()
+        self._iterator: DALIGenericIterator | None = None
+
+    def _pipeline(self):
+        cuda = self.device.type == "cuda"
+        return _views_pipeline(
             source=self._source,
             decode_device="mixed" if cuda else "cpu",
             size=self.image_size,
@@ -178,24 +188,36 @@ class DaliLoader(Loader):
             num_threads=self.workers,
             device_id=(self.device.index or 0) if cuda else None,
             seed=self.seed,
-            prefetch_queue_depth=depth,
+            prefetch_queue_depth=self._depth,
         )
-        self._iterator: DALIGenericIterator | None = None
 
     def _batches(self, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None) -> Iterator[Batch]:
         self._source.start(order, windows, second)
-        if self._iterator is None:  # building the iterator already prefetches from the schedule just set
-            self._iterator = DALIGenericIterator(
-                self._pipe,
-                [*self._names, "label", "index"],
-                auto_reset=False,
-                last_batch_policy=LastBatchPolicy.PARTIAL,
-            )
-        else:
-            self._iterator.reset()
         views = self._names if self._names != ["shapes"] else []
-        for (outputs,) in self._iterator:
-            yield to_batch(self, [outputs[name] for name in views], outputs["label"], outputs["index"])
+        try:
+            if self._iterator is None:  # building the iterator already prefetches from the schedule just set
+                self._iterator = DALIGenericIterator(
+                    self._pipe,
+                    [*self._names, "label", "index"],
+                    auto_reset=False,
+                    last_batch_policy=LastBatchPolicy.PARTIAL,
+                )
+            else:
+                self._iterator.reset()
+            while True:
+                try:
+                    (outputs,) = next(self._iterator)
+                except StopIteration:
+                    return
+                yield to_batch(self, [outputs[name] for name in views], outputs["label"], outputs["index"])
+        except RuntimeError as error:  # "Critical error in pipeline": this pipeline can serve nothing more
+            self._iterator = None
+            del self._pipe
+            self._pipe = self._pipeline()
+            sample = re.search(r"Failed to decode sample #(\d+)", str(error))
+            lines = [line.strip() for line in str(error).splitlines() if "decode" in line.lower()]
+            cause = f"DALI: {lines[-1] if lines else str(error).splitlines()[0]}"
+            raise Undecodable(sample=int(sample.group(1)) if sample else None, cause=cause) from error
 
     def close(self) -> None:
         self._iterator = None

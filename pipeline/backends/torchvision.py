@@ -1,4 +1,7 @@
-"""The reference backend: a plain torch DataLoader with PIL decode, one decode per image for all views."""
+"""The reference backend: a plain torch DataLoader with PIL decode, one decode per image for all views.
+
+A file PIL cannot decode does not raise in the worker: its sample comes back as zeros, flagged with the image and
+the reason, and the batch raises `Undecodable` naming them (the loader serves it again without them)."""
 
 from __future__ import annotations
 
@@ -8,12 +11,18 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.loader import Batch, Loader, to_batch
+from pipeline.loader import Batch, Loader, Undecodable, to_batch
+
+
+def _decode(path: str) -> Image.Image:
+    with Image.open(path) as file:
+        return file.convert("RGB")
 
 
 class _Views(Dataset):
-    """Item p -> (views as uint8 HWC arrays: [original], crops...), label, index of the p-th scheduled sample.
-    A pair sample's last crop comes from its second image, decoded once too."""
+    """Item p -> (views as uint8 HWC arrays: [original], crops...), label, index of the p-th scheduled sample, and
+    the image that failed to decode with why (-1, "" when none did). A pair sample's last crop comes from its
+    second image, decoded once too."""
 
     def __init__(self, loader: Loader, order: np.ndarray, windows: np.ndarray | None, second: np.ndarray | None):
         self.paths, self.labels = loader.images.paths, loader.images.labels
@@ -25,9 +34,23 @@ class _Views(Dataset):
         return len(self.order)
 
     def __getitem__(self, position: int):
-        index = int(self.order[position])
-        with Image.open(self.paths[index]) as file:
-            image = file.convert("RGB")
+        index, second = int(self.order[position]), int(self.second[position])
+        decoded = {}
+        for each in dict.fromkeys((index, second)):
+            try:
+                decoded[each] = _decode(self.paths[each])
+            except Exception as error:  # PIL raises several unrelated types for broken data
+                whole = int(self.original and not self.original_crop)  # a cropped original has its window
+                count = whole + (0 if self.windows is None else self.windows.shape[1])
+                blank = np.zeros((self.size, self.size, 3), dtype=np.uint8)
+                return (
+                    (blank,) * count,
+                    self.labels[index],
+                    index,
+                    each,
+                    f"does not decode ({type(error).__name__}: {error})",
+                )
+        image = decoded[index]
         size = (self.size, self.size)
         windows = [] if self.windows is None else list(self.windows[position])
         views = []
@@ -36,14 +59,11 @@ class _Views(Dataset):
             box = (int(left), int(top), int(left + w), int(top + h))
             views.append(np.array(image.resize(size, Image.BILINEAR, box=box)))
         if windows:
-            sources = [image] * len(windows)
-            if self.second[position] != index:
-                with Image.open(self.paths[int(self.second[position])]) as file:
-                    sources[-1] = file.convert("RGB")
+            sources = [image] * (len(windows) - 1) + [decoded[second]]
             for (top, left, h, w), source in zip(windows, sources):
                 box = (int(left), int(top), int(left + w), int(top + h))
                 views.append(np.array(source.resize(size, Image.BILINEAR, box=box)))
-        return tuple(views), self.labels[index], index
+        return tuple(views), self.labels[index], index, -1, ""
 
 
 class TorchvisionLoader(Loader):
@@ -56,5 +76,7 @@ class TorchvisionLoader(Loader):
             num_workers=self.worker_count,
             pin_memory=self.device.type == "cuda",
         )
-        for views, labels, indices in data:
+        for views, labels, indices, failed, reasons in data:
+            if (failed >= 0).any():
+                raise Undecodable({int(i): r for i, r in zip(failed, reasons) if i >= 0})
             yield to_batch(self, views, labels, indices)
