@@ -30,6 +30,7 @@ class Method:
     views: tuple[str, ...]
     step: Callable[[MomentumContrast, Views, float, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
     pairs: bool = False  # trains on the combined set of instances and semantic positive pairs (train.py --pairs)
+    end_to_end: bool = False  # f_q alone, in-batch negatives: no momentum encoder, no queue, no key shuffle
 
 
 def mocov2_step(
@@ -111,8 +112,8 @@ METHODS = {
     # SePP-ID (Eq. 2, lambda = 1): MoCo-v2's step; the loader adds every semantic pair (a, b) as a sample whose
     # crop 1 comes from a and crop 2 from b, so each pair's term is computed as a positive pair's.
     "sepp": Method(views=("crop1", "crop2"), step=mocov2_step, pairs=True),
-    "simclr": Method(views=("crop1", "crop2"), step=simclr_step),
-    "leoclr-e2e": Method(views=("original", "crop1", "crop2"), step=leoclr_e2e_step),
+    "simclr": Method(views=("crop1", "crop2"), step=simclr_step, end_to_end=True),
+    "leoclr-e2e": Method(views=("original", "crop1", "crop2"), step=leoclr_e2e_step, end_to_end=True),
 }
 # Variants selected by train.py's flags: (method, flag) -> the method's variant.
 VARIANTS = {
