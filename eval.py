@@ -39,12 +39,14 @@ from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from model.training import load_checkpoint
 from pipeline.augment import AugmentConfig, augment
 from pipeline.backends import BACKENDS, load_splits, make_loader
+from pipeline.crop_plan import SUPERVISED_SCALE
 from pipeline.data import ImageList, balanced_fraction, select
 from pipeline.device import resolve_device
 from pipeline.loader import Loader
 
 # Training-time augmentation of the supervised protocols: the crop plan's RandomResizedCrop + flip, no colour.
 FLIP_ONLY = AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.5)
+CROP_MIN = SUPERVISED_SCALE[0]  # RandomResizedCrop's smallest area fraction there, as MoCo's main_lincls
 
 
 @dataclass
@@ -81,8 +83,8 @@ class Setup:
     def classes(self) -> int:
         return len(self.train.classes)
 
-    def features(self, net: nn.Module, images: ImageList, view: str, desc: str):
-        loader = self.loader(images, train=False, eval_view=view)
+    def features(self, net: nn.Module, images: ImageList, view: str, desc: str, interpolation: str = "bilinear"):
+        loader = self.loader(images, train=False, eval_view=view, interpolation=interpolation)
         try:
             return extract_features(net, loader, self.options["amp"], desc)
         finally:
@@ -260,6 +262,16 @@ def knn(setup: Setup, started: float, k: int, temperature: float) -> dict:
     return setup.record("knn", top1, top5, started, k=k, temperature=temperature)
 
 
+def crop_min_option(command):
+    return click.option(
+        "--crop-min",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=CROP_MIN,
+        help="Smallest area fraction of the RandomResizedCrop training images (scale (crop-min, 1)): 0.08 as MoCo's "
+        "main_lincls (torchvision's default); 0.2 gives the pre-training crops.",
+    )(command)
+
+
 def linear_options(command):
     options = [
         click.option("--epochs", type=int, default=100, help="Classifier training epochs (the papers: 100)."),
@@ -272,20 +284,24 @@ def linear_options(command):
             "fast on CPU), instead of RandomResizedCrop + flip images through the frozen backbone every "
             "epoch (the papers' protocol).",
         ),
+        crop_min_option,
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def train_probe(setup: Setup, net: nn.Module, dim: int, epochs: int, lr: float, weight_decay: float, cached: bool):
-    """A LinearProbe on the frozen backbone `net` (features of size `dim`), trained on the whole train split."""
+def train_probe(
+    setup: Setup, net: nn.Module, dim: int, epochs: int, lr: float, weight_decay: float, cached: bool, crop_min: float
+):
+    """A LinearProbe on the frozen backbone `net` (features of size `dim`), trained on the whole train split:
+    on cached center-crop features, or on RandomResizedCrop (scale (crop_min, 1)) + flip images."""
     batch_size = setup.options["batch_size"]
     if cached:
         features, labels = setup.features(net, setup.train, "center", "train features")
         return fit_linear(features, labels, setup.classes, epochs, lr, batch_size, weight_decay, setup.options["seed"])
     batch_size = min(batch_size, len(setup.train))
-    loader = setup.loader(setup.train, train=True, batch_size=batch_size, views=1)
+    loader = setup.loader(setup.train, train=True, batch_size=batch_size, views=1, crop_scale=(crop_min, 1.0))
     probe = LinearProbe(dim, setup.classes).to(setup.device)
     optimizer = CosineSGD(probe.parameters(), lr, weight_decay, epochs * len(loader))
     generator = torch.Generator(device=setup.device).manual_seed(setup.options["seed"])
@@ -304,36 +320,46 @@ def train_probe(setup: Setup, net: nn.Module, dim: int, epochs: int, lr: float, 
 
 
 @torch.no_grad()
-def score_probe(setup: Setup, net: nn.Module, probe: LinearProbe, view: str) -> list[float]:
-    features, labels = setup.features(net, setup.val, view, f"val {view}")
+def score_probe(
+    setup: Setup, net: nn.Module, probe: LinearProbe, view: str, interpolation: str = "bilinear"
+) -> list[float]:
+    features, labels = setup.features(net, setup.val, view, f"val {view}", interpolation)
     return topk_accuracy(probe(features), labels)
 
 
 @main.command()
 @linear_options
 @common_options
-def linear(setup: Setup, started: float, epochs: int, lr: float, weight_decay: float, cached_features: bool) -> dict:
-    """Linear evaluation: frozen backbone, a linear classifier on its pooled features (RandomResizedCrop + flip
-    training, or --cached-features), top-1/top-5 on center crops of the val split."""
+def linear(
+    setup: Setup, started: float, epochs: int, lr: float, weight_decay: float, cached_features: bool, crop_min: float
+) -> dict:
+    """Linear evaluation: frozen backbone, a linear classifier on its pooled features (RandomResizedCrop, scale
+    0.08-1, + flip training, or --cached-features), top-1/top-5 on center crops of the val split."""
     net, dim = setup.backbone()
-    probe = train_probe(setup, net, dim, epochs, lr, weight_decay, cached_features)
+    probe = train_probe(setup, net, dim, epochs, lr, weight_decay, cached_features, crop_min)
     top1, top5 = score_probe(setup, net, probe, "center")
-    return setup.record(
-        "linear", top1, top5, started, epochs=epochs, lr=lr, weight_decay=weight_decay, cached_features=cached_features
-    )
+    settings = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, cached_features=cached_features)
+    return setup.record("linear", top1, top5, started, **settings, crop_min=None if cached_features else crop_min)
 
 
 @main.command("crop-test")
 @linear_options
 @common_options
-def crop_test(setup: Setup, started: float, epochs: int, lr: float, weight_decay: float, cached_features: bool) -> dict:
+def crop_test(
+    setup: Setup, started: float, epochs: int, lr: float, weight_decay: float, cached_features: bool, crop_min: float
+) -> dict:
     """LeOCLR's center vs random crop test (Table 7): the linear classifier (trained as `linear`) scored on
     center crops and on random crops (the image squashed to a square, then RandomResizedCrop, scale 0.08-1,
-    seeded) of the val split; `drop` = center - random top-1, smaller = more robust features."""
+    seeded) of the val split, both resized bicubically as the paper; `drop` = center - random top-1, smaller =
+    more robust features. Needs a loader that resizes bicubically (dali, torchvision; not ffcv)."""
+    try:  # before the probe trains: a loader that cannot resize bicubically says so now
+        setup.loader(setup.val, train=False, eval_view="center", interpolation="bicubic").close()
+    except ValueError as error:
+        raise click.ClickException(f"crop-test resizes bicubically (LeOCLR Table 7): {error}") from error
     net, dim = setup.backbone()
-    probe = train_probe(setup, net, dim, epochs, lr, weight_decay, cached_features)
-    center_top1, center_top5 = score_probe(setup, net, probe, "center")
-    random_top1, random_top5 = score_probe(setup, net, probe, "random")
+    probe = train_probe(setup, net, dim, epochs, lr, weight_decay, cached_features, crop_min)
+    center_top1, center_top5 = score_probe(setup, net, probe, "center", "bicubic")
+    random_top1, random_top5 = score_probe(setup, net, probe, "random", "bicubic")
     return setup.record(
         "crop-test",
         center_top1,
@@ -343,10 +369,12 @@ def crop_test(setup: Setup, started: float, epochs: int, lr: float, weight_decay
         random_top1=random_top1,
         random_top5=random_top5,
         drop=center_top1 - random_top1,
+        interpolation="bicubic",
         epochs=epochs,
         lr=lr,
         weight_decay=weight_decay,
         cached_features=cached_features,
+        crop_min=None if cached_features else crop_min,
     )
 
 
@@ -360,10 +388,14 @@ def crop_test(setup: Setup, started: float, epochs: int, lr: float, weight_decay
 )
 @click.option("--lr", type=float, default=0.05, help="SGD learning rate (Nesterov momentum 0.9, cosine to 0).")
 @click.option("--weight-decay", type=float, default=0.0)
+@crop_min_option
 @common_options
-def finetune(setup: Setup, started: float, fraction: float, epochs: int, lr: float, weight_decay: float) -> dict:
+def finetune(
+    setup: Setup, started: float, fraction: float, epochs: int, lr: float, weight_decay: float, crop_min: float
+) -> dict:
     """Semi-supervised fine-tuning: the whole network plus a new linear layer trained on a class-balanced,
-    seeded --fraction of the train labels (RandomResizedCrop + flip), top-1/top-5 on center crops of val."""
+    seeded --fraction of the train labels (RandomResizedCrop, scale 0.08-1, + flip), top-1/top-5 on center
+    crops of val."""
     try:
         labelled = select(setup.train, balanced_fraction(setup.train.labels, fraction, setup.options["seed"]))
     except ValueError as error:
@@ -371,7 +403,8 @@ def finetune(setup: Setup, started: float, fraction: float, epochs: int, lr: flo
     epochs = epochs if epochs is not None else 60 if fraction <= 0.01 else 30
     net, dim = setup.backbone()
     model = nn.Sequential(net, nn.Linear(dim, setup.classes)).to(setup.device, memory_format=torch.channels_last)
-    loader = setup.loader(labelled, train=True, batch_size=min(setup.options["batch_size"], len(labelled)), views=1)
+    batch_size = min(setup.options["batch_size"], len(labelled))
+    loader = setup.loader(labelled, train=True, batch_size=batch_size, views=1, crop_scale=(crop_min, 1.0))
     fp16 = setup.options["amp"] == "fp16"
     optimizer = CosineSGD(
         model.parameters(),
@@ -405,6 +438,7 @@ def finetune(setup: Setup, started: float, fraction: float, epochs: int, lr: flo
         epochs=epochs,
         lr=lr,
         weight_decay=weight_decay,
+        crop_min=crop_min,
     )
 
 

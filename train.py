@@ -62,7 +62,7 @@ from model.training import (
 from pipeline import require_backend
 from pipeline.augment import augment
 from pipeline.backends import BACKENDS, load_splits
-from pipeline.ccrop import update_epochs
+from pipeline.ccrop import update_epochs, whole_image_boxes
 from pipeline.data import ImageList
 from pipeline.pairs import read_pairs
 
@@ -163,6 +163,8 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
                 if main_rank:
                     np.save(out / "boxes.npy", loader.boxes)
                 echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}")
+            elif ccrop and epoch >= cfg.method.ccrop_warmup and loader.boxes is None:
+                loader.boxes = whole_image_boxes(len(train_images))  # the reference: sampled around whole images
             # Per rank: its own augmentation draws (the key shuffle over ranks uses rank 0's).
             generator = torch.Generator(device=device).manual_seed(augmentation_seed(cfg.run.seed, epoch, rank))
             model.train()
@@ -329,7 +331,8 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
     type=click.IntRange(min=1),
     default=None,
     help="Split batch norm groups (1 = plain BN). [default: 8 with one process, where split BN stands in for "
-    "shuffle BN; 1 under torchrun, where keys are shuffled across the ranks as in MoCo]",
+    "shuffle BN; 1 under torchrun, where keys are shuffled across the ranks as in MoCo] One process refuses 1 for "
+    "the momentum-encoder methods: each query and its key would share batch statistics.",
 )
 @click.option(
     "--crop",
@@ -342,14 +345,17 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
 @click.option(
     "--ccrop-alpha",
     type=click.FloatRange(min=0, min_open=True),
-    default=0.6,
-    help="ContrastiveCrop Beta(alpha, alpha) for crop centres.",
+    default=None,
+    help="ContrastiveCrop Beta(alpha, alpha) for crop centres. [default: by --image-size, as the reference "
+    "configs: 0.1 up to 96 px (CIFAR, Tiny ImageNet, STL-10), 0.6 above (ImageNet)]",
 )
 @click.option(
     "--ccrop-warmup",
     type=click.IntRange(min=0),
     default=None,
-    help="Epochs of RandomResizedCrop before the first boxes. [default: 20% of --epochs]",
+    help="Epochs of RandomResizedCrop before crops are sampled around boxes. As in the reference code, the boxes "
+    "are recomputed once e epochs are done where e >= this, e is a multiple of --ccrop-interval and epochs remain, "
+    "and are whole images until then: a warm-up of 0 never boxes with random weights. [default: 20% of --epochs]",
 )
 @click.option(
     "--ccrop-interval",

@@ -207,7 +207,8 @@ class Yardstick(Timed):
 def main(loader, data, device, steps, warmup, rounds, yardstick, compiled, json_path, **overrides) -> None:
     """Training images/sec per method, end to end and compute only, and the LeOCLR / MoCo-v2 ratios."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    cfg = resolve({**given, "loader": loader, "data": data, "device": device})
+    # timing_only: --bn-splits 1 in one process times plain BN as a reference (training refuses it: BN leak).
+    cfg = resolve({**given, "loader": loader, "data": data, "device": device}, timing_only=True)
     dev = torch.device(cfg.run.device)
     cfg.optimisation.amp, why = resolve_amp(cfg.optimisation.amp, dev, cfg.model.arch, cfg.data.image_size)
     click.echo(describe(cfg.optimisation.amp, why))

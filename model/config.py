@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from model.methods import method_for
+from pipeline.ccrop import alpha_for
 from pipeline.device import resolve_device
 
 
@@ -57,7 +58,7 @@ class MethodConfig:
     temperature: float = 0.1
     crop: str = "random"
     ccrop_k: float = 0.1
-    ccrop_alpha: float = 0.6
+    ccrop_alpha: float | None = None  # None: by image size (pipeline/ccrop.py alpha_for), set by `resolve`
     ccrop_warmup: int | None = None  # None: 20% of the epochs, set by `resolve`
     ccrop_interval: int | None = None
     blur: bool | None = None  # None: on when S > 64, set by `resolve`
@@ -161,9 +162,11 @@ def from_checkpoint(state: Mapping[str, Any]) -> Config:
     return Config.from_dict({**LEGACY, **state["config"]})
 
 
-def resolve(options: Mapping[str, Any]) -> Config:
+def resolve(options: Mapping[str, Any], timing_only: bool = False) -> Config:
     """A run's settings from its options (as `Config.from_dict` takes them): the automatic defaults filled and
-    the combinations checked, with click errors naming the option; the result is what config.json records."""
+    the combinations checked, with click errors naming the option; the result is what config.json records.
+    `timing_only` (benchmarks/train_step.py, which times steps and trains nothing worth keeping) lets one
+    process use plain batch norm with a momentum-encoder method, as a reference point; training refuses it."""
     cfg = Config.from_dict({k: v for k, v in options.items() if k != "amp_auto"})  # settled again by training
     data, model, method, opt, run = cfg.data, cfg.model, cfg.method, cfg.optimisation, cfg.run
     run.device = resolve_device(run.device)
@@ -173,6 +176,8 @@ def resolve(options: Mapping[str, Any]) -> Config:
         method.ccrop_warmup = max(1, round(0.2 * opt.epochs))
     if method.ccrop_interval is None:
         method.ccrop_interval = max(1, round(0.2 * opt.epochs))
+    if method.ccrop_alpha is None:
+        method.ccrop_alpha = alpha_for(data.image_size)
     if run.out is None:
         run.out = f"runs/{method.method}-{data.loader}"
     data.data, run.out = str(data.data), str(run.out)
@@ -194,6 +199,14 @@ def resolve(options: Mapping[str, Any]) -> Config:
     run.world_size = world
     if model.bn_splits is None:  # MoCo's choice by topology: shuffle BN across ranks, else split BN
         model.bn_splits = 1 if world > 1 else 8
+    if world == 1 and model.bn_splits == 1 and not chosen.end_to_end and not timing_only:
+        raise click.BadParameter(
+            f"--method {method.method} in one process needs split batch norm (> 1; the default is 8): with plain "
+            "BN the key shuffle changes nothing, so each query and its key share batch statistics (the leak "
+            "MoCo's shuffle BN exists to stop). Plain BN is for several processes (torchrun), whose keys are "
+            "shuffled across them",
+            param_hint="--bn-splits",
+        )
     if opt.batch_size % world:
         raise click.BadParameter(f"must be a multiple of the {world} processes", param_hint="--batch-size")
     if opt.batch_size // world % model.bn_splits:

@@ -108,3 +108,32 @@ def shuffle_across_ranks(x: torch.Tensor, generator: torch.Generator | None) -> 
 def unshuffle(y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """This rank's rows, in its original order, of the outputs `y` each rank computed on its shuffled slice."""
     return gather(y)[inverse.view(dist.get_world_size(), -1)[dist.get_rank()]]
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of the gathered whole and hands each rank its part:
+    a loss on one rank reaches the rows another rank computed (gloo and nccl both have all_reduce)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """As `gather`, differentiable: each rank's part gets the gradient of the sum of every rank's loss (so with
+    DDP's average the step is that of the mean loss over all ranks). The identity with one process."""
+    return _GatherWithGradient.apply(x) if active() else x
+
+
+def unshuffle_with_grad(y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """As `unshuffle`, differentiable (`gather_with_grad`): the rows this rank's loss uses flow back to the
+    ranks that computed them."""
+    return gather_with_grad(y)[inverse.view(dist.get_world_size(), -1)[dist.get_rank()]]

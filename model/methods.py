@@ -30,6 +30,7 @@ class Method:
     views: tuple[str, ...]
     step: Callable[[MomentumContrast, Views, float, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
     pairs: bool = False  # trains on the combined set of instances and semantic positive pairs (train.py --pairs)
+    end_to_end: bool = False  # f_q alone, in-batch negatives: no momentum encoder, no queue, no key shuffle
 
 
 def mocov2_step(
@@ -62,7 +63,11 @@ def leoclr_step(
 def symmetric_mocov2_step(
     model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoCo-v2 in both directions: both crops through f_q and f_k, l(q1, k2) + l(q2, k1), both keys enqueued."""
+    """MoCo-v2 in both directions: both crops through f_q and f_k, l(q1, k2) + l(q2, k1), both keys enqueued.
+
+    f_q's batch stacks both crops unmixed: no two f_q outputs are scored against each other (each query meets
+    its key from f_k's shuffled batch and the queue), and with split BN rows i and B + i never share a group
+    (a group is at most 2B / 2 rows long; tests/test_methods.py counts it)."""
     query1, query2 = model.query(torch.cat([views["crop1"], views["crop2"]])).chunk(2)
     with torch.no_grad():
         model.update_key_encoder()
@@ -74,7 +79,8 @@ def symmetric_mocov2_step(
 def leoclr_attract_all_step(
     model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LeOCLR Table 8 ablation: original and crop 1 -> f_q, both crops -> f_k, the crops also attracted."""
+    """LeOCLR Table 8 ablation: original and crop 1 -> f_q, both crops -> f_k, the crops also attracted.
+    As in `symmetric_mocov2_step`, f_q's outputs are scored only against f_k's keys and the queue."""
     original, query1 = model.query(torch.cat([views["original"], views["crop1"]])).chunk(2)
     with torch.no_grad():
         model.update_key_encoder()
@@ -90,18 +96,19 @@ def _no_keys(embeddings: torch.Tensor) -> torch.Tensor:
 def simclr_step(
     model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SimCLR (end to end): both crops through f_q in one forward, NT-Xent with in-batch negatives.
-    The momentum encoder and the queue are unused (nothing is enqueued)."""
-    z1, z2 = model.query(torch.cat([views["crop1"], views["crop2"]])).chunk(2)
+    """SimCLR (end to end): both crops through f_q in one forward, mixed over the BN groups (`query_mixed`),
+    NT-Xent with in-batch negatives (every rank's). The momentum encoder and the queue are unused."""
+    z1, z2 = model.query_mixed(torch.cat([views["crop1"], views["crop2"]]), generator).chunk(2)
     return nt_xent(z1, z2, temperature), _no_keys(z1)
 
 
 def leoclr_e2e_step(
     model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LeOCLR end to end (Table 5): original and both crops through f_q (trained by backprop, one forward),
-    each crop pulled toward the original with in-batch negatives; no momentum encoder, no queue."""
-    u, v1, v2 = model.query(torch.cat([views["original"], views["crop1"], views["crop2"]])).chunk(3)
+    """LeOCLR end to end (Table 5): original and both crops through f_q (trained by backprop, one forward,
+    mixed over the BN groups), each crop pulled toward the original with in-batch negatives (every rank's); no
+    momentum encoder, no queue."""
+    u, v1, v2 = model.query_mixed(torch.cat([views["original"], views["crop1"], views["crop2"]]), generator).chunk(3)
     return leoclr_e2e_loss(u, v1, v2, temperature), _no_keys(u)
 
 
@@ -111,8 +118,8 @@ METHODS = {
     # SePP-ID (Eq. 2, lambda = 1): MoCo-v2's step; the loader adds every semantic pair (a, b) as a sample whose
     # crop 1 comes from a and crop 2 from b, so each pair's term is computed as a positive pair's.
     "sepp": Method(views=("crop1", "crop2"), step=mocov2_step, pairs=True),
-    "simclr": Method(views=("crop1", "crop2"), step=simclr_step),
-    "leoclr-e2e": Method(views=("original", "crop1", "crop2"), step=leoclr_e2e_step),
+    "simclr": Method(views=("crop1", "crop2"), step=simclr_step, end_to_end=True),
+    "leoclr-e2e": Method(views=("original", "crop1", "crop2"), step=leoclr_e2e_step, end_to_end=True),
 }
 # Variants selected by train.py's flags: (method, flag) -> the method's variant.
 VARIANTS = {

@@ -49,7 +49,7 @@ class MomentumContrast(nn.Module):
         self.query_encoder = Encoder(arch, image_size, out_dim, bn_splits)
         self.key_encoder = copy.deepcopy(self.query_encoder)
         self.key_encoder.requires_grad_(False)
-        self.momentum = momentum
+        self.momentum, self.bn_splits = momentum, bn_splits
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -57,6 +57,28 @@ class MomentumContrast(nn.Module):
         """f_q(x): through DistributedDataParallel when `distribute` set it up (gradients averaged over ranks)."""
         wrapped = self.__dict__.get("_ddp")
         return self.query_encoder(x) if wrapped is None else wrapped(x)
+
+    def query_mixed(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """f_q(x) (N, out_dim) for a batch that stacks several views of the same images (view v of image i at
+        row v * B + i), computed in a random order over every batch-norm group and returned in x's order.
+
+        In a BN group, samples are normalised with statistics they share; views of one image scored against
+        each other (in-batch negatives) must not share a group more often than an image's view and a
+        negative do, or the statistics say which is the positive (SimCLR's reason for global BN). Split BN's
+        groups are contiguous blocks, which would put rows i and B + i together whenever a block is longer
+        than B (LeOCLR-e2e's 3B rows in 2 groups) and never otherwise (SimCLR's 2B rows in any even number):
+        a fixed pattern either way. After a uniform permutation every pair of rows shares a group with the
+        same probability. Under torchrun the global batch is permuted across the ranks (MoCo's key shuffle,
+        with gradients routed back to the ranks that computed each row), so a rank's plain-BN group is a random
+        part of the global batch rather than its own images' views. One BN group in one process: nothing to mix.
+        """
+        if distributed.active():
+            mine, inverse = distributed.shuffle_across_ranks(x, generator)  # images: no gradient needed
+            return distributed.unshuffle_with_grad(self.query(mine), inverse)
+        if self.bn_splits == 1:
+            return self.query(x)
+        order = torch.randperm(len(x), device=x.device, generator=generator)
+        return self.query(x[order])[torch.argsort(order)]
 
     def distribute(self, device_ids: list[int] | None = None) -> None:
         """Wrap f_q in DistributedDataParallel (kept out of the module tree: checkpoints keep their keys)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model import distributed
+
 
 def info_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo InfoNCE: mean over i of -log softmax([q_i.k_i, q_i.queue] / T)[0]. Returns a float32 scalar.
@@ -67,14 +69,22 @@ def leoclr_attract_all_loss(
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent with in-batch negatives for views a, b (N, D): each of the 2N embeddings has its
-    partner as the positive and the other 2N - 2 as negatives; mean over the 2N. Float32 scalar."""
+    partner as the positive and the other 2N - 2 as negatives; mean over the 2N. Float32 scalar.
+
+    Under torchrun the negatives are every rank's embeddings (W ranks: 2WN - 2 of them, as SimCLR's
+    cross-replica concatenation), gathered with their gradient: this rank's rows also get the gradient they
+    have as other ranks' negatives, so with DDP's average the step is the one of the whole global batch.
+    """
     a, b = a.float(), b.float()
     with torch.autocast(a.device.type, enabled=False):
-        z = torch.cat([a, b])
-        n = len(a)
-        logits = (z @ z.t()) / temperature
-        logits.fill_diagonal_(float("-inf"))  # an embedding is never its own negative
-        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(a.device)
+        mine = torch.cat([a, b])  # (2N, D), the anchors
+        everyone = distributed.gather_with_grad(mine)  # (W * 2N, D), rank-major: this rank's rows at `offset`
+        n, offset = len(a), distributed.rank() * len(mine)
+        logits = (mine @ everyone.t()) / temperature
+        rows = torch.arange(2 * n, device=a.device)
+        itself = torch.arange(len(everyone), device=a.device) == (offset + rows)[:, None]
+        logits = logits.masked_fill(itself, float("-inf"))  # an embedding is never its own negative
+        partner = offset + torch.cat([rows[n:], rows[:n]])
         return F.cross_entropy(logits, partner)
 
 

@@ -179,12 +179,16 @@ def optimize(model, method: Method, optimizer, scaler, views: dict, cfg: Config,
 
 
 def learning_rate(cfg: Config, epoch: int, fraction: float) -> float:
-    """Linear warm-up over the first --warmup-epochs (per step; `fraction` of the epoch done after this step),
-    then MoCo's cosine decay, stepped per epoch."""
+    """Linear warm-up over the first --warmup-epochs w (per step; `fraction` of the epoch done after this step),
+    then MoCo's cosine decay, stepped per epoch, over the epochs after the warm-up: lr * (1 + cos(pi * p)) / 2
+    with p = (epoch - w) / (epochs - w), clamped at 0. The cosine starts where the warm-up ends, at lr (the
+    epochs' cosine from 0 would start below it: a drop at the boundary), and with no warm-up it is MoCo's."""
     opt = cfg.optimisation
-    if epoch + fraction <= opt.warmup_epochs:
-        return opt.lr * (epoch + fraction) / opt.warmup_epochs
-    return opt.lr * 0.5 * (1 + math.cos(math.pi * epoch / opt.epochs))
+    warmup = opt.warmup_epochs
+    if epoch + fraction <= warmup:
+        return opt.lr * (epoch + fraction) / warmup
+    progress = max(0.0, epoch - warmup) / (opt.epochs - warmup)
+    return opt.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 CHECK_EVERY = 10  # steps between the loop's looks at the stop flag and the loss (one collective, one host read)

@@ -7,6 +7,7 @@ applies the same windows.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +36,24 @@ def heatmap_boxes(maps: torch.Tensor, size: tuple[int, int], k: float = 0.1) -> 
 
 
 def update_epochs(epochs: int, warmup: int, interval: int) -> list[int]:
-    """The epochs (0-based, about to start) before which the boxes are recomputed: after `warmup` epochs of
-    RandomResizedCrop, then every `interval` epochs, never after the last one."""
-    return list(range(warmup, epochs, max(1, interval))) if warmup < epochs else []
+    """The epochs (0-based, about to start) before which the boxes are recomputed, as the reference code
+    (xyupeng/ContrastiveCrop) schedules them: once e epochs are done, where e >= `warmup`, e % `interval` == 0
+    and 1 <= e < `epochs`. Never before the first epoch (a network with random weights has no heatmap worth
+    a box, so a warm-up of 0 waits for `interval` epochs) and never after the last."""
+    interval = max(1, interval)
+    return [done for done in range(max(1, warmup), epochs) if done % interval == 0]
+
+
+def whole_image_boxes(n: int) -> np.ndarray:
+    """(n, 4) float32 boxes [0, 0, 1, 1]: the reference's boxes before the first update."""
+    return np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32), (n, 1))
+
+
+def alpha_for(image_size: int) -> float:
+    """ContrastiveCrop's Beta(alpha, alpha) by training resolution S, as the reference configs set it: 0.1 for
+    every small-image set (CIFAR 32 px, Tiny ImageNet 64 px, STL-10 96 px), 0.6 for ImageNet (224 px). The line
+    is drawn above the largest of those: S <= 96 -> 0.1, S > 96 -> 0.6."""
+    return 0.1 if image_size <= SMALL_IMAGES else 0.6
+
+
+SMALL_IMAGES = 96  # STL-10's side, the largest small-image config of the reference (alpha 0.1)

@@ -12,7 +12,8 @@ import math
 
 import numpy as np
 
-SCALE = (0.2, 1.0)
+SCALE = (0.2, 1.0)  # MoCo-v2's pre-training crops
+SUPERVISED_SCALE = (0.08, 1.0)  # torchvision's default: MoCo's main_lincls (linear probe) and fine-tuning
 RATIO = (3 / 4, 4 / 3)
 
 
@@ -92,11 +93,14 @@ def crop_plan(
     views: int = 2,
     boxes: np.ndarray | None = None,
     alpha: float = 0.6,
+    scale: tuple[float, float] = SCALE,
 ) -> np.ndarray:
     """Windows of every image for one epoch: (N, views, 4) int64, row i belongs to image i. With `boxes`
-    (N, 4) the windows are ContrastiveCrop's; the views share the box and sample their own crops."""
+    (N, 4) the windows are ContrastiveCrop's; the views share the box and sample their own crops. `scale` is
+    RandomResizedCrop's range of area fractions: MoCo-v2's pre-training (0.2, 1) by default, (0.08, 1) for the
+    supervised protocols (MoCo's main_lincls)."""
     rng = epoch_rng(seed, epoch, stream=1)
-    crops = [random_resized_crop(heights, widths, rng, boxes=boxes, alpha=alpha) for _ in range(views)]
+    crops = [random_resized_crop(heights, widths, rng, scale, boxes=boxes, alpha=alpha) for _ in range(views)]
     return np.stack(crops, axis=1)
 
 

@@ -37,11 +37,22 @@ import click
 import numpy as np
 import torch
 
-from pipeline.crop_plan import center_crop, crop_plan, epoch_order, epoch_rng, random_crop_test, random_resized_crop
+from pipeline.crop_plan import (
+    SCALE,
+    center_crop,
+    crop_plan,
+    epoch_order,
+    epoch_rng,
+    random_crop_test,
+    random_resized_crop,
+)
 from pipeline.data import ImageList
 from pipeline.verify import decode_error
 
 EVAL_VIEWS = ("original", "center", "random")
+# How a window is resized to S x S: bilinear (training, the kNN monitor, the linear protocols) or bicubic (LeOCLR
+# Table 7's crop test). FFCV's decoder has only OpenCV's area filter and refuses bicubic.
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 def machine_workers() -> int:
@@ -135,6 +146,8 @@ class Loader:
         rank: int = 0,
         world: int = 1,
         bad_files: BadFiles | None = None,
+        crop_scale: tuple[float, float] = SCALE,
+        interpolation: str = "bilinear",
     ) -> None:
         if train and len(images) < batch_size * world:
             raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size} x {world} ranks")
@@ -146,6 +159,12 @@ class Loader:
             raise ValueError(f"views must be 0, 1, 2 or 3, not {views}")
         if eval_view not in EVAL_VIEWS:
             raise ValueError(f"eval_view must be one of {', '.join(EVAL_VIEWS)}, not {eval_view!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, not {crop_scale}")
+        # Area fractions of training crops (RandomResizedCrop's scale) and how every view is resized to S x S.
+        self.crop_scale, self.interpolation = tuple(crop_scale), interpolation
         self.images, self.image_size, self.batch_size = images, image_size, batch_size
         self.device, self.train, self.seed, self.workers = device, train, seed, workers
         # What each sample yields: the original view or not, and how many crops (0-2).
@@ -263,7 +282,9 @@ class Loader:
         samples = epoch_order(n + (0 if pairs is None else len(pairs)), self.seed, epoch)
         samples = samples[: len(self) * self.batch_size * self.world]
         views = 3 if self.original_crop else 2  # the third draw leaves the crops' windows as they were
-        plan = crop_plan(heights, widths, self.seed, epoch, views=views, boxes=self.boxes, alpha=self.alpha)
+        plan = crop_plan(
+            heights, widths, self.seed, epoch, views=views, boxes=self.boxes, alpha=self.alpha, scale=self.crop_scale
+        )
         if self.original_crop:
             return Schedule(samples, np.concatenate([plan[samples, 2:], plan[samples, : self.crops]], axis=1), None)
         if pairs is None:
@@ -276,7 +297,7 @@ class Loader:
         for view, image in enumerate((first[paired], second[paired])):
             boxes = None if self.boxes is None else self.boxes[image]
             windows[paired, view] = random_resized_crop(
-                heights[image], widths[image], rng, boxes=boxes, alpha=self.alpha
+                heights[image], widths[image], rng, self.crop_scale, boxes=boxes, alpha=self.alpha
             )
         return Schedule(first, windows, second)
 

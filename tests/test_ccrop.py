@@ -9,6 +9,7 @@ from conftest import LOADERS, tiny_loader
 from PIL import Image
 
 import train
+from model.config import resolve
 from model.localize import localize
 from pipeline import views
 from pipeline.backends import load_splits
@@ -96,10 +97,27 @@ def test_plan_without_boxes_is_unchanged_and_with_boxes_differs():
     assert not np.array_equal(plain, whole)
 
 
-def test_update_schedule():
+def reference_schedule(epochs: int, warmup: int, interval: int) -> list[int]:
+    """ContrastiveCrop's training loop, transcribed: epochs counted from 1, boxes updated after epoch e when
+    e >= warm-up, e is not the last and e % interval == 0; such an update comes before (0-based) epoch e."""
+    return [e for e in range(1, epochs + 1) if e >= warmup and e != epochs and e % interval == 0]
+
+
+def test_update_schedule_is_the_reference_loops():
+    rng = np.random.default_rng(0)
+    for epochs, warmup, interval in rng.integers([1, 0, 1], [40, 45, 12], size=(300, 3)):
+        assert update_epochs(epochs, warmup, interval) == reference_schedule(epochs, warmup, interval)
     assert update_epochs(10, 2, 2) == [2, 4, 6, 8]
-    assert update_epochs(5, 1, 1) == [1, 2, 3, 4]
+    assert update_epochs(10, 3, 2) == [4, 6, 8]  # not 3: the reference waits for a multiple of the interval
+    assert update_epochs(10, 0, 3) == [3, 6, 9]  # warm-up 0: never before the first epoch (random weights)
+    assert update_epochs(500, 100, 100) == [100, 200, 300, 400]  # the reference's CIFAR configs
     assert update_epochs(3, 3, 1) == []
+
+
+@pytest.mark.parametrize("size, alpha", [(16, 0.1), (32, 0.1), (64, 0.1), (96, 0.1), (112, 0.6), (224, 0.6)])
+def test_alpha_defaults_by_image_size_as_the_reference_configs(size, alpha):
+    assert resolve({"image_size": size, "device": "cpu"}).method.ccrop_alpha == alpha
+    assert resolve({"image_size": size, "device": "cpu", "ccrop_alpha": 0.3}).method.ccrop_alpha == 0.3
 
 
 @pytest.fixture
@@ -167,10 +185,6 @@ TINY = [
     "torchvision",
     "--crop",
     "ccrop",
-    "--ccrop-warmup",
-    "0",
-    "--ccrop-interval",
-    "2",
     "--amp",
     "off",
     "--device",
@@ -185,21 +199,38 @@ def run(*args):
 
 
 def test_boxes_are_saved_and_survive_resume(tiny_data, tmp_path):
-    # Boxes before epoch 1 only; the resumed epoch 2 must use the checkpoint's boxes to match a straight run.
-    output = run("--data", tiny_data, "--out", tmp_path / "straight", "--epochs", 2)
-    assert "boxes updated before epoch 1" in output and "before epoch 2" not in output
-    run("--data", tiny_data, "--out", tmp_path / "split", "--epochs", 1)
+    # Warm-up 2, interval 2 of 4 epochs: boxes before epoch 3 only; the resumed epoch 4 must train with the
+    # checkpoint's boxes to match a straight run. A learning-rate warm-up over every epoch makes the rate
+    # independent of --epochs, so the 3-epoch run trains as the first 3 of the 4.
+    schedule = ["--ccrop-warmup", 2, "--ccrop-interval", 2, "--warmup-epochs", 4]
+    output = run("--data", tiny_data, "--out", tmp_path / "straight", "--epochs", 4, *schedule)
+    assert "boxes updated before epoch 3" in output
+    assert all(f"before epoch {e}" not in output for e in (1, 2, 4))
+    run("--data", tiny_data, "--out", tmp_path / "split", "--epochs", 3, *schedule)
     saved = np.load(tmp_path / "split" / "boxes.npy")
     state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     assert np.array_equal(state["boxes"], saved) and saved.shape == (24, 4)
-    run("--resume", tmp_path / "split" / "checkpoint.pt", "--epochs", 2)
+    run("--resume", tmp_path / "split" / "checkpoint.pt", "--epochs", 4)
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     resumed = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     assert np.array_equal(straight["boxes"], resumed["boxes"])
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["box_area"] is None and 0 < records[2]["box_area"] <= 1
+    assert [r["box_area"] for r in records[:3]] == [None] * 3 and 0 < records[3]["box_area"] <= 1
+
+
+def test_warmup_zero_samples_around_whole_images_until_the_first_boxes(tiny_data, tmp_path):
+    """The reference turns ContrastiveCrop's sampling on after the warm-up with whole-image boxes; the first
+    localisation waits for an epoch of training (warm-up 0, interval 2: after epoch 2, none in 2 epochs)."""
+    output = run(
+        "--data", tiny_data, "--out", tmp_path / "run", "--epochs", 2, "--ccrop-warmup", 0, "--ccrop-interval", 2
+    )
+    assert "boxes updated" not in output
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert np.array_equal(state["boxes"], np.tile([[0.0, 0.0, 1.0, 1.0]], (24, 1)))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["box_area"] for r in records] == [None, 1.0, 1.0]
 
 
 def test_views_picture(tiny_data, tmp_path):

@@ -52,8 +52,8 @@ def torchrun(
 def test_two_cpu_processes_train_share_the_queue_and_resume(data_for, tmp_path, loader):
     out, data = tmp_path / "run", data_for(loader)
     common = [*TINY_TRAIN, "--loader", loader, "--workers", 1, "--method", "mocov2", "--data", data, "--out", out]
-    if loader == "torchvision":  # ContrastiveCrop boxes from both ranks' shards, before the first epoch
-        common += ["--crop", "ccrop", "--ccrop-warmup", 0]
+    if loader == "torchvision":  # ContrastiveCrop boxes from both ranks' shards, after one epoch (the resumed run)
+        common += ["--crop", "ccrop", "--ccrop-warmup", 1, "--ccrop-interval", 1]
     done = torchrun(*common)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes (gloo), 4 images per rank and step" in done.stdout
@@ -61,15 +61,15 @@ def test_two_cpu_processes_train_share_the_queue_and_resume(data_for, tmp_path, 
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     # 24 images, global batch 8: 3 steps of 4 keys per rank; the queue (K = 32) got both ranks' 8 per step.
     assert state["config"]["world_size"] == 2 and int(state["model"]["queue_ptr"]) == 24
-    if loader == "torchvision":
-        boxes = np.load(out / "boxes.npy")  # every image boxed by one rank or the other
-        assert boxes.shape == (24, 4) and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and 0 <= records[1]["knn_top1"] <= 1
     resumed = torchrun("--resume", out / "checkpoint.pt", "--epochs", 2, "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2] and torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    if loader == "torchvision":
+        boxes = np.load(out / "boxes.npy")  # every image boxed by one rank or the other
+        assert boxes.shape == (24, 4) and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
 
 
 def recorded_run(monkeypatch, record: Path, *args) -> str:

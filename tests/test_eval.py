@@ -5,14 +5,15 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
-from conftest import LOADERS
+from conftest import LOADERS, tiny_loader
 from torch import nn
 
 import eval as evaluation
 from model.backbone import resnet
 from model.evaluation import LinearProbe, fit_linear, topk_accuracy
 from model.moco import MomentumContrast
-from pipeline.crop_plan import center_crop, random_crop_test
+from pipeline.backends import make_loader
+from pipeline.crop_plan import center_crop, crop_plan, random_crop_test
 from pipeline.data import balanced_fraction, scan_split, select
 
 FAST = ["--batch-size", "8", "--workers", "0", "--amp", "off", "--device", "cpu"]
@@ -58,28 +59,77 @@ def test_each_protocol_runs_and_writes_its_json(checkpoint, tmp_path, protocol, 
 @pytest.mark.parametrize("loader", LOADERS[:2])  # torchvision: the tests above
 def test_evaluation_runs_through_every_loader(checkpoint, data_for, tmp_path, loader):
     data = ["--data", data_for(loader)] if loader == "ffcv" else []
-    out = tmp_path / "crop.json"
-    run_eval(
-        "crop-test",
-        "--checkpoint",
-        checkpoint,
-        "--loader",
-        loader,
-        *data,
-        "--batch-size",
-        8,
-        "--workers",
-        1,
-        "--epochs",
-        1,
-        "--augmented",
-        "--amp",
-        "off",
-        "--json",
-        out,
-    )
+    common = ["--checkpoint", checkpoint, "--loader", loader, *data, "--batch-size", 8, "--workers", 1, "--amp", "off"]
+    out = tmp_path / "result.json"
+    # The crop test resizes bicubically, which FFCV's decoder cannot: the augmented probe runs there instead.
+    protocol = "linear" if loader == "ffcv" else "crop-test"
+    run_eval(protocol, *common, "--epochs", 1, "--augmented", "--json", out)
     result = json.loads(out.read_text())
-    assert result["loader"] == loader and result["val_images"] == 12 and 0 <= result["random_top1"] <= 100
+    assert result["loader"] == loader and result["val_images"] == 12 and 0 <= result["top1"] <= 100
+    if loader == "ffcv":
+        refused = run_eval("crop-test", *common, "--epochs", 1, "--cached-features", ok=False)
+        assert refused.exit_code == 1 and "crop-test resizes bicubically" in refused.output
+        assert "use --loader dali or torchvision" in refused.output and "Traceback" not in refused.output
+
+
+@pytest.mark.parametrize("protocol", ["linear", "finetune", "crop-test"])
+def test_protocols_train_on_crops_of_scale_008_to_1_and_the_crop_test_scores_bicubic(
+    checkpoint, tmp_path, monkeypatch, protocol
+):
+    """MoCo's main_lincls: RandomResizedCrop(scale=(0.08, 1)) for the supervised protocols' training images, not
+    the pre-training crops' (0.2, 1); LeOCLR Table 7: the crop test's center and random crops resized bicubically.
+    Every loader eval.py makes is recorded, and the windows of the training loader are checked."""
+    made = []
+
+    def recording(*args, **kwargs):
+        loader = make_loader(*args, **kwargs)
+        made.append(loader)
+        return loader
+
+    monkeypatch.setattr(evaluation, "make_loader", recording)
+    options = ["--fraction", 0.5] if protocol == "finetune" else ["--augmented"]
+    run_eval(protocol, "--checkpoint", checkpoint, *FAST, "--epochs", 1, *options)
+    training = [loader for loader in made if loader.train]
+    assert len(training) == 1 and training[0].crop_scale == (0.08, 1.0)
+    scored = {loader.interpolation for loader in made if not loader.train}
+    assert scored == {"bicubic" if protocol == "crop-test" else "bilinear"}
+    loader = training[0]
+    heights, widths = loader.images.heights, loader.images.widths
+    windows = crop_plan(heights, widths, loader.seed, 0, views=1, scale=(0.08, 1.0))
+    assert np.array_equal(loader.schedule(0).windows, windows[loader.schedule(0).order])
+    # The plan's crops reach below the pre-training minimum: scale 0.08-1 is what the plan was asked for.
+    many = crop_plan(np.full(4000, 400), np.full(4000, 400), 0, 0, views=1, scale=(0.08, 1.0))[:, 0]
+    area = many[:, 2] * many[:, 3] / 400**2
+    assert 0.075 < area.min() < 0.09 and (area < 0.2).mean() > 0.1
+
+
+def test_bicubic_views_agree_between_backends_and_ffcv_refuses_them(tiny_data):
+    """The crop test's views through DALI and torchvision: bicubic in both (each near the other's bicubic and
+    far from its bilinear), and FFCV, which has only OpenCV's area filter, refuses to pretend."""
+    images = scan_split(tiny_data / "train")
+    views = {}
+    for backend in ("dali", "torchvision"):
+        for interpolation in ("bilinear", "bicubic"):
+            loader = tiny_loader(
+                backend, images, train=False, size=16, batch=24, eval_view="random", interpolation=interpolation
+            )
+            views[backend, interpolation] = next(iter(loader.epoch(0))).crop1.numpy().astype(int)
+            loader.close()
+    same = np.abs(views["dali", "bicubic"] - views["torchvision", "bicubic"]).mean()
+    other = np.abs(views["dali", "bicubic"] - views["torchvision", "bilinear"]).mean()
+    assert same < 0.5 and other > 1.0, (same, other)
+    assert np.abs(views["torchvision", "bicubic"] - views["torchvision", "bilinear"]).mean() > 1.0
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        tiny_loader("torchvision", images, train=False, interpolation="lanczos")
+
+
+@pytest.mark.ffcv
+def test_ffcv_refuses_bicubic(data_for):
+    from pipeline.backends import load_splits
+
+    images = load_splits(data_for("ffcv"), "ffcv")[1]
+    with pytest.raises(ValueError, match="cannot resize bicubic"):
+        tiny_loader("ffcv", images, train=False, eval_view="center", interpolation="bicubic")
 
 
 def test_knn_matches_the_training_monitor(checkpoint, tmp_path):

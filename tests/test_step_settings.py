@@ -1,13 +1,18 @@
 """train.py's step settings: batch norm by topology, --compile's wiring, the CUDA switches."""
 
+import json
+
+import click
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TINY_TRAIN
 
 import train
+from benchmarks import train_step
 from model import training
 from model.backbone import SplitBatchNorm
+from model.config import resolve
 
 
 def defaults(**overrides) -> dict:
@@ -22,6 +27,47 @@ def test_bn_splits_default_follows_the_number_of_processes(monkeypatch):
     assert defaults(bn_splits=4).model.bn_splits == 4  # given: kept
     help_text = CliRunner().invoke(train.main, ["--help"]).output
     assert "8 with one process" in help_text and "1 under torchrun" in help_text
+
+
+@pytest.mark.parametrize(
+    "method, flags",
+    [
+        ("mocov2", {}),
+        ("leoclr", {}),
+        ("sepp", {"pairs": "pairs.npy"}),
+        ("mocov2", {"symmetric": True}),
+        ("leoclr", {"attract_all": True}),
+    ],
+)
+def test_one_process_refuses_plain_bn_for_a_momentum_encoder_method(monkeypatch, method, flags):
+    """One BN group in one process: the key shuffle changes nothing and query and key share statistics."""
+    with pytest.raises(click.BadParameter, match="needs split batch norm") as refused:
+        defaults(method=method, bn_splits=1, **flags)
+    assert refused.value.param_hint == "--bn-splits"
+    assert defaults(method=method, bn_splits=2, **flags).model.bn_splits == 2
+    # A benchmark timing plain BN as a reference says so explicitly; training cannot.
+    options = {p.name: p.default for p in train.main.params if p.name not in ("resume", "help")}
+    timed = resolve({**options, "method": method, "bn_splits": 1, **flags}, timing_only=True)
+    assert timed.model.bn_splits == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")  # several processes: keys shuffled across them, plain BN is MoCo's
+    assert defaults(method=method, bn_splits=1, **flags).model.bn_splits == 1
+
+
+@pytest.mark.parametrize("method", ["simclr", "leoclr-e2e"])
+def test_end_to_end_methods_may_use_plain_bn_in_one_process(method):
+    # One group for every view of every image: positives share it no more than negatives (SimCLR's global BN).
+    assert defaults(method=method, bn_splits=1).model.bn_splits == 1
+
+
+def test_train_refuses_and_the_step_benchmark_times_plain_bn_in_one_process(tiny_data, tmp_path):
+    refused = CliRunner().invoke(train.main, [*TINY_TRAIN, "--bn-splits", "1", "--data", str(tiny_data)])
+    assert refused.exit_code == 2 and "needs split batch norm" in refused.output and "Traceback" not in refused.output
+    out = tmp_path / "step.json"
+    args = ["--loader", "torchvision", "--data", tiny_data, "--image-size", 16, "--batch-size", 8, "--bn-splits", 1]
+    args += ["--steps", 1, "--warmup", 0, "--rounds", 1, "--workers", 1, "--amp", "off", "--json", out]
+    timed = CliRunner().invoke(train_step.main, [str(a) for a in args])
+    assert timed.exit_code == 0, timed.output
+    assert json.loads(out.read_text())["config"]["bn_splits"] == 1
 
 
 def test_compile_wraps_both_encoders_in_place():

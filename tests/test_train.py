@@ -91,14 +91,37 @@ def test_help_documents_the_paper_recipe():
         assert flag in result.output
 
 
+def schedule(cfg: Config, steps: int) -> list[float]:
+    """The learning rate of every step of a run with `steps` steps per epoch, in order."""
+    return [train.learning_rate(cfg, e, (k + 1) / steps) for e in range(cfg.optimisation.epochs) for k in range(steps)]
+
+
 def test_learning_rate_warms_up_then_follows_cosine():
     cfg = Config.from_dict({"lr": 0.1, "epochs": 4, "warmup_epochs": 1.0})
     assert train.learning_rate(cfg, 0, 0.25) == pytest.approx(0.025)
     assert train.learning_rate(cfg, 0, 1.0) == pytest.approx(0.1)
-    assert train.learning_rate(cfg, 2, 0.5) == pytest.approx(0.05)  # cosine at epoch 2 of 4
-    cfg.optimisation.warmup_epochs = 0.0
+    # Cosine over the 3 epochs after the warm-up: at epoch 2, a third of the way.
+    assert train.learning_rate(cfg, 2, 0.5) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 3)))
+    cfg.optimisation.warmup_epochs = 0.0  # no warm-up: MoCo's cosine stepped per epoch, unchanged
     assert train.learning_rate(cfg, 0, 0.1) == pytest.approx(0.1)
     assert train.learning_rate(cfg, 3, 0.9) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+
+
+@pytest.mark.parametrize("warmup", [1.0, 2.5, 10.0, 40.0])
+def test_learning_rate_has_no_jump_after_the_warmup_and_decays_to_zero(warmup):
+    """No step after the warm-up's end falls by more than one epoch's cosine step (the drop there was up to
+    half the rate: the epochs' cosine evaluated from 0 starts below lr), and the last epoch is near 0."""
+    epochs, steps, lr = 100, 50, 0.3
+    rates = schedule(Config.from_dict({"lr": lr, "epochs": epochs, "warmup_epochs": warmup}), steps)
+    end = round(warmup * steps) - 1  # the warm-up's last step
+    assert rates[end] == pytest.approx(lr) and max(rates) == pytest.approx(lr)
+    assert rates[end + 1] == pytest.approx(lr)  # the cosine starts where the warm-up ends
+    # Decreasing from there, each drop at most the largest per-epoch step of a cosine over the remaining epochs.
+    largest = lr * 0.5 * math.pi / (epochs - warmup) * 1.01  # the cosine's steepest slope, times one epoch
+    drops = [a - b for a, b in zip(rates[end:], rates[end + 1 :])]
+    assert min(drops) >= -1e-12 and max(drops) <= largest
+    assert rates[-1] < 0.003 * lr  # the last epoch: ~0
+    assert all(a < b for a, b in zip(rates[:end], rates[1 : end + 1]))  # the warm-up rises every step
 
 
 @pytest.mark.parametrize(

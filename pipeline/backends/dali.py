@@ -38,6 +38,8 @@ MIXED_DECODER = dict(
     hw_decoder_load=0.65,
 )
 READ_AHEAD = 2  # batches whose files are read while the current one trains
+# Resampling filters; with antialias DALI widens either filter's support when reducing, as PIL does.
+INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
 def machine_threads(workers: int | None) -> tuple[int, int]:
@@ -127,6 +129,7 @@ def _views_pipeline(
     crops: int,
     pairs: bool,
     original_crop: bool,
+    interpolation: str,
 ):
     jpegs, *rest = fn.external_source(
         source=source, num_outputs=3 + 2 * (crops + original_crop) + 2 * pairs, batch=True, parallel=False
@@ -151,7 +154,7 @@ def _views_pipeline(
             second = images
         sources[-1] = second
     *rois, labels, indices = rest
-    resize = partial(fn.resize, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+    resize = partial(fn.resize, size=[size, size], interp_type=INTERPOLATION[interpolation], antialias=True)
     views = [resize(images)] if original and not original_crop else []
     if original_crop:  # the original's own window comes first
         start, end, *rois = rois
@@ -184,6 +187,7 @@ class DaliLoader(Loader):
             crops=self.crops,
             pairs=self.pairs is not None,
             original_crop=self.original_crop,
+            interpolation=self.interpolation,
             batch_size=self.batch_size,
             num_threads=self.workers,
             device_id=(self.device.index or 0) if cuda else None,

@@ -183,6 +183,11 @@ class FfcvLoader(Loader):
         if images.beton is None:
             raise ValueError("the ffcv loader reads .beton files: convert the folder with python -m pipeline.convert")
         super().__init__(images, **kwargs)
+        if self.interpolation != "bilinear":
+            raise ValueError(
+                f"the ffcv loader cannot resize {self.interpolation}: its decoder has libffcv's resize, OpenCV's "
+                "area filter and no other; use --loader dali or torchvision on the image folder"
+            )
         self._views = self.original + self.crops
         self._positions = _EpochPositions(len(images) + (0 if self.pairs is None else len(self.pairs)))
         cuda = self.device.type == "cuda"

@@ -18,6 +18,8 @@ def _decode(path: str) -> Image.Image:
     with Image.open(path) as file:
         return file.convert("RGB")
 
+RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # PIL's, antialiased when reducing
+
 
 class _Views(Dataset):
     """Item p -> (views as uint8 HWC arrays: [original], crops...), label, index of the p-th scheduled sample, and
@@ -29,6 +31,7 @@ class _Views(Dataset):
         self.size, self.order, self.windows, self.original = loader.image_size, order, windows, loader.original
         self.second = order if second is None else second
         self.original_crop = loader.original_crop
+        self.resample = RESAMPLING[loader.interpolation]
 
     def __len__(self) -> int:
         return len(self.order)
@@ -57,12 +60,12 @@ class _Views(Dataset):
         if self.original:
             top, left, h, w = windows.pop(0) if self.original_crop else (0, 0, image.height, image.width)
             box = (int(left), int(top), int(left + w), int(top + h))
-            views.append(np.array(image.resize(size, Image.BILINEAR, box=box)))
+            views.append(np.array(image.resize(size, self.resample, box=box)))
         if windows:
             sources = [image] * (len(windows) - 1) + [decoded[second]]
             for (top, left, h, w), source in zip(windows, sources):
                 box = (int(left), int(top), int(left + w), int(top + h))
-                views.append(np.array(source.resize(size, Image.BILINEAR, box=box)))
+                views.append(np.array(source.resize(size, self.resample, box=box)))
         return tuple(views), self.labels[index], index, -1, ""
 
 
