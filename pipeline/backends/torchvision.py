@@ -1,4 +1,5 @@
-"""The reference backend: a plain torch DataLoader with PIL decode, one decode per image for all views."""
+"""The reference backend: a plain torch DataLoader with PIL decode (JPEG, PNG, WebP), one decode per image for all
+views."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data import to_rgb
 from pipeline.loader import Batch, Loader, to_batch
 
 
@@ -27,7 +29,7 @@ class _Views(Dataset):
     def __getitem__(self, position: int):
         index = int(self.order[position])
         with Image.open(self.paths[index]) as file:
-            image = file.convert("RGB")
+            image = to_rgb(file)
         size = (self.size, self.size)
         windows = [] if self.windows is None else list(self.windows[position])
         views = []
@@ -39,7 +41,7 @@ class _Views(Dataset):
             sources = [image] * len(windows)
             if self.second[position] != index:
                 with Image.open(self.paths[int(self.second[position])]) as file:
-                    sources[-1] = file.convert("RGB")
+                    sources[-1] = to_rgb(file)
             for (top, left, h, w), source in zip(windows, sources):
                 box = (int(left), int(top), int(left + w), int(top + h))
                 views.append(np.array(source.resize(size, Image.BILINEAR, box=box)))
