@@ -14,7 +14,7 @@ from model.config import LEGACY, SECTIONS, Config, from_checkpoint, resolve
 
 
 def cli_defaults() -> dict:
-    return {p.name: p.default for p in train.main.params if p.name not in ("resume", "help")}
+    return {p.name: p.default for p in train.main.params if p.name not in ("resume", "config_file", "help")}
 
 
 def test_defaults_are_train_pys_options_and_every_option_is_a_setting():
