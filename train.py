@@ -545,13 +545,15 @@ def monitor_splits(
     training images are labelled."""
     data = cfg.data
     if data.val_data is not None:
-        bank, queries = load_splits(
-            data.val_data, data.loader, 0, data.val_limit, cfg.run.seed, data.skip_bad, "folders"
-        )
+        # All of VAL_DATA/train is listed: the bank is --knn-bank's seeded subset of it.
+        bank, queries = load_splits(data.val_data, data.loader, 0, data.val_limit, cfg.run.seed, data.skip_bad)
         if queries is None:
             raise ValueError(f"--val-data {data.val_data} has no val split: the kNN monitor's queries (VAL_DATA/val)")
         if not (bank.labelled and queries.labelled):
-            raise ValueError(f"--val-data {data.val_data} has no labels: the kNN monitor needs class folders")
+            raise ValueError(
+                f"--val-data {data.val_data} has no labels: the kNN monitor needs class folders, "
+                "VAL_DATA/train/<class>/<image> and VAL_DATA/val/<class>/<image>"
+            )
         return bank, queries, ""
     if not train_images.labelled:
         return None, None, "the training images have no labels (--val-data LABELLED_FOLDER turns it on)"

@@ -161,6 +161,9 @@ def check_image(path: str) -> tuple[int, int]:
         raise BadImage(f"unreadable ({error.strerror or error})") from error
     if size == 0:
         raise BadImage("empty file")
+    # RIFF....WEBP: bytes 4-8 hold the size of what follows them (little-endian); PIL cannot open a WebP cut short
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and size < 8 + int.from_bytes(head[4:8], "little"):
+        raise BadImage("truncated WEBP (fewer bytes than its header says)")
     try:
         with Image.open(path) as image:
             width, height, kind = image.width, image.height, image.format
@@ -170,15 +173,8 @@ def check_image(path: str) -> tuple[int, int]:
         kind = "JPEG"
     if kind not in DECODED_FORMATS:
         raise BadImage(f"{kind} data: the loaders decode {', '.join(DECODED_FORMATS)}")
-    truncated = {
-        "JPEG": b"\xff\xd9" not in tail,
-        "PNG": b"IEND" not in tail,
-        # RIFF....WEBP: bytes 4-8 hold the size of what follows them (little-endian)
-        "WEBP": size < 8 + int.from_bytes(head[4:8], "little"),
-    }
-    if truncated[kind]:
-        why = "fewer bytes than its header says" if kind == "WEBP" else "no end marker"
-        raise BadImage(f"truncated {kind} ({why})")
+    if kind == "JPEG" and b"\xff\xd9" not in tail or kind == "PNG" and b"IEND" not in tail:
+        raise BadImage(f"truncated {kind} (no end marker)")
     if width < 1 or height < 1:
         raise BadImage(f"{width} x {height} pixels")
     return width, height
