@@ -132,7 +132,8 @@ def train(
     clock = RunClock(echo)
     missing = tensorboard_missing() if cfg.run.tensorboard is not False else "--no-tensorboard"
     # A resumed run drops the events an interrupted one wrote after its checkpoint; a fresh one all earlier events.
-    board = Board(out, len(loader), main_rank and missing is None, start_epoch * len(loader) + start_step)
+    purge = 0 if resume is None else start_epoch * len(loader) + start_step + 1
+    board = Board(out, len(loader), main_rank and missing is None, purge)
     echo(f"TensorBoard: {'event files in ' + str(out) if missing is None else 'off (' + missing + ')'}")
 
     def monitor(epoch: int) -> float | None:

@@ -31,7 +31,8 @@ def tensorboard_missing() -> str | None:
 
 class Board:
     """Writes the run's event files into `out`, or nothing when `on` is False (ranks > 0, --no-tensorboard).
-    `purge_step`: a resumed run's first step; events an interrupted run wrote from there on are dropped."""
+    Events of earlier files in `out` from step `purge_step` on are dropped when TensorBoard reads them: 0 for a
+    fresh run, the step after its checkpoint for a resumed one."""
 
     def __init__(self, out: Path, steps_per_epoch: int, on: bool = True, purge_step: int | None = None) -> None:
         self.steps_per_epoch = steps_per_epoch
@@ -40,7 +41,7 @@ class Board:
         if on:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(out), purge_step=purge_step or None)
+            self.writer = SummaryWriter(log_dir=str(out), purge_step=purge_step)
 
     def step(self, epoch: int, steps: int) -> int:
         """The x axis: steps trained before `steps` steps of `epoch` (0-based) were done, plus those."""
