@@ -185,15 +185,18 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} must hold a mapping of option names to values, not a {type(values).__name__}")
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        inner = value.items() if key in SECTIONS and isinstance(value, Mapping) else [(key, value)]
-        for name, setting in inner:
+        section = key if key in SECTIONS and isinstance(value, Mapping) else None
+        for name, setting in value.items() if section else [(key, value)]:
             setting_name = str(name).lstrip("-").replace("-", "_")
+            where = f"{section}.{name}" if section else name
             if setting_name not in SECTION_OF:
                 close = difflib.get_close_matches(setting_name, list(SECTION_OF), n=2)
                 hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-                raise ValueError(f"{path}: unknown setting {name!r}{hint}")
+                raise ValueError(f"{path}: unknown setting {where!r}{hint}")
+            if section and SECTION_OF[setting_name] != section:
+                raise ValueError(f"{path}: unknown setting {where!r}: {name} is in section {SECTION_OF[setting_name]}")
             if setting_name in flat:
-                raise ValueError(f"{path}: setting {name!r} given twice")
+                raise ValueError(f"{path}: setting {where!r} given twice")
             flat[setting_name] = setting
     if flat.pop("amp_auto", None):
         flat["amp"] = "auto"
