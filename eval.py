@@ -124,7 +124,8 @@ def common_options(command):
             "--data",
             type=click.Path(path_type=Path),
             default=None,
-            help="As train.py --data; must hold a val split. [default: the checkpoint's]",
+            help="As train.py --data; must hold labelled train and val splits. [default: the checkpoint's --val-data "
+            "when it had one, else its --data]",
         ),
         click.option(
             "--loader",
@@ -214,6 +215,10 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
         raise click.ClickException(str(error)) from error
     cfg = from_checkpoint(state)
     trained = cfg.to_dict()
+    if options["data"] is None and cfg.data.val_data is not None:  # the labelled folder its kNN monitor read
+        options["data"] = cfg.data.val_data
+        if options["train_limit"] is None:  # the run's limit was its training data's
+            options["train_limit"] = 0
     for key in ("data", "loader", "train_limit", "val_limit", "image_size", "batch_size", "seed"):
         if options[key] is None:
             options[key] = trained[key]
@@ -232,6 +237,8 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
         raise click.ClickException(str(error)) from error
     if val is None:
         raise click.ClickException(f"{options['data']} has no val split: every protocol scores on it")
+    if not (train.labelled and val.labelled):
+        raise click.ClickException(f"{options['data']} has no labels: give --data a folder of class folders")
     click.echo(
         f"{checkpoint}: {cfg.method.method} {cfg.model.arch} after {state.get('epoch')} epochs; "
         f"{len(train)} train / {len(val)} val images from {options['data']} ({options['loader']}), "

@@ -1,12 +1,12 @@
-"""Self-supervised pre-training: LeOCLR or MoCo-v2, on an ImageNet-layout folder (DALI, torchvision) or FFCV
-.beton files (FFCV).
+"""Self-supervised pre-training: LeOCLR or MoCo-v2, on a folder of images (DALI, torchvision: ImageNet-layout
+class folders, or any folder of images without labels) or FFCV .beton files (FFCV).
 
     python train.py --loader dali                      # defaults: embedded Fashion-MNIST, a CPU-sized run
     python -m pipeline.convert data/fashion-mnist data/fashion-mnist-ffcv && \
         python train.py --loader ffcv --data data/fashion-mnist-ffcv                    # the same run from FFCV
-    python train.py --loader dali --data /imagenet --arch resnet50 --image-size 224 --batch-size 256 \\
-        --lr 0.03 --moco-momentum 0.999 --queue-size 65536 --temperature 0.2 --weight-decay 1e-4 \\
-        --epochs 200 --train-limit 0 --val-limit 0 --blur           # the paper's ImageNet recipe
+    python train.py --config configs/imagenet.yaml --data /imagenet                    # the paper's ImageNet recipe
+    python train.py --data ~/photos --val-data data/fashion-mnist     # unlabelled photos; kNN on a labelled folder
+    python train.py --config runs/x/config.json --out runs/x-again    # run x again
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from model import distributed
 from model.backbone import ARCHS
-from model.config import LEGACY, Config, resolve
+from model.board import Board, tensorboard_missing
+from model.config import LEGACY, Config, read_file, resolve
 from model.distributed import sum_arrays
 from model.localize import localize
 from model.methods import METHODS, method_for
@@ -63,17 +64,26 @@ from pipeline import require_backend
 from pipeline.augment import augment
 from pipeline.backends import BACKENDS, load_splits
 from pipeline.ccrop import update_epochs, whole_image_boxes
-from pipeline.data import ImageList
+from pipeline.data import LABELS, ImageList
 from pipeline.pairs import read_pairs
 
 DEFAULT_DATA = Path("data/fashion-mnist")
 KNN_BANK = 131_072  # the kNN monitor's default bank: every image of the CPU-sized default run, 10% of ImageNet
 
 
-def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images: ImageList | None) -> list[dict]:
+def train(
+    cfg: Config,
+    resume: dict | None,
+    train_images: ImageList,
+    val_images: ImageList | None,
+    bank_images: ImageList | None = None,
+    knn_off: str = "",
+) -> list[dict]:
     """The run: loaders, model, the kNN monitor before training, then the epochs with their checkpoints, box
     updates and metrics; stops with a checkpoint on SIGTERM/SIGINT/SIGUSR1. Files that fail to decode mid-run
-    are left out (RUN_DIR/bad_files.txt). Returns the metrics records."""
+    are left out (RUN_DIR/bad_files.txt). Returns the metrics records. The kNN monitor scores `val_images` against
+    a bank from `bank_images` (--val-data's train split) or the training images; without `val_images` it is off,
+    `knn_off` saying why."""
     cuda = cfg.run.device.startswith("cuda")
     rank, world, local_rank = distributed.init_from_env(cuda)
     device = torch.device("cuda", local_rank) if cuda and world > 1 else torch.device(cfg.run.device)
@@ -88,24 +98,29 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
         echo(f"{world} processes ({'nccl' if cuda else 'gloo'}), {per_rank} images per rank and step")
     if cfg.data.verify:
         train_images, val_images = verify_splits(cfg, (train_images, val_images), rank, world, echo)
-    echo(
-        f"data {cfg.data.data}: {len(train_images)} train images"
-        + (f", {len(val_images)} val images" if val_images else ", no val split (kNN off)")
-        + f", {len(train_images.classes)} classes; device {device}, loader {cfg.data.loader}"
-    )
+    labels = f"{len(train_images.classes)} classes" if train_images.labelled else "no labels"
+    labels += f" (--labels {cfg.data.labels})" if cfg.data.loader != "ffcv" else ""
+    echo(f"data {cfg.data.data}: {len(train_images)} train images, {labels}; device {device}, loader {cfg.data.loader}")
     method = method_for(cfg.method.method, cfg.method.symmetric, cfg.method.attract_all)
     pairs = read_pairs(cfg.method.pairs, len(train_images)) if method.pairs else None
     if pairs is not None:
         echo(f"SePP-ID: {len(pairs)} semantic pairs from {cfg.method.pairs} added to the {len(train_images)} images")
     bad_log = BadFileLog(out, resume, main_rank)  # files found undecodable: shared by every loader of the run
-    loaders = make_loaders(cfg, method, pairs, train_images, val_images, device, rank, world, bad_log.files)
+    loaders = make_loaders(
+        cfg, method, pairs, train_images, val_images, device, rank, world, bad_log.files, bank_images
+    )
     loader = loaders.train
     if val_images:
-        echo(
-            f"kNN monitor: a bank of {len(loaders.bank.images)} of the {len(train_images)} training images "
-            f"(--knn-bank), {'float16' if device.type == 'cuda' else 'float32'} on {device}, after every "
-            f"{cfg.run.knn_every} epoch(s) and the last"
+        source, pool = (
+            ("training", train_images) if bank_images is None else (f"{cfg.data.val_data} train", bank_images)
         )
+        echo(
+            f"kNN monitor: a bank of {len(loaders.bank.images)} of the {len(pool)} {source} "
+            f"images (--knn-bank), {'float16' if device.type == 'cuda' else 'float32'} on {device}, after every "
+            f"{cfg.run.knn_every} epoch(s) and the last; {len(val_images)} val images as queries"
+        )
+    else:
+        echo(f"kNN monitor off: {knn_off}")
     ccrop, epochs = cfg.method.crop == "ccrop", cfg.optimisation.epochs
     box_updates = update_epochs(epochs, cfg.method.ccrop_warmup, cfg.method.ccrop_interval) if ccrop else []
 
@@ -122,8 +137,13 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
 
-    start_epoch, start_step = 0, 0
+    start_epoch, start_step = (resume["epoch"], resume.get("step", 0)) if resume is not None else (0, 0)
     clock = RunClock(echo)
+    missing = tensorboard_missing() if cfg.run.tensorboard is not False else "--no-tensorboard"
+    # A resumed run drops the events an interrupted one wrote after its checkpoint; a fresh one all earlier events.
+    purge = 0 if resume is None else start_epoch * len(loader) + start_step + 1
+    board = Board(out, len(loader), main_rank and missing is None, purge)
+    echo(f"TensorBoard: {'event files in ' + str(out) if missing is None else 'off (' + missing + ')'}")
 
     def monitor(epoch: int) -> float | None:
         """kNN top-1 after `epoch` epochs when --knn-every makes it due then (timed for the run's estimate)."""
@@ -137,7 +157,6 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
     if resume is not None:
         restore(resume, model, optimizer, scaler)
         loader.boxes = resume.get("boxes")
-        start_epoch, start_step = resume["epoch"], resume.get("step", 0)
         where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
         echo(f"resumed after {where}")
         saved_world = resume["config"].get("world_size", 1)
@@ -151,6 +170,7 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
             metrics_path.write_text("")
         knn = monitor(0)
         history.append(log_epoch(metrics_path if main_rank else None, 0, None, knn, None, None, None, None))
+        board.epoch(history[-1])
 
     clock.start_loop()
     with StopSignals() as signals:
@@ -165,6 +185,8 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
                 echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}")
             elif ccrop and epoch >= cfg.method.ccrop_warmup and loader.boxes is None:
                 loader.boxes = whole_image_boxes(len(train_images))  # the reference: sampled around whole images
+            if board.picture_due(epoch, box_updates) and not skip:
+                board.views(cfg.data.loader, train_images, cfg.run.seed, epoch, loader.boxes, cfg.method.ccrop_alpha)
             # Per rank: its own augmentation draws (the key shuffle over ranks uses rank 0's).
             generator = torch.Generator(device=device).manual_seed(augmentation_seed(cfg.run.seed, epoch, rank))
             model.train()
@@ -197,8 +219,9 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
                     continue  # nothing read back: the host queues the next steps while the device computes
                 loss_sum = poll(signals, total_loss, bad_log)
                 check_finite(loss_sum, epoch, step, out)
-                rate = seen / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{loss_sum / (seen * world):.3f}", img_s=f"{rate:.0f}")
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(loss=f"{loss_sum / (seen * world):.3f}", img_s=f"{seen / elapsed:.0f}")
+                board.poll(epoch, step + 1, loss_sum, seen * world, lr, elapsed)
                 left = remaining_work(cfg, epoch, step, len(loader), box_updates, loaders.val is not None)
                 clock.polled(epoch, step + 1, step + 1 == len(loader), left, bar.write)
                 if signals.number and step + 1 < len(loader):
@@ -217,6 +240,7 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
                         err=True,
                     )
                     loaders.close()
+                    board.close()
                     raise SystemExit(128 + signals.number)
             bar.close()  # the epoch's last step checked the loss
             epoch_time = time.perf_counter() - started
@@ -230,8 +254,10 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
             area = None if loader.boxes is None else box_area(loader.boxes)
             record = (epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
             history.append(log_epoch(metrics_path if main_rank else None, *record))
+            board.epoch(history[-1])
             clock.epoch_done(epochs - epoch - 1)
     loaders.close()
+    board.close()
     if world > 1:
         torch.distributed.barrier()  # rank 0's checkpoint is complete before anyone leaves
         torch.distributed.destroy_process_group()
@@ -281,8 +307,26 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
     "--data",
     type=click.Path(path_type=Path),
     default=DEFAULT_DATA,
-    help="ImageNet-layout folder DATA/train/<class>/*.jpg (+ optional DATA/val/...); for --loader ffcv a folder "
-    "with train.beton (+ optional val.beton) or one .beton file, made by python -m pipeline.convert.",
+    help="A folder of JPEG, PNG or WebP images: DATA/train/ (+ optional DATA/val/, the kNN monitor's queries) when "
+    "DATA has a train/ folder, else all of DATA, at any depth; ImageNet's DATA/train/<class>/*.JPEG or any "
+    "unlabelled collection (see --labels). For --loader ffcv a folder with train.beton (+ optional val.beton) or one "
+    ".beton file, made by python -m pipeline.convert.",
+)
+@click.option(
+    "--labels",
+    type=click.Choice(LABELS),
+    default="auto",
+    help="Labels of --data's folders (training needs none; the kNN monitor on DATA/val does): folders = the first "
+    "folder under a split is the class; none = no labels (subfolders mean nothing); auto = folders when every image "
+    "sits exactly one folder down (SPLIT/<class>/<image>), none for flat folders and mixed depths.",
+)
+@click.option(
+    "--val-data",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A labelled folder for the kNN monitor instead of --data's val split (for unlabelled --data): the bank "
+    "from VAL_DATA/train/<class>/ (--knn-bank), the queries VAL_DATA/val/<class>/ (--val-limit); for --loader ffcv "
+    "a folder with train.beton and val.beton. Without it and a labelled DATA/val the monitor is off (the run says so).",
 )
 @click.option(
     "--out",
@@ -438,43 +482,64 @@ def train(cfg: Config, resume: dict | None, train_images: ImageList, val_images:
     help="torch.compile the query and key encoders (minutes of compiling first). Off by default: measured "
     "faster only where benchmarks/train_step.py --compile says so (see README).",
 )
+@click.option(
+    "--tensorboard/--no-tensorboard",
+    default=None,
+    help="TensorBoard event files in the run directory: per-step loss, lr and img/s, per-epoch metrics, pictures of "
+    "the views (metrics.jsonl stays the record). [default: on when the tensorboard package is installed]",
+)
 @click.option("--seed", type=int, default=0)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Options from a YAML file (keys: these options' names, dashes or underscores; configs/imagenet.yaml is the "
+    "paper's ImageNet recipe) or a run's config.json (trains that run again); options given here override them.",
+)
 @click.pass_context
-def main(ctx: click.Context, resume: Path | None, **options) -> None:
+def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **options) -> None:
     """Pre-train a ResNet without labels with LeOCLR (original -> query encoder, two crops -> momentum
     encoder), MoCo-v2, SePP-ID, SimCLR or end-to-end LeOCLR, monitoring weighted kNN top-1 on the val split
     before training and after each epoch. Under torchrun, one process per GPU (DDP)."""
     state = None
+    given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    from_file = {} if config_file is None else read_options(ctx, config_file)
     if resume is not None:
         try:
             state = load_checkpoint(resume)
         except ValueError as error:
             raise click.ClickException(str(error)) from error
-        given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
         saved = {**LEGACY, **state["config"]}  # checkpoints from before an option existed ran with LEGACY's value
-        options = {**saved, **{k: options[k] for k in given}}
-        if saved.get("amp_auto") and "amp" not in given:
+        options = {**saved, **from_file, **{k: options[k] for k in given}}
+        if saved.get("amp_auto") and "amp" not in given | set(from_file):
             options["amp"] = "auto"  # chosen by the hardware: choose again on the machine that resumes
-        options["out"] = options["out"] if "out" in given else str(resume.parent)
+        options["out"] = options["out"] if "out" in given | set(from_file) else str(resume.parent)
         # Another number of processes goes on with the same global schedule; batch norm follows the new topology
         # when the checkpoint's --bn-splits was the old one's default (1 under torchrun, 8 alone).
         saved_world, world = options.get("world_size", 1), int(os.environ.get("WORLD_SIZE", "1"))
         if (
             world != saved_world
-            and "bn_splits" not in given
+            and "bn_splits" not in given | set(from_file)
             and options.get("bn_splits") == (8 if saved_world == 1 else 1)
         ):
             options["bn_splits"] = None
+    else:  # the file's settings over the defaults, the command line's over both
+        options = {**options, **from_file, **{k: options[k] for k in given}}
     try:
         cfg = resolve(options)
     except ValueError as error:  # a setting this version does not know, in the checkpoint's config
         raise click.ClickException(f"{resume}: {error}" if resume is not None else str(error)) from error
     require_backend(cfg.data.loader)  # DALI and FFCV are optional: say how to install one before indexing any data
+    if cfg.run.tensorboard and (missing := tensorboard_missing()) is not None:
+        raise click.ClickException(f"--tensorboard: {missing}")
+    data = cfg.data
     try:
         splits = load_splits(
-            cfg.data.data, cfg.data.loader, cfg.data.train_limit, cfg.data.val_limit, cfg.run.seed, cfg.data.skip_bad
+            data.data, data.loader, data.train_limit, data.val_limit, cfg.run.seed, data.skip_bad, data.labels
         )
-        for split in splits:
+        monitor = monitor_splits(cfg, *splits)
+        for split in (*splits, *monitor[:2]):
             for path, reason in split.skipped if split is not None else ():
                 click.echo(f"skipped {path}: {reason}", err=True)
         if cfg.method.pairs is not None:
@@ -484,10 +549,58 @@ def main(ctx: click.Context, resume: Path | None, **options) -> None:
         if Path(cfg.data.data) == DEFAULT_DATA and not DEFAULT_DATA.is_dir():
             hint = " (prepare it with: python -m pipeline.fashion_mnist data/fashion-mnist)"
         raise click.ClickException(f"{error}{hint}") from error
-    history = train(cfg, state, *splits)
+    bank, queries, knn_off = monitor
+    history = train(cfg, state, splits[0], queries, bank, knn_off)
     final = history[-1]["knn_top1"] if history else None
     if final is not None and os.environ.get("RANK", "0") == "0":
         click.echo(f"final kNN top-1: {100 * final:.2f}% (run directory {cfg.run.out})")
+
+
+def read_options(ctx: click.Context, path: Path) -> dict:
+    """A --config file's settings as this command's options would have them: each value converted and checked by
+    its option's type (YAML's 1e-4 is a string; a choice must be one of its choices). One-line errors name the
+    file and the key."""
+    try:
+        values = read_file(path)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    params = {param.name: param for param in ctx.command.params}
+    for name, value in values.items():
+        param = params.get(name)
+        if param is None or name in ("resume", "config_file"):
+            raise click.ClickException(f"{path}: {name!r} is not a setting (give it on the command line)")
+        try:
+            values[name] = param.type_cast_value(ctx, value)
+        except click.BadParameter as error:
+            raise click.ClickException(f"{path}: {name}: {error.message}") from error
+    return values
+
+
+def monitor_splits(
+    cfg: Config, train_images: ImageList, val_images: ImageList | None
+) -> tuple[ImageList | None, ImageList | None, str]:
+    """What the kNN monitor reads: (bank source or None = the training images, queries or None = off, why off).
+    --val-data's train and val splits (labelled, else ValueError), else --data's val split when it and the
+    training images are labelled."""
+    data = cfg.data
+    if data.val_data is not None:
+        # All of VAL_DATA/train is listed: the bank is --knn-bank's seeded subset of it.
+        bank, queries = load_splits(data.val_data, data.loader, 0, data.val_limit, cfg.run.seed, data.skip_bad)
+        if queries is None:
+            raise ValueError(f"--val-data {data.val_data} has no val split: the kNN monitor's queries (VAL_DATA/val)")
+        if not (bank.labelled and queries.labelled):
+            raise ValueError(
+                f"--val-data {data.val_data} has no labels: the kNN monitor needs class folders, "
+                "VAL_DATA/train/<class>/<image> and VAL_DATA/val/<class>/<image>"
+            )
+        return bank, queries, ""
+    if not train_images.labelled:
+        return None, None, "the training images have no labels (--val-data LABELLED_FOLDER turns it on)"
+    if val_images is None:
+        return None, None, f"{data.data} has no val split (--val-data LABELLED_FOLDER turns it on)"
+    if not val_images.labelled:
+        return None, None, f"{data.data}'s val split has no labels (--val-data LABELLED_FOLDER turns it on)"
+    return None, val_images, ""
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,9 @@ from pathlib import Path
 
 import click
 import numpy as np
+
+if not __package__:  # run as a file (python benchmarks/loaders.py): import the project from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 LOADERS = (
     "decode-only-dali",
@@ -424,19 +428,22 @@ def main(
         result = run_isolated(cfg)
         results.append(result)
         name = f"{cfg.loader:21s} {'-' if cfg.views is None else cfg.views} {cfg.crop:6s}"
+        if json_path:  # written as it goes: a long run interrupted keeps what it measured
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(results, indent=1) + "\n")
         if "error" in result:
             click.echo(f"{name} FAILED: {result['error']}")
             continue
         spread = result["images_per_sec_passes"]
         rss = f"RSS peak {result['peak_rss_mb']:.0f} MiB, after passes {result['rss_after_pass_mb']}"
         click.echo(f"{name} {result['images_per_sec']:8.0f} img/s  (passes {min(spread):.0f}-{max(spread):.0f}; {rss})")
-        if json_path:  # written as it goes: a long run interrupted keeps what it measured
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(results, indent=1) + "\n")
     for line in report(results):
         click.echo(line)
     if plot_path and any("error" not in r for r in results):
         plot(results, plot_path)
+    if all("error" in r for r in results):  # nothing measured: a failure for scripts and CI, not a quiet exit 0
+        first = f": the first says {results[0]['error']}" if results else ""
+        raise click.ClickException(f"none of the {len(results)} configurations ran{first}")
 
 
 if __name__ == "__main__":

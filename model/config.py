@@ -4,14 +4,17 @@ Every field is named as train.py's option (`--train-limit` -> `cfg.data.train_li
 option's default (tests/test_config.py checks they agree). config.json and a checkpoint's "config" hold
 `to_dict()`, flat; `Config.from_dict` reads that back, a sectioned dict, or CLI option names ("--train-limit",
 "train-limit"), and stops at an unknown key, naming it. `resolve` fills the automatic defaults and checks the
-combinations of a run's options.
+combinations of a run's options. `read_file` reads a YAML settings file or a run's config.json (train.py --config).
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import click
@@ -26,6 +29,8 @@ class DataConfig:
     """What is read, by which loader backend, at which resolution S."""
 
     data: str = "data/fashion-mnist"
+    labels: str = "auto"  # class folders, none, or auto (class folders when every image is one folder down)
+    val_data: str | None = None  # a labelled folder for the kNN monitor: VAL_DATA/train the bank, VAL_DATA/val queries
     loader: str = "dali"
     train_limit: int = 2000
     val_limit: int = 2000
@@ -91,6 +96,7 @@ class RunConfig:
     knn_temperature: float = 0.1
     knn_every: int = 1
     knn_bank: int = 131_072
+    tensorboard: bool | None = None  # None: on when the tensorboard package imports
 
 
 @dataclass
@@ -157,6 +163,51 @@ LEGACY = {
 }
 
 
+# What a run's config.json records that are results of the run, not settings: ignored when it is read as
+# settings (`read_file`); amp_auto says that amp was chosen by "auto", which chooses again.
+RESULTS = ("amp_auto", "world_size")
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """The settings in a YAML file (keys: train.py's options, with dashes or underscores, flat or in the sections
+    of `Config`) or in a run's config.json, flat by setting name. The run's results (`RESULTS`) are dropped, amp
+    going back to "auto" when "auto" chose it. ValueError naming the file and what is wrong: unreadable, not a
+    mapping, or a key that is no setting (with the closest setting names)."""
+    import yaml
+
+    path = Path(path)
+    try:  # JSON by its own parser: PyYAML (YAML 1.1) reads JSON's 1e-05 as a string
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ValueError(f"cannot read {path} as {kind}: {error}") from error
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{path} must hold a mapping of option names to values, not a {type(values).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        section = key if key in SECTIONS and isinstance(value, Mapping) else None
+        for name, setting in value.items() if section else [(key, value)]:
+            setting_name = str(name).lstrip("-").replace("-", "_")
+            where = f"{section}.{name}" if section else name
+            if setting_name not in SECTION_OF:
+                close = difflib.get_close_matches(setting_name, list(SECTION_OF), n=2)
+                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+                raise ValueError(f"{path}: unknown setting {where!r}{hint}")
+            if section and SECTION_OF[setting_name] != section:
+                raise ValueError(f"{path}: unknown setting {where!r}: {name} is in section {SECTION_OF[setting_name]}")
+            if setting_name in flat:
+                raise ValueError(f"{path}: setting {where!r} given twice")
+            flat[setting_name] = setting
+    if flat.pop("amp_auto", None):
+        flat["amp"] = "auto"
+    for name in RESULTS:
+        flat.pop(name, None)
+    return flat
+
+
 def from_checkpoint(state: Mapping[str, Any]) -> Config:
     """The settings a train.py checkpoint was trained with (its flat "config"; older ones lack `LEGACY`'s)."""
     return Config.from_dict({**LEGACY, **state["config"]})
@@ -181,6 +232,8 @@ def resolve(options: Mapping[str, Any], timing_only: bool = False) -> Config:
     if run.out is None:
         run.out = f"runs/{method.method}-{data.loader}"
     data.data, run.out = str(data.data), str(run.out)
+    if data.val_data is not None:
+        data.val_data = str(data.val_data)
     if opt.amp == "fp16" and run.device == "cpu":
         raise click.BadParameter("fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off", param_hint="--amp")
     try:

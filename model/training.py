@@ -129,9 +129,11 @@ def make_loaders(
     rank: int = 0,
     world: int = 1,
     bad_files: BadFiles | None = None,
+    bank_source: ImageList | None = None,
 ) -> Loaders:
     """This rank's loaders of a run (`Loaders`), with cfg's backend, size, workers and seed; `pairs` as `Loader`;
-    `bad_files` shared by all of them (a file one finds undecodable stays out of every one)."""
+    `bad_files` shared by all of them (a file one finds undecodable stays out of every one). The kNN bank is a
+    subset of `bank_source` (--val-data's train split) or, without it, of the training images."""
     common = dict(
         image_size=cfg.data.image_size,
         batch_size=cfg.optimisation.batch_size // world,
@@ -154,13 +156,14 @@ def make_loaders(
     loader.alpha = cfg.method.ccrop_alpha
     # Un-augmented passes over the training images: the kNN bank (a seeded subset, --knn-bank) and
     # ContrastiveCrop's localisation (every image); one loader when both read every image.
-    bank_ids = subset(len(train_images), cfg.run.knn_bank, cfg.run.seed)
-    whole = len(bank_ids) == len(train_images)
-    bank_images = train_images if whole else select(train_images, bank_ids)
+    source = train_images if bank_source is None else bank_source
+    bank_ids = subset(len(source), cfg.run.knn_bank, cfg.run.seed)
+    whole = len(bank_ids) == len(source)
+    bank_images = source if whole else select(source, bank_ids)
     bank_loader = make_loader(cfg.data.loader, bank_images, train=False, **common) if val_images else None
     box_loader = None
     if cfg.method.crop == "ccrop":
-        shared = whole and bank_loader is not None
+        shared = whole and bank_loader is not None and bank_source is None
         box_loader = bank_loader if shared else make_loader(cfg.data.loader, train_images, train=False, **common)
     val_loader = make_loader(cfg.data.loader, val_images, train=False, **common) if val_images else None
     return Loaders(loader, bank_loader, box_loader, val_loader)

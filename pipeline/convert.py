@@ -1,11 +1,13 @@
-"""Convert an ImageNet-layout folder to FFCV .beton files, once, for `train.py --loader ffcv`.
+"""Convert a folder of images to FFCV .beton files, once, for `train.py --loader ffcv`.
 
     python -m pipeline.convert data/fashion-mnist data/fashion-mnist-ffcv    # DATA/{train,val} -> OUT/{train,val}.beton
     python -m pipeline.convert /imagenet/train /ffcv/train.beton --max-resolution 256   # one split -> one file
+    python pipeline/convert.py ~/photos photos.beton                  # any folder of images, unlabelled: -> one file
 
-Each file holds an RGBImageField "image" (downscaled so its longest side is at most --max-resolution) and an
-IntField "label" (the class folder's index in sorted order), in the folder's sorted file order, so a seeded
---train-limit picks the same images from the folder and from the .beton.
+Each file holds an RGBImageField "image" (downscaled so its longest side is at most --max-resolution; PNG and WebP
+files are decoded and stored like JPEGs, as --write-mode says) and an IntField "label": the class folder's index in
+sorted order, or -1 for every image of a folder without labels (--labels, as train.py's). Images keep the folder's
+sorted order, so a seeded --train-limit picks the same images from the folder and from the .beton.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,8 +23,11 @@ import click
 import numpy as np
 from PIL import Image
 
+if not __package__:  # run as a file (python pipeline/convert.py): import the project from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 from pipeline import require_backend
-from pipeline.data import ImageList, scan_split, select
+from pipeline.data import LABELS, ImageList, scan_split, select, to_rgb
 from pipeline.verify import decode_error
 
 SPLITS = ("train", "val")
@@ -51,7 +57,7 @@ class _Decoded:
                     scale = self.max_resolution / max(file.size)
                     if scale < 1:
                         file.draft("RGB", (math.ceil(file.width * scale), math.ceil(file.height * scale)))
-                return np.asarray(file.convert("RGB")), label
+                return np.asarray(to_rgb(file)), label
         except Exception:  # PIL raises several unrelated types for broken files
             self.failed[i] = 1
             return np.zeros((1, 1, 3), dtype=np.uint8), label
@@ -67,15 +73,17 @@ def convert_split(
     smart_threshold: int | None = None,
     workers: int = 0,
     skip_bad: bool = False,
+    labels: str = "auto",
 ) -> int:
-    """Write SPLIT/<class>/*.jpg to `out` (.beton); returns the image count. Files that cannot be decoded raise
-    ValueError naming every one (the index pass finds those with a bad header before anything is written; the
-    others fail the writer's full decode, and the file is removed), or with `skip_bad` are left out and printed
-    (those the writer found by writing the file again without them); no partial file is left behind.
+    """Write the images under SPLIT (class folders SPLIT/<class>/*.jpg, or any folder of images, labelled as
+    `labels` says; see `pipeline.data.scan_split`) to `out` (.beton); returns the image count. Files that cannot
+    be decoded raise ValueError naming every one (the index pass finds those with a bad header before anything is
+    written; the others fail the writer's full decode, and the file is removed), or with `skip_bad` are left out
+    and printed (those the writer found by writing the file again without them); no partial file is left behind.
     BackendUnavailable without FFCV."""
     require_backend("ffcv")  # FFCV is optional: imported here, not when this module is (keeps torch's threads)
 
-    images = scan_split(split_dir, skip_bad=skip_bad)
+    images = scan_split(split_dir, skip_bad=skip_bad, labels=labels)
     for path, reason in images.skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,9 +169,17 @@ def page_size(images: ImageList, max_resolution: int) -> int:
 @click.option("--smart-threshold", type=int, default=None, help="Raw-size bytes above which smart mode stores JPEG.")
 @click.option("--workers", type=int, default=0, help="Writer processes (0 = one per CPU core).")
 @click.option("--skip-bad", is_flag=True, help="Leave out (and list) images no loader can decode instead of stopping.")
+@click.option(
+    "--labels",
+    type=click.Choice(LABELS),
+    default="auto",
+    help="Labels from class folders (SPLIT/<class>/...), none (every image stored with label -1), or auto: class "
+    "folders when every image sits exactly one folder down, none for flat folders and mixed depths.",
+)
 def main(src: Path, out: Path, **options) -> None:
     """Convert SRC to .beton: SRC holding train/ (and val/) split folders gives OUT/train.beton (and
-    OUT/val.beton); SRC being one split (SRC/<class>/*.jpg) gives the file OUT."""
+    OUT/val.beton); any other SRC is one split (class folders SRC/<class>/*.jpg, or any folder of JPEG, PNG and
+    WebP images, flat or nested) and gives the file OUT."""
     require_backend("ffcv")  # one line saying how to install FFCV, before any work
     splits = [split for split in SPLITS if (src / split).is_dir()]
     if splits and out.suffix == ".beton":

@@ -29,8 +29,9 @@ def band_pairs(embeddings: torch.Tensor, low: float, high: float, block: int = 1
 
 
 def pair_accuracy(pairs: np.ndarray, labels: np.ndarray) -> float | None:
-    """Fraction of pairs whose two images share a label (SePP-ID's Table 1 metric); None without pairs."""
-    if len(pairs) == 0:
+    """Fraction of pairs whose two images share a label (SePP-ID's Table 1 metric); None without pairs, or without
+    labels (unlabelled images are all -1)."""
+    if len(pairs) == 0 or (np.asarray(labels) < 0).any():
         return None
     return float(np.mean(labels[pairs[:, 0]] == labels[pairs[:, 1]]))
 

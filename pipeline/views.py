@@ -9,6 +9,7 @@ before colour augmentation. Without --boxes the crops are plain RandomResizedCro
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -16,7 +17,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+if not __package__:  # run as a file (python pipeline/views.py): import the project from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 from pipeline.backends import BACKENDS, load_splits, make_loader
+from pipeline.data import ImageList
 
 BOX, WINDOWS = (255, 255, 255), ((255, 140, 0), (0, 220, 255))
 
@@ -42,6 +47,41 @@ def draw(batch, windows: np.ndarray, boxes: np.ndarray | None, heights, widths, 
         for column, panel in enumerate(panels):
             grid.paste(panel, (column * (size + 4), row * (size + 4)))
     return grid
+
+
+def picture(
+    backend: str,
+    images: ImageList,
+    seed: int,
+    epoch: int,
+    boxes: np.ndarray | None = None,
+    alpha: float = 0.6,
+    count: int = 8,
+    size: int = 128,
+) -> Image.Image:
+    """The grid `draw` makes of the first `count` images of a training epoch, read through `backend` on the CPU at
+    `size` px panels: the windows and crops of that epoch with the seed, boxes (N, 4) and alpha given."""
+    loader = make_loader(
+        backend,
+        images,
+        image_size=size,
+        batch_size=count,
+        device=torch.device("cpu"),
+        train=True,
+        seed=seed,
+        workers=0 if backend == "torchvision" else 1,
+    )
+    try:
+        loader.boxes, loader.alpha = boxes, alpha
+        order, windows, _ = loader.schedule(epoch)
+        batches = loader.epoch(epoch)
+        batch = next(batches)
+        batches.close()
+    finally:
+        loader.close()
+    picked = order[:count]
+    chosen = None if boxes is None else boxes[picked]
+    return draw(batch, windows[:count], chosen, images.heights[picked], images.widths[picked], count)
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -72,31 +112,7 @@ def main(data, backend, boxes, alpha, train_limit, seed, epoch, count, size, out
             f"{boxes} holds {table.shape[0]} boxes for {len(images)} images: same --train-limit?"
         )
     count = min(count, len(images))
-    loader = make_loader(
-        backend,
-        images,
-        image_size=size,
-        batch_size=count,
-        device=torch.device("cpu"),
-        train=True,
-        seed=seed,
-        workers=0 if backend == "torchvision" else 1,
-    )
-    loader.boxes, loader.alpha = table, alpha
-    order, windows, _ = loader.schedule(epoch)
-    batches = loader.epoch(epoch)
-    batch = next(batches)
-    batches.close()
-    picked = order[:count]
-    grid = draw(
-        batch,
-        windows[:count],
-        None if table is None else table[picked],
-        images.heights[picked],
-        images.widths[picked],
-        count,
-    )
-    loader.close()
+    grid = picture(backend, images, seed, epoch, table, alpha, count, size)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     click.echo(f"{count} images -> {out}")

@@ -3,18 +3,22 @@ sectioned or flat or by CLI option name, unknown keys named, and old checkpoints
 
 import json
 from dataclasses import fields
+from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TINY_TRAIN
 
 import train
-from model.config import LEGACY, SECTIONS, Config, from_checkpoint, resolve
+from model.config import LEGACY, SECTIONS, Config, from_checkpoint, read_file, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli_defaults() -> dict:
-    return {p.name: p.default for p in train.main.params if p.name not in ("resume", "help")}
+    return {p.name: p.default for p in train.main.params if p.name not in ("resume", "config_file", "help")}
 
 
 def test_defaults_are_train_pys_options_and_every_option_is_a_setting():
@@ -75,3 +79,74 @@ def test_an_old_checkpoints_flat_config_resumes(tiny_data, tmp_path):
     result = CliRunner().invoke(train.main, ["--resume", str(out / "checkpoint.pt")])
     assert result.exit_code == 1 and "unknown setting 'bogus'" in result.output
     assert isinstance(result.exception, SystemExit)  # one line, no traceback
+
+
+def run_cli(*args):
+    return CliRunner().invoke(train.main, [str(a) for a in args])
+
+
+def test_a_yaml_file_sets_options_and_the_command_line_overrides_it(tiny_data, tmp_path):
+    """Keys with dashes or underscores, flat or in sections, typed by their options (YAML 1.1 reads 1e-4 as a
+    string); an option on the command line wins over the file, the file over the defaults."""
+    settings = tmp_path / "run.yaml"
+    settings.write_text(
+        "method: mocov2\nweight-decay: 1e-4\n--knn-temperature: 0.2\noptimisation:\n  lr: 0.05\n  epochs: 3\n"
+        f"data: {tiny_data}\nrun:\n  out: {tmp_path / 'from-file'}\n"
+    )
+    result = run_cli(*TINY_TRAIN, "--config", settings, "--lr", 0.02, "--no-tensorboard")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "from-file" / "config.json").read_text())
+    assert config["method"] == "mocov2" and config["weight_decay"] == 1e-4 and config["knn_temperature"] == 0.2
+    assert config["lr"] == 0.02 and config["epochs"] == 1  # given on the command line (TINY_TRAIN's --epochs 1)
+    assert config["data"] == str(tiny_data)
+
+
+def test_a_runs_config_json_trains_that_run_again(tiny_data, tmp_path):
+    first, again = tmp_path / "first", tmp_path / "again"
+    result = run_cli(*TINY_TRAIN, "--method", "mocov2", "--data", tiny_data, "--out", first, "--no-tensorboard")
+    assert result.exit_code == 0, result.output
+    result = run_cli("--config", first / "config.json", "--out", again)
+    assert result.exit_code == 0, result.output
+    before, after = (json.loads((run / "config.json").read_text()) for run in (first, again))
+    assert {**before, "out": str(again)} == after
+    weights = [torch.load(run / "checkpoint.pt", weights_only=False)["model"] for run in (first, again)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_a_runs_results_are_not_read_as_settings(tmp_path):
+    recorded = {**Config().to_dict(), "amp": "bf16", "amp_auto": "bf16: faster here", "world_size": 8}
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    values = read_file(tmp_path / "config.json")
+    assert values["amp"] == "auto" and "amp_auto" not in values and "world_size" not in values  # chosen again
+    (tmp_path / "forced.json").write_text(json.dumps({"amp": "off", "amp_auto": None, "lr": 1e-05}))
+    assert read_file(tmp_path / "forced.json") == {"amp": "off", "lr": 1e-05}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning-rate: 0.1\n", "unknown setting 'learning-rate'"),
+        ("data:\n  lr: 0.1\n", "unknown setting 'data.lr': lr is in section optimisation"),
+        ("loader: nvjpeg\n", "loader: 'nvjpeg' is not one of"),
+        ("epochs: -1\n", "epochs: -1 is not in the range x>=1"),
+        ("resume: runs/x/checkpoint.pt\n", "unknown setting 'resume'"),
+        ("- lr\n- 0.1\n", "must hold a mapping of option names to values"),
+        ("lr: [0.1\n", "cannot read"),
+    ],
+)
+def test_bad_config_files_are_one_line_errors_naming_the_file_and_key(tmp_path, text, message):
+    settings = tmp_path / "bad.yaml"
+    settings.write_text(text)
+    result = run_cli("--config", settings, "--data", tmp_path / "none")  # were the file read, no run would start
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert str(settings) in result.output and message in result.output, result.output
+
+
+def test_the_shipped_imagenet_config_is_the_papers_recipe():
+    values = train.read_options(click.Context(train.main), ROOT / "configs" / "imagenet.yaml")
+    cfg = resolve({**cli_defaults(), **values, "device": "cpu"})
+    recipe = dict(arch="resnet50", image_size=224, batch_size=256, lr=0.03, moco_momentum=0.999, queue_size=65536)
+    recipe.update(temperature=0.2, weight_decay=1e-4, epochs=200, train_limit=0, val_limit=0, blur=True)
+    assert {k: cfg.to_dict()[k] for k in recipe} == recipe
+    assert cfg.data.loader == "dali" and cfg.method.method == "leoclr"
+    assert "--config configs/imagenet.yaml" in (ROOT / "README.md").read_text()

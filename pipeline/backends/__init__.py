@@ -32,10 +32,17 @@ def make_loader(backend: str, images: ImageList, **kwargs) -> Loader:
 
 
 def load_splits(
-    data: str | Path, backend: str, train_limit: int = 0, val_limit: int = 0, seed: int = 0, skip_bad: bool = False
+    data: str | Path,
+    backend: str,
+    train_limit: int = 0,
+    val_limit: int = 0,
+    seed: int = 0,
+    skip_bad: bool = False,
+    labels: str = "auto",
 ) -> tuple[ImageList, ImageList | None]:
     """(train, val or None) for a loader backend. FFCV reads DATA/train.beton (+ DATA/val.beton) or one .beton
-    file; the others read DATA/train/<class>/*.jpg (+ DATA/val/...). Errors say what to do instead (without
+    file; the others read DATA/train/ (+ DATA/val/) when DATA has a train/ folder, else all of DATA as the
+    training images (no val), each split as `scan_split` with `labels`. Errors say what to do instead (without
     FFCV installed, a .beton raises BackendUnavailable)."""
     data = Path(data)
     if backend == "ffcv":
@@ -53,7 +60,12 @@ def load_splits(
         return read_beton(data / "train.beton", train_limit, seed), val
     if data.suffix == ".beton" or (data / "train.beton").is_file() and not (data / "train").is_dir():
         raise ValueError(f"{data} holds FFCV .beton files, which only --loader ffcv reads")
-    if not (data / "train").is_dir():
-        raise FileNotFoundError(f"{data}/train not found (expected DATA/train/<class>/*.jpg)")
-    val = scan_split(data / "val", val_limit, seed, skip_bad) if (data / "val").is_dir() else None
-    return scan_split(data / "train", train_limit, seed, skip_bad), val
+    if not data.is_dir():
+        raise FileNotFoundError(
+            f"{data}/train not found: {data} is not a folder (--data takes a folder of images, flat or nested, "
+            "or DATA/train/ with an optional DATA/val/)"
+        )
+    if not (data / "train").is_dir():  # one folder of images: all of it trains, nothing to validate on
+        return scan_split(data, train_limit, seed, skip_bad, labels), None
+    val = scan_split(data / "val", val_limit, seed, skip_bad, labels) if (data / "val").is_dir() else None
+    return scan_split(data / "train", train_limit, seed, skip_bad, labels), val

@@ -1,4 +1,5 @@
-"""The reference backend: a plain torch DataLoader with PIL decode, one decode per image for all views.
+"""The reference backend: a plain torch DataLoader with PIL decode (JPEG, PNG, WebP), one decode per image for all
+views.
 
 A file PIL cannot decode does not raise in the worker: its sample comes back as zeros, flagged with the image and
 the reason, and the batch raises `Undecodable` naming them (the loader serves it again without them)."""
@@ -11,12 +12,14 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data import to_rgb
 from pipeline.loader import Batch, Loader, Undecodable, to_batch
 
 
 def _decode(path: str) -> Image.Image:
     with Image.open(path) as file:
-        return file.convert("RGB")
+        return to_rgb(file)
+
 
 RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # PIL's, antialiased when reducing
 
