@@ -186,7 +186,8 @@ def train(
             elif ccrop and epoch >= cfg.method.ccrop_warmup and loader.boxes is None:
                 loader.boxes = whole_image_boxes(len(train_images))  # the reference: sampled around whole images
             if board.picture_due(epoch, box_updates) and not skip:
-                board.views(cfg.data.loader, train_images, cfg.run.seed, epoch, loader.boxes, cfg.method.ccrop_alpha)
+                drawn = (cfg.data.loader, train_images, cfg.run.seed, epoch, loader.boxes, cfg.method.ccrop_alpha)
+                board.views(*drawn, bad_log.files)
             # Per rank: its own augmentation draws (the key shuffle over ranks uses rank 0's).
             generator = torch.Generator(device=device).manual_seed(augmentation_seed(cfg.run.seed, epoch, rank))
             model.train()

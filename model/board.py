@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data import ImageList
+from pipeline.loader import BadFiles
 from pipeline.views import picture
 
 PICTURE_EVERY = 5  # epochs between pictures of the views (also before the first epoch and after box updates)
@@ -84,12 +85,14 @@ class Board:
         epoch: int,
         boxes: np.ndarray | None,
         alpha: float,
+        bad_files: BadFiles | None = None,
     ) -> None:
         """The picture of epoch `epoch`'s first images as `pipeline.views` draws it, read through the run's loader
         backend on the CPU (the crop windows and boxes of the training run), as image "views"."""
         if self.writer is None:
             return
-        grid = picture(backend, images, seed, epoch, boxes, alpha, min(PICTURE_ROWS, len(images)), PICTURE_SIZE)
+        rows = min(PICTURE_ROWS, len(images))
+        grid = picture(backend, images, seed, epoch, boxes, alpha, rows, PICTURE_SIZE, bad_files)
         self.writer.add_image("views", np.asarray(grid), self.step(epoch, 0), dataformats="HWC")
 
     def close(self) -> None:

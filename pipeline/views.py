@@ -22,6 +22,7 @@ if not __package__:  # run as a file (python pipeline/views.py): import the proj
 
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import ImageList
+from pipeline.loader import BadFiles
 
 BOX, WINDOWS = (255, 255, 255), ((255, 140, 0), (0, 220, 255))
 
@@ -58,9 +59,11 @@ def picture(
     alpha: float = 0.6,
     count: int = 8,
     size: int = 128,
+    bad_files: BadFiles | None = None,
 ) -> Image.Image:
     """The grid `draw` makes of the first `count` images of a training epoch, read through `backend` on the CPU at
-    `size` px panels: the windows and crops of that epoch with the seed, boxes (N, 4) and alpha given."""
+    `size` px panels: the windows and crops of that epoch with the seed, boxes (N, 4) and alpha given; a run's
+    `bad_files` stay out of it as they do of its training batches."""
     loader = make_loader(
         backend,
         images,
@@ -70,6 +73,7 @@ def picture(
         train=True,
         seed=seed,
         workers=0 if backend == "torchvision" else 1,
+        bad_files=bad_files,
     )
     try:
         loader.boxes, loader.alpha = boxes, alpha

@@ -94,32 +94,10 @@ def tiny_loader(
     )
 
 
-TINY_TRAIN = [
-    "--image-size",
-    "16",
-    "--batch-size",
-    "8",
-    "--bn-splits",
-    "2",
-    "--queue-size",
-    "32",
-    "--epochs",
-    "1",
-    "--train-limit",
-    "0",
-    "--val-limit",
-    "0",
-    "--knn-k",
-    "5",
-    "--workers",
-    "0",
-    "--loader",
-    "torchvision",
-    "--amp",
-    "off",
-    "--device",
-    "cpu",
-]
+# The tiny runs' options: 16 px, batch 8, fp32 on the CPU, every image of tiny data (later options override these).
+TINY_BASE = "--image-size 16 --batch-size 8 --bn-splits 2 --queue-size 32 --knn-k 5 --amp off --device cpu".split()
+TINY_BASE += "--train-limit 0 --val-limit 0 --no-tensorboard".split()  # tests/test_tensorboard.py turns it on
+TINY_TRAIN = [*TINY_BASE, *"--epochs 1 --workers 0 --loader torchvision".split()]
 
 
 @pytest.fixture(scope="session")

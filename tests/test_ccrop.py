@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import LOADERS, tiny_loader
+from conftest import LOADERS, TINY_BASE, tiny_loader
 from PIL import Image
 
 import train
@@ -164,32 +164,7 @@ def test_localize_gives_one_box_per_image_in_file_order(split):
     assert np.allclose(boxes[:8], expected)
 
 
-TINY = [
-    "--image-size",
-    "16",
-    "--batch-size",
-    "8",
-    "--bn-splits",
-    "2",
-    "--queue-size",
-    "32",
-    "--train-limit",
-    "0",
-    "--val-limit",
-    "0",
-    "--knn-k",
-    "5",
-    "--workers",
-    "0",
-    "--loader",
-    "torchvision",
-    "--crop",
-    "ccrop",
-    "--amp",
-    "off",
-    "--device",
-    "cpu",
-]
+TINY = [*TINY_BASE, *"--workers 0 --loader torchvision --crop ccrop".split()]
 
 
 def run(*args):

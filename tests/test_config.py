@@ -93,7 +93,7 @@ def test_a_yaml_file_sets_options_and_the_command_line_overrides_it(tiny_data, t
         "method: mocov2\nweight-decay: 1e-4\n--knn-temperature: 0.2\noptimisation:\n  lr: 0.05\n  epochs: 3\n"
         f"data: {tiny_data}\nrun:\n  out: {tmp_path / 'from-file'}\n"
     )
-    result = run_cli(*TINY_TRAIN, "--config", settings, "--lr", 0.02, "--no-tensorboard")
+    result = run_cli(*TINY_TRAIN, "--config", settings, "--lr", 0.02)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "from-file" / "config.json").read_text())
     assert config["method"] == "mocov2" and config["weight_decay"] == 1e-4 and config["knn_temperature"] == 0.2
@@ -103,7 +103,7 @@ def test_a_yaml_file_sets_options_and_the_command_line_overrides_it(tiny_data, t
 
 def test_a_runs_config_json_trains_that_run_again(tiny_data, tmp_path):
     first, again = tmp_path / "first", tmp_path / "again"
-    result = run_cli(*TINY_TRAIN, "--method", "mocov2", "--data", tiny_data, "--out", first, "--no-tensorboard")
+    result = run_cli(*TINY_TRAIN, "--method", "mocov2", "--data", tiny_data, "--out", first)
     assert result.exit_code == 0, result.output
     result = run_cli("--config", first / "config.json", "--out", again)
     assert result.exit_code == 0, result.output

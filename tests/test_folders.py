@@ -217,7 +217,7 @@ def test_converter_stores_unlabelled_folders_with_label_minus_one_and_jpeg_stora
 
 
 def run(*args):
-    result = CliRunner().invoke(train.main, [*TINY_TRAIN, "--no-tensorboard", *map(str, args)])
+    result = CliRunner().invoke(train.main, [*TINY_TRAIN, *map(str, args)])
     assert result.exit_code == 0, result.output
     return result.output
 

@@ -168,34 +168,7 @@ def test_skip_bad_trains_and_odd_images_decode_to_rgb(hostile, request, tmp_path
                 assert np.abs(got - expected).mean() < 1.5, Path(path).name
 
 
-INTERRUPTED = [
-    "--image-size",
-    "16",
-    "--batch-size",
-    "8",
-    "--bn-splits",
-    "2",
-    "--queue-size",
-    "32",
-    "--epochs",
-    "4",
-    "--train-limit",
-    "0",
-    "--val-limit",
-    "0",
-    "--knn-k",
-    "5",
-    "--workers",
-    "0",
-    "--loader",
-    "torchvision",
-    "--method",
-    "mocov2",
-    "--amp",
-    "off",
-    "--device",
-    "cpu",
-]
+INTERRUPTED = [*TINY_TRAIN, *"--epochs 4 --method mocov2".split()]
 
 
 def start(*args) -> subprocess.Popen:

@@ -16,9 +16,11 @@ import train
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+TINY = [arg for arg in TINY_TRAIN if arg != "--no-tensorboard"]  # TensorBoard's default: on where installed
+
 
 def invoke(*args):
-    return CliRunner().invoke(train.main, [*TINY_TRAIN, *map(str, args)], catch_exceptions=False)
+    return CliRunner().invoke(train.main, [*TINY, *map(str, args)], catch_exceptions=False)
 
 
 def events(out):
@@ -92,5 +94,5 @@ def test_off_with_the_switch_or_without_the_package(tiny_data, tmp_path, monkeyp
         result.exit_code == 0 and "TensorBoard: off (" in result.output and "pip install tensorboard==" in result.output
     )
     assert not list((tmp_path / "b").glob("events.out.tfevents.*"))
-    result = CliRunner().invoke(train.main, [*TINY_TRAIN, "--data", str(tiny_data), "--tensorboard"])
+    result = CliRunner().invoke(train.main, [*TINY, "--data", str(tiny_data), "--tensorboard"])
     assert result.exit_code == 1 and "--tensorboard: " in result.output and "pip install tensorboard==" in result.output

@@ -4,34 +4,13 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import LOADERS
+from conftest import LOADERS, TINY_BASE
 
 import train
 from model import training
 from model.config import Config
 
-TINY = [
-    "--image-size",
-    "16",
-    "--batch-size",
-    "8",
-    "--bn-splits",
-    "2",
-    "--queue-size",
-    "32",
-    "--train-limit",
-    "0",
-    "--val-limit",
-    "0",
-    "--knn-k",
-    "5",
-    "--workers",
-    "1",
-    "--amp",
-    "off",
-    "--device",
-    "cpu",
-]
+TINY = [*TINY_BASE, "--workers", "1"]
 
 
 def run(*args):
