@@ -1,11 +1,15 @@
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -157,3 +161,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def signalled_after_first_epoch(command: list, run: Path, signal_number: int, env: dict | None = None):
+    """Run `command` (train.py, or torchrun of it) from the repo root on one torch thread and send it
+    `signal_number` once RUN/metrics.jsonl holds epoch 1 (its checkpoint is written; the run is in epoch 2).
+    Returns the CompletedProcess (returncode, stdout, stderr) once it has exited."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [str(arg) for arg in command]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, metrics = time.time() + 300, Path(run) / "metrics.jsonl"
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            process.send_signal(signal_number)
+            break
+        time.sleep(0.02)
+    out, err = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(command, process.returncode, out, err)

@@ -4,14 +4,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import LOADERS, TINY_TRAIN, break_entropy_data, tiny_loader, write_tiny_dataset
+from conftest import (
+    LOADERS,
+    TINY_TRAIN,
+    break_entropy_data,
+    signalled_after_first_epoch,
+    tiny_loader,
+    write_tiny_dataset,
+)
 from schedule_recorder import global_batches, recorded_epoch
 
 import train
@@ -113,17 +119,10 @@ def test_sigusr1_mid_epoch_to_two_processes_then_one_go_on_with_the_same_schedul
     common = [*TINY_TRAIN, "--method", "mocov2", "--data", data, "--epochs", 3]
     recorded_run(monkeypatch, tmp_path / "straight", *common, "--out", tmp_path / "straight-run")
     run, record = tmp_path / "run", tmp_path / "run-record"
-    env = {**ENV, "SCHEDULE_RECORD": str(record), "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+    env = {"SCHEDULE_RECORD": str(record), "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
     command = torchrun_command(*common, "--out", run, script=RECORDER)
-    process = subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # epoch 1 is done: now in epoch 2
-            process.send_signal(signal.SIGUSR1)
-            break
-        time.sleep(0.02)
-    out, err = process.communicate(timeout=300)
+    done = signalled_after_first_epoch(command, run, signal.SIGUSR1, env)
+    out, err = done.stdout, done.stderr
     assert "SIGUSR1: checkpoint written" in out + err, err[-3000:]
     assert (out + err).count(f"undecodable {bad}: ") == 1  # rank 1 found it
     state = torch.load(run / "checkpoint.pt", weights_only=False)
@@ -157,22 +156,8 @@ def test_two_processes_interrupted_mid_epoch_resume_each_ranks_own_draws(longer_
     done = torchrun(*common, "--out", tmp_path / "straight")
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
-    process = subprocess.Popen(
-        torchrun_command(*common, "--out", run),
-        cwd=ROOT,
-        env=ENV,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # epoch 1 is done: now in epoch 2
-            process.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
-            break
-        time.sleep(0.02)
-    out, err = process.communicate(timeout=300)
+    done = signalled_after_first_epoch(torchrun_command(*common, "--out", run), run, signal.SIGTERM)  # to both ranks
+    out, err = done.stdout, done.stderr
     assert "SIGTERM: checkpoint written" in out + err, err[-3000:]  # (torchrun itself reports the signal)
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["step"] > 0 and state["generators"].shape[0] == 2 and state["partials"].shape == (2, 2)

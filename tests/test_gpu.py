@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_TRAIN, tiny_loader
+from conftest import TINY_TRAIN, signalled_after_first_epoch, tiny_loader
 from PIL import Image
 
 import train
@@ -246,24 +245,9 @@ def test_sigterm_mid_epoch_then_resume_on_cuda(tmp_path):
         "--val-limit",
         6,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # epoch 1 is done: now in epoch 2
-            process.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.01)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 128 + signal.SIGTERM and "SIGTERM: checkpoint written" in err, out + err
+    done = signalled_after_first_epoch([sys.executable, "train.py", *args], run, signal.SIGTERM)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 128 + signal.SIGTERM and "SIGTERM: checkpoint written" in err, out + err
     assert "Traceback" not in out + err
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     # A CUDA generator's state is a CPU ByteTensor (torch takes nothing else to restore it).
@@ -271,7 +255,7 @@ def test_sigterm_mid_epoch_then_resume_on_cuda(tmp_path):
     done = subprocess.run(
         [sys.executable, "train.py", "--resume", str(run / "checkpoint.pt")],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=600,

@@ -4,14 +4,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import BAD_IMAGES, LOADERS, ODD_IMAGES, TINY_TRAIN, write_hostile_dataset, write_tiny_dataset
+from conftest import (
+    BAD_IMAGES,
+    LOADERS,
+    ODD_IMAGES,
+    TINY_TRAIN,
+    signalled_after_first_epoch,
+    write_hostile_dataset,
+    write_tiny_dataset,
+)
 from PIL import Image
 
 import train
@@ -189,15 +196,9 @@ def finish(process: subprocess.Popen) -> tuple[int, str]:
 
 
 def interrupt_after_first_epoch(run: Path, data: Path, signal_number: int) -> tuple[int, str]:
-    process = start(*INTERRUPTED, "--data", data, "--out", run)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # epoch 1 and its checkpoint are written
-            process.send_signal(signal_number)
-            break
-        time.sleep(0.02)
-    return finish(process)
+    command = [sys.executable, "train.py", *INTERRUPTED, "--data", data, "--out", run]
+    done = signalled_after_first_epoch(command, run, signal_number)
+    return done.returncode, done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
