@@ -163,6 +163,13 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def cli_defaults() -> dict:
+    """train.py's settings as its options default them (not --resume, --config or --help), by setting name."""
+    import train
+
+    return {p.name: p.default for p in train.main.params if p.name not in ("resume", "config_file", "help")}
+
+
 def signalled_after_first_epoch(command: list, run: Path, signal_number: int, env: dict | None = None):
     """Run `command` (train.py, or torchrun of it) from the repo root on one torch thread and send it
     `signal_number` once RUN/metrics.jsonl holds epoch 1 (its checkpoint is written; the run is in epoch 2).

@@ -9,16 +9,12 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, cli_defaults
 
 import train
 from model.config import LEGACY, SECTIONS, Config, from_checkpoint, read_file, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli_defaults() -> dict:
-    return {p.name: p.default for p in train.main.params if p.name not in ("resume", "config_file", "help")}
 
 
 def test_defaults_are_train_pys_options_and_every_option_is_a_setting():

@@ -6,7 +6,7 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, cli_defaults
 
 import train
 from benchmarks import train_step
@@ -16,8 +16,7 @@ from model.config import resolve
 
 
 def defaults(**overrides) -> dict:
-    options = {p.name: p.default for p in train.main.params if p.name not in ("resume", "help")}
-    return train.resolve({**options, **overrides})
+    return train.resolve({**cli_defaults(), **overrides})
 
 
 def test_bn_splits_default_follows_the_number_of_processes(monkeypatch):
@@ -46,8 +45,7 @@ def test_one_process_refuses_plain_bn_for_a_momentum_encoder_method(monkeypatch,
     assert refused.value.param_hint == "--bn-splits"
     assert defaults(method=method, bn_splits=2, **flags).model.bn_splits == 2
     # A benchmark timing plain BN as a reference says so explicitly; training cannot.
-    options = {p.name: p.default for p in train.main.params if p.name not in ("resume", "help")}
-    timed = resolve({**options, "method": method, "bn_splits": 1, **flags}, timing_only=True)
+    timed = resolve({**cli_defaults(), "method": method, "bn_splits": 1, **flags}, timing_only=True)
     assert timed.model.bn_splits == 1
     monkeypatch.setenv("WORLD_SIZE", "2")  # several processes: keys shuffled across them, plain BN is MoCo's
     assert defaults(method=method, bn_splits=1, **flags).model.bn_splits == 1

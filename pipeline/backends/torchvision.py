@@ -83,6 +83,7 @@ class TorchvisionLoader(Loader):
             pin_memory=self.device.type == "cuda",
         )
         for views, labels, indices, failed, reasons in data:
+            failed = failed.numpy()  # host data: checked in numpy, no tensor op a sync counter would see
             if (failed >= 0).any():
                 raise Undecodable({int(i): r for i, r in zip(failed, reasons) if i >= 0})
             yield to_batch(self, views, labels, indices)
