@@ -155,3 +155,28 @@ def test_forward_boxes_are_refused_without_a_whole_original_through_f_q(tiny_dat
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
     assert "Invalid value for --ccrop-boxes forward: " + message in result.output
     assert not (tmp_path / "run").exists()
+
+
+def merge_on_rank(rank: int, store_path: str, results: str) -> None:
+    """One gloo rank of `test_ranks_share_their_refreshes`: rank r refreshes images r, r + 2, ... (rank 1 also
+    image 0, later than rank 0), then merges."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    boxes = ForwardBoxes(6, 16, 0.1, torch.device("cpu"), start=0)
+    indices = torch.arange(rank, 6, 2)
+    boxes.boxes.index_copy_(0, indices, torch.tensor([[0.1 * rank, 0.2, 0.5, 0.6]]).expand(len(indices), 4))
+    boxes.stamps.index_fill_(0, indices, 3 + rank)
+    if rank == 1:
+        boxes.boxes[0], boxes.stamps[0] = torch.tensor([0.25, 0.25, 0.75, 0.75]), 9
+    state = boxes.merge()
+    np.savez(f"{results}{rank}.npz", host=boxes.host, **state)
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_share_their_refreshes(tmp_path):
+    args = (str(tmp_path / "store"), str(tmp_path / "rank"))
+    torch.multiprocessing.start_processes(merge_on_rank, args=args, nprocs=2, start_method="fork")  # imports inherited
+    ranks = [np.load(tmp_path / f"rank{rank}.npz") for rank in (0, 1)]
+    expected = np.array([[0.25, 0.25, 0.75, 0.75], *[[0.1 * (i % 2), 0.2, 0.5, 0.6] for i in range(1, 6)]])
+    for each in ranks:  # every rank: the other's images, and image 0 from its latest refresh (rank 1's)
+        assert np.allclose(each["boxes"], expected) and np.array_equal(each["host"], each["boxes"])
+        assert each["stamps"].tolist() == [9, 4, 3, 4, 3, 4]
