@@ -164,19 +164,23 @@ def timing(model, cfg, loader, box_loader, method, rounds: int, steps: int) -> d
 @click.option("--image-size", type=int, default=32)
 @click.option("--train-limit", type=int, default=512)
 @click.option("--val-limit", type=int, default=500)
+@click.option("--ccrop-k", type=float, default=0.1, help="train.py's --ccrop-k for the ccrop runs.")
 @click.option("--rounds", type=int, default=2, help="Timing rounds (pass, steps with, steps without).")
 @click.option("--steps", type=int, default=3, help="Training steps per timing round and variant.")
-def main(data, runs, epochs, image_size, train_limit, val_limit, rounds, steps) -> None:
+def main(data, runs, epochs, image_size, train_limit, val_limit, ccrop_k, rounds, steps) -> None:
     """Train the three runs, then compare the boxes' sources at the forward run's final weights."""
     if not (data / "train").is_dir():
         raise click.ClickException(f"{data}/train not found: python -m benchmarks.scattered {data}")
     common = ["--method", "leoclr", "--image-size", str(image_size), "--epochs", str(epochs)]
     common += ["--train-limit", str(train_limit), "--val-limit", str(val_limit), "--amp", "off", "--seed", "0"]
-    common += ["--knn-every", str(epochs), "--ccrop-warmup", "1", "--ccrop-interval", "1", "--no-tensorboard"]
+    common += ["--knn-every", str(epochs), "--ccrop-warmup", "1", "--ccrop-interval", "1", "--ccrop-k", str(ccrop_k)]
+    common += ["--no-tensorboard"]
     results = train_runs(data, runs, epochs, common)
     click.echo("\n(c) kNN top-1 (%) after epochs 0.." + str(epochs) + ", and the run's wall time")
     for name, (knn, wall) in results.items():
-        click.echo(f"  {name:8s} " + " ".join("    -" if v is None else f"{100 * v:5.1f}" for v in knn) + f"   {wall} s")
+        click.echo(
+            f"  {name:8s} " + " ".join("    -" if v is None else f"{100 * v:5.1f}" for v in knn) + f"   {wall} s"
+        )
 
     torch.manual_seed(0)
     state = torch.load(runs / "fb-forward" / "checkpoint.pt", map_location="cpu", weights_only=False)
@@ -189,7 +193,7 @@ def main(data, runs, epochs, image_size, train_limit, val_limit, rounds, steps) 
     loader = make_loader(cfg.data.loader, train_images, train=True, seed=0, views=3, **common_loader)
     box_loader = make_loader(cfg.data.loader, train_images, train=False, **common_loader)
 
-    ks = (0.1, 0.3, 0.5, 0.7)
+    ks = tuple(sorted({0.1, 0.3, 0.5, 0.7, ccrop_k}))
     passed = pass_source(model, box_loader, ks)
     assert np.array_equal(passed[0.1], localize(model.query_encoder, box_loader, 0.1))  # the pass's own boxes
     forwarded, seen = forward_source(model, loader, method, cfg, epochs, ks)
