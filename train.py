@@ -36,11 +36,13 @@ from model.training import (
     RunClock,
     StopSignals,
     augment_config,
+    augment_views,
     augmentation_seed,
     box_area,
     build_model,
     check_finite,
     checkpoint_state,
+    forward_boxes,
     knn_due,
     knn_monitor,
     learning_rate,
@@ -61,7 +63,6 @@ from model.training import (
     world_totals,
 )
 from pipeline import require_backend
-from pipeline.augment import augment
 from pipeline.backends import BACKENDS, load_splits
 from pipeline.ccrop import update_epochs, whole_image_boxes
 from pipeline.data import LABELS, ImageList
@@ -123,6 +124,7 @@ def train(
         echo(f"kNN monitor off: {knn_off}")
     ccrop, epochs = cfg.method.crop == "ccrop", cfg.optimisation.epochs
     box_updates = update_epochs(epochs, cfg.method.ccrop_warmup, cfg.method.ccrop_interval) if ccrop else []
+    live_boxes = forward_boxes(cfg, len(train_images), device, box_updates, resume)  # None: the reference pass
 
     model = build_model(cfg, device)
     settle_amp(cfg, device, model.query_encoder.backbone)
@@ -177,9 +179,12 @@ def train(
         for epoch in range(start_epoch, epochs):
             skip = start_step if epoch == start_epoch else 0  # batches an interrupted run already trained on
             if epoch in box_updates and not skip:
-                context = partial(autocast, device, cfg.optimisation.amp)
-                # Each rank boxes its part of the images (zeros elsewhere): the sum over ranks is every box.
-                loader.boxes = sum_arrays(localize(model.query_encoder, loaders.boxes, cfg.method.ccrop_k, context))
+                if live_boxes is not None:  # as the training steps left them (merged at the last epoch's end)
+                    loader.boxes = live_boxes.host.copy()
+                else:
+                    context = partial(autocast, device, cfg.optimisation.amp)
+                    # Each rank boxes its part of the images (zeros elsewhere): the sum over ranks is every box.
+                    loader.boxes = sum_arrays(localize(model.query_encoder, loaders.boxes, cfg.method.ccrop_k, context))
                 if main_rank:
                     np.save(out / "boxes.npy", loader.boxes)
                 echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}")
@@ -212,8 +217,11 @@ def train(
                 lr = learning_rate(cfg, epoch, (step + 1) / len(loader))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                views = {name: augment(getattr(batch, name), aug, generator) for name in method.views}
-                loss = optimize(model, method, optimizer, scaler, views, cfg, generator)
+                views, flipped = augment_views(batch, method, aug, generator)
+                maps = {} if live_boxes is not None and live_boxes.refreshing(epoch) else None
+                loss = optimize(model, method, optimizer, scaler, views, cfg, generator, maps)
+                if maps is not None:  # on the device, by sample index: no pass, no host read
+                    live_boxes.record(batch.indices, maps["original"], flipped, epoch * len(loader) + step + 1)
                 total_loss += loss * len(batch.labels)  # stays on the device: no sync per step
                 seen += len(batch.labels)
                 if (step + 1) % CHECK_EVERY and step + 1 < len(loader):
@@ -223,16 +231,18 @@ def train(
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(loss=f"{loss_sum / (seen * world):.3f}", img_s=f"{seen / elapsed:.0f}")
                 board.poll(epoch, step + 1, loss_sum, seen * world, lr, elapsed)
-                left = remaining_work(cfg, epoch, step, len(loader), box_updates, loaders.val is not None)
+                passes = box_updates if live_boxes is None else []
+                left = remaining_work(cfg, epoch, step, len(loader), passes, loaders.val is not None)
                 clock.polled(epoch, step + 1, step + 1 == len(loader), left, bar.write)
                 if signals.number and step + 1 < len(loader):
                     bar.close()
                     generators, partials = rank_states(generator, total_loss, seen, device)
+                    refreshed = None if live_boxes is None else live_boxes.merge()  # every rank's, on every rank
                     if main_rank:  # mid-epoch: where the epoch stands, so a resume replays nothing and skips nothing
                         elapsed = time.perf_counter() - started
                         within = dict(step=step + 1, generators=generators, partials=partials, elapsed=elapsed)
                         checkpoint = checkpoint_state(
-                            model, optimizer, scaler, cfg, epoch, loader.boxes, bad_log.entries(), **within
+                            model, optimizer, scaler, cfg, epoch, loader.boxes, bad_log.entries(), refreshed, **within
                         )
                         save_atomic(checkpoint, out / "checkpoint.pt")
                     echo(
@@ -248,8 +258,10 @@ def train(
             # Every rank's loss sum and images: the epoch's loss and throughput over the whole world.
             total_loss, seen = world_totals(total_loss, seen, device)
             epoch_loss = total_loss / seen
+            refreshed = None if live_boxes is None else live_boxes.merge()  # every rank's, on every rank
             if main_rank:
-                checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch + 1, loader.boxes, bad_log.entries())
+                boxes, bad = loader.boxes, bad_log.entries()
+                checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch + 1, boxes, bad, refreshed)
                 save_atomic(checkpoint, out / "checkpoint.pt")
             knn = monitor(epoch + 1)
             area = None if loader.boxes is None else box_area(loader.boxes)
@@ -407,6 +419,14 @@ def train(
     type=click.IntRange(min=1),
     default=None,
     help="Epochs between box updates. [default: 20% of --epochs]",
+)
+@click.option(
+    "--ccrop-boxes",
+    type=click.Choice(["pass", "forward"]),
+    default="pass",
+    help="Where ContrastiveCrop's boxes come from: pass = the reference's localisation pass over every training "
+    "image at each update; forward = LeOCLR's training forward (--method leoclr: f_q's map of each sample's whole "
+    "original refreshes its box at every step, no extra pass). README: how the two compare.",
 )
 @click.option("--blur/--no-blur", default=None, help="Gaussian blur p=0.5. [default: on when S > 64]")
 @click.option("--color-jitter/--no-color-jitter", default=True, help="Colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8.")

@@ -66,6 +66,7 @@ class MethodConfig:
     ccrop_alpha: float | None = None  # None: by image size (pipeline/ccrop.py alpha_for), set by `resolve`
     ccrop_warmup: int | None = None  # None: 20% of the epochs, set by `resolve`
     ccrop_interval: int | None = None
+    ccrop_boxes: str = "pass"  # pass: the reference's localisation pass; forward: from LeOCLR's training forward
     blur: bool | None = None  # None: on when S > 64, set by `resolve`
     color_jitter: bool = True
     grayscale: bool = True
@@ -160,6 +161,7 @@ LEGACY = {
     "knn_every": 1,
     "knn_bank": 0,
     "compile": False,
+    "ccrop_boxes": "pass",
 }
 
 
@@ -242,6 +244,16 @@ def resolve(options: Mapping[str, Any], timing_only: bool = False) -> Config:
         raise click.BadParameter(str(error), param_hint="--symmetric/--attract-all") from error
     if method.original == "random-crop" and "original" not in chosen.views:
         raise click.BadParameter(f"--method {method.method} has no original view", param_hint="--original")
+    if method.ccrop_boxes == "forward":  # boxes from f_q's map of the whole original: only where f_q sees it
+        why = ""
+        if method.crop != "ccrop":
+            why = "needs --crop ccrop"
+        elif not chosen.original_map:
+            why = f"needs --method leoclr (f_q's forward of each whole original), not --method {method.method}"
+        elif method.original != "whole":
+            why = "needs the whole original view, not --original random-crop"
+        if why:
+            raise click.BadParameter(why, param_hint="--ccrop-boxes forward")
     if chosen.pairs != (method.pairs is not None):
         raise click.BadParameter("--method sepp needs --pairs, and only it takes them", param_hint="--pairs")
     if method.pairs is not None:

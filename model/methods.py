@@ -31,6 +31,9 @@ class Method:
     step: Callable[[MomentumContrast, Views, float, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
     pairs: bool = False  # trains on the combined set of instances and semantic positive pairs (train.py --pairs)
     end_to_end: bool = False  # f_q alone, in-batch negatives: no momentum encoder, no queue, no key shuffle
+    # f_q sees the whole original: the step takes `maps` (a dict) and puts f_q's last-stage map of the original
+    # there, detached (N, D, h, w), for ContrastiveCrop's boxes from the training forward (--ccrop-boxes forward)
+    original_map: bool = False
 
 
 def mocov2_step(
@@ -45,14 +48,19 @@ def mocov2_step(
 
 
 def leoclr_step(
-    model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
+    model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator, maps: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LeOCLR: original -> f_q, both crops -> f_k (one batched forward), both crops' keys are enqueued.
 
     Enqueuing both keeps every image's crops as future negatives, the natural reading of the paper
-    (it is silent); the queue then turns over twice as fast per step as MoCo-v2's.
+    (it is silent); the queue then turns over twice as fast per step as MoCo-v2's. With `maps`, f_q's map of
+    the original goes to maps["original"] (`Method.original_map`).
     """
-    query = model.query(views["original"])
+    if maps is None:
+        query = model.query(views["original"])
+    else:
+        query, feature_map = model.query(views["original"], with_map=True)
+        maps["original"] = feature_map.detach()
     with torch.no_grad():
         model.update_key_encoder()
         keys = model.encode_keys(torch.cat([views["crop1"], views["crop2"]]), generator)
@@ -77,11 +85,17 @@ def symmetric_mocov2_step(
 
 
 def leoclr_attract_all_step(
-    model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator
+    model: MomentumContrast, views: Views, temperature: float, generator: torch.Generator, maps: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LeOCLR Table 8 ablation: original and crop 1 -> f_q, both crops -> f_k, the crops also attracted.
-    As in `symmetric_mocov2_step`, f_q's outputs are scored only against f_k's keys and the queue."""
-    original, query1 = model.query(torch.cat([views["original"], views["crop1"]])).chunk(2)
+    As in `symmetric_mocov2_step`, f_q's outputs are scored only against f_k's keys and the queue. `maps` as
+    `leoclr_step`'s."""
+    both = torch.cat([views["original"], views["crop1"]])
+    if maps is None:
+        original, query1 = model.query(both).chunk(2)
+    else:
+        embeddings, feature_map = model.query(both, with_map=True)
+        (original, query1), maps["original"] = embeddings.chunk(2), feature_map[: len(embeddings) // 2].detach()
     with torch.no_grad():
         model.update_key_encoder()
         keys = model.encode_keys(torch.cat([views["crop1"], views["crop2"]]), generator)
@@ -114,7 +128,7 @@ def leoclr_e2e_step(
 
 METHODS = {
     "mocov2": Method(views=("crop1", "crop2"), step=mocov2_step),
-    "leoclr": Method(views=("original", "crop1", "crop2"), step=leoclr_step),
+    "leoclr": Method(views=("original", "crop1", "crop2"), step=leoclr_step, original_map=True),
     # SePP-ID (Eq. 2, lambda = 1): MoCo-v2's step; the loader adds every semantic pair (a, b) as a sample whose
     # crop 1 comes from a and crop 2 from b, so each pair's term is computed as a positive pair's.
     "sepp": Method(views=("crop1", "crop2"), step=mocov2_step, pairs=True),
@@ -125,7 +139,9 @@ METHODS = {
 VARIANTS = {
     ("mocov2", "symmetric"): Method(views=("crop1", "crop2"), step=symmetric_mocov2_step),
     ("sepp", "symmetric"): Method(views=("crop1", "crop2"), step=symmetric_mocov2_step, pairs=True),
-    ("leoclr", "attract_all"): Method(views=("original", "crop1", "crop2"), step=leoclr_attract_all_step),
+    ("leoclr", "attract_all"): Method(
+        views=("original", "crop1", "crop2"), step=leoclr_attract_all_step, original_map=True
+    ),
 }
 
 

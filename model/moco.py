@@ -29,8 +29,14 @@ class Encoder(nn.Module):
         x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(x)).float(), dim=1)  # float32 embeddings under autocast
+    def forward(self, x: torch.Tensor, with_map: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (N, out_dim); with `with_map` also the last stage's map (N, D, h, w) they were pooled from
+        (the same operations as the backbone's forward, so the embeddings are the same)."""
+        if not with_map:
+            return F.normalize(self.head(self.backbone(x)).float(), dim=1)  # float32 embeddings under autocast
+        maps = self.feature_map(x)
+        features = self.backbone.fc(torch.flatten(self.backbone.avgpool(maps), 1))
+        return F.normalize(self.head(features).float(), dim=1), maps
 
 
 class MomentumContrast(nn.Module):
@@ -53,10 +59,12 @@ class MomentumContrast(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """f_q(x): through DistributedDataParallel when `distribute` set it up (gradients averaged over ranks)."""
+    def query(self, x: torch.Tensor, with_map: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """f_q(x) (and with `with_map` its last-stage map, as `Encoder.forward`): through DistributedDataParallel
+        when `distribute` set it up (gradients averaged over ranks)."""
         wrapped = self.__dict__.get("_ddp")
-        return self.query_encoder(x) if wrapped is None else wrapped(x)
+        encoder = self.query_encoder if wrapped is None else wrapped
+        return encoder(x, with_map=True) if with_map else encoder(x)
 
     def query_mixed(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """f_q(x) (N, out_dim) for a batch that stacks several views of the same images (view v of image i at

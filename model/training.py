@@ -26,11 +26,14 @@ from model.config import Config
 from model.distributed import gather, gather_objects, gather_to_main
 from model.evaluation import extract_features
 from model.knn import knn_top1
+from model.localize import ForwardBoxes
 from model.methods import Method
 from model.moco import MomentumContrast
 from model.precision import autocast, resolve_amp
+from pipeline import augment as augmentation
 from pipeline.augment import AugmentConfig
 from pipeline.backends import make_loader
+from pipeline.ccrop import forward_refresh_start
 from pipeline.data import ImageList, select, subset
 from pipeline.loader import BadFiles, Loader, machine_workers
 from pipeline.verify import cache_file, verify
@@ -162,23 +165,54 @@ def make_loaders(
     bank_images = source if whole else select(source, bank_ids)
     bank_loader = make_loader(cfg.data.loader, bank_images, train=False, **common) if val_images else None
     box_loader = None
-    if cfg.method.crop == "ccrop":
+    if cfg.method.crop == "ccrop" and cfg.method.ccrop_boxes == "pass":
         shared = whole and bank_loader is not None and bank_source is None
         box_loader = bank_loader if shared else make_loader(cfg.data.loader, train_images, train=False, **common)
     val_loader = make_loader(cfg.data.loader, val_images, train=False, **common) if val_images else None
     return Loaders(loader, bank_loader, box_loader, val_loader)
 
 
-def optimize(model, method: Method, optimizer, scaler, views: dict, cfg: Config, generator) -> torch.Tensor:
-    """One training step on augmented float views; returns the loss, detached, on the device."""
+def optimize(
+    model, method: Method, optimizer, scaler, views: dict, cfg: Config, generator, maps: dict | None = None
+) -> torch.Tensor:
+    """One training step on augmented float views; returns the loss, detached, on the device. With `maps` (a
+    dict; `Method.original_map` methods only) f_q's map of the original is left in maps["original"]."""
+    extra = {} if maps is None else {"maps": maps}
     with autocast(views[method.views[0]].device, cfg.optimisation.amp):
-        loss, keys = method.step(model, views, cfg.method.temperature, generator)
+        loss, keys = method.step(model, views, cfg.method.temperature, generator, **extra)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     model.enqueue(keys)
     return loss.detach()
+
+
+def augment_views(batch, method: Method, config: AugmentConfig, generator) -> tuple[dict, torch.Tensor | None]:
+    """The method's views of a `Batch` augmented (float32, as `pipeline.augment.augment`, same draws in the same
+    order) and the original's flip draws, (N,) bool on the device (None when the method has no original)."""
+    views, flipped = {}, None
+    for name in method.views:
+        x = getattr(batch, name)
+        params = augmentation.draw(
+            len(x), x.shape[-1], config, generator, x.device if x.device.type == "meta" else None
+        )
+        views[name] = augmentation.apply(x, params)
+        if name == "original":
+            flipped = params.flip
+    return views, flipped
+
+
+def forward_boxes(
+    cfg: Config, count: int, device: torch.device, box_updates: list[int], resume: dict | None
+) -> ForwardBoxes | None:
+    """--ccrop-boxes forward: the `count` images' boxes on `device`, refreshed by the steps of the epochs from
+    `forward_refresh_start` on (the checkpoint's when resuming); None otherwise (the reference pass)."""
+    if cfg.method.crop != "ccrop" or cfg.method.ccrop_boxes != "forward":
+        return None
+    state = None if resume is None else resume.get("forward_boxes")
+    start = forward_refresh_start(box_updates)
+    return ForwardBoxes(count, cfg.data.image_size, cfg.method.ccrop_k, device, start, state)
 
 
 def learning_rate(cfg: Config, epoch: int, fraction: float) -> float:
@@ -264,10 +298,19 @@ def world_totals(total_loss: torch.Tensor, seen: int, device: torch.device) -> t
 
 
 def checkpoint_state(
-    model, optimizer, scaler, cfg: Config, epoch: int, boxes: np.ndarray | None, bad_files=(), **within
+    model,
+    optimizer,
+    scaler,
+    cfg: Config,
+    epoch: int,
+    boxes: np.ndarray | None,
+    bad_files=(),
+    forward_boxes: dict | None = None,
+    **within,
 ) -> dict:
     """What train.py's checkpoint.pt holds: both encoders and the queue, optimizer, scaler, `epoch` (epochs
-    done), the config, the RNG states, ContrastiveCrop's boxes and the files found undecodable ([path, reason]).
+    done), the config, the RNG states, ContrastiveCrop's boxes (the loader's; with --ccrop-boxes forward also
+    the refreshed ones, `ForwardBoxes.merge`) and the files found undecodable ([path, reason]).
     A checkpoint written within an epoch adds `within`: step (steps done of the next epoch), generators and
     partials (`rank_states`), elapsed (seconds)."""
     return {
@@ -279,6 +322,7 @@ def checkpoint_state(
         "config": cfg.to_dict(),
         "rng": rng_states(),
         "boxes": boxes,
+        "forward_boxes": forward_boxes,
         **within,
     }
 

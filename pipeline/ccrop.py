@@ -44,6 +44,13 @@ def update_epochs(epochs: int, warmup: int, interval: int) -> list[int]:
     return [done for done in range(max(1, warmup), epochs) if done % interval == 0]
 
 
+def forward_refresh_start(updates: list[int]) -> int | None:
+    """The first epoch (0-based) whose training steps refresh the boxes from LeOCLR's forward (--ccrop-boxes
+    forward), given `update_epochs`: the one before the first update (those boxes come from weights trained
+    about as long as the pass's), but never the first epoch (random weights); None without updates."""
+    return max(1, updates[0] - 1) if updates else None
+
+
 def whole_image_boxes(n: int) -> np.ndarray:
     """(n, 4) float32 boxes [0, 0, 1, 1]: the reference's boxes before the first update."""
     return np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32), (n, 1))
