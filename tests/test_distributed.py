@@ -69,13 +69,14 @@ def test_two_cpu_processes_train_share_the_queue_and_resume(data_for, tmp_path, 
     assert state["config"]["world_size"] == 2 and int(state["model"]["queue_ptr"]) == 24
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and 0 <= records[1]["knn_top1"] <= 1
+    if loader != "torchvision":
+        return  # resuming is the backends' common code: one resume (with ContrastiveCrop's boxes) tests it
     resumed = torchrun("--resume", out / "checkpoint.pt", "--epochs", 2, "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2] and torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2
-    if loader == "torchvision":
-        boxes = np.load(out / "boxes.npy")  # every image boxed by one rank or the other
-        assert boxes.shape == (24, 4) and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    boxes = np.load(out / "boxes.npy")  # every image boxed by one rank or the other
+    assert boxes.shape == (24, 4) and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
 
 
 def recorded_run(monkeypatch, record: Path, *args) -> str:
