@@ -192,26 +192,13 @@ def test_batched_augmentation_on_cuda_matches_the_cpu_path(monkeypatch):
     assert error.max() <= 1.5 / 255 and error.mean() <= 0.5 / 255
 
 
+CUDA_DALI = [*TINY_TRAIN, *"--loader dali --workers 1 --device cuda".split()]  # tiny runs on the GPU
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_training_on_cuda(tiny_data, tmp_path, amp):
     out = tmp_path / "run"
-    args = [
-        *TINY_TRAIN,
-        "--loader",
-        "dali",
-        "--workers",
-        1,
-        "--device",
-        "cuda",
-        "--amp",
-        amp,
-        "--data",
-        tiny_data,
-        "--out",
-        out,
-        "--epochs",
-        2,
-    ]
+    args = [*CUDA_DALI, "--amp", amp, "--data", tiny_data, "--out", out, "--epochs", 2]
     result = CliRunner().invoke(train.main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "device cuda" in result.output and "float16 on cuda" in result.output  # the kNN bank on the GPU
@@ -226,25 +213,7 @@ def test_sigterm_mid_epoch_then_resume_on_cuda(tmp_path):
     from conftest import write_tiny_dataset
 
     data, run = write_tiny_dataset(tmp_path / "data", per_class=40), tmp_path / "run"  # 15 steps per epoch
-    args = [
-        *TINY_TRAIN,
-        "--loader",
-        "dali",
-        "--workers",
-        1,
-        "--device",
-        "cuda",
-        "--method",
-        "mocov2",
-        "--data",
-        data,
-        "--out",
-        run,
-        "--epochs",
-        4,
-        "--val-limit",
-        6,
-    ]
+    args = [*CUDA_DALI, "--method", "mocov2", "--data", data, "--out", run, "--epochs", 4, "--val-limit", 6]
     done = signalled_after_first_epoch([sys.executable, "train.py", *args], run, signal.SIGTERM)
     out, err = done.stdout, done.stderr
     assert done.returncode == 128 + signal.SIGTERM and "SIGTERM: checkpoint written" in err, out + err
