@@ -43,8 +43,8 @@ from model.backbone import resnet
 from model.config import Config, DataConfig, resolve
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
-from model.training import build, loader_views, optimize
-from pipeline.augment import AugmentConfig, augment
+from model.training import augment_views, build, loader_views, optimize
+from pipeline.augment import AugmentConfig
 from pipeline.backends import BACKENDS, load_splits, make_loader
 
 PAPER_HOURS = {"mocov2": 68, "leoclr": 81}  # 200 epochs of ImageNet on 3 A100s (LeOCLR paper)
@@ -134,7 +134,7 @@ class Runner(Timed):
             yield from self.loader.epoch(epoch)
 
     def _augmented(self, batch) -> dict:
-        return {name: augment(getattr(batch, name), self.aug, self.generator) for name in self.method.views}
+        return augment_views(batch, self.method, self.aug, self.generator)[0]
 
     def step(self, end_to_end: bool) -> int:
         views = self._augmented(next(self.batches)) if end_to_end else self.fixed

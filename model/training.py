@@ -30,8 +30,7 @@ from model.localize import ForwardBoxes
 from model.methods import Method
 from model.moco import MomentumContrast
 from model.precision import autocast, resolve_amp
-from pipeline import augment as augmentation
-from pipeline.augment import AugmentConfig
+from pipeline.augment import AugmentConfig, augment_with_draws
 from pipeline.backends import make_loader
 from pipeline.ccrop import forward_refresh_start
 from pipeline.data import ImageList, select, subset
@@ -193,11 +192,7 @@ def augment_views(batch, method: Method, config: AugmentConfig, generator) -> tu
     order) and the original's flip draws, (N,) bool on the device (None when the method has no original)."""
     views, flipped = {}, None
     for name in method.views:
-        x = getattr(batch, name)
-        params = augmentation.draw(
-            len(x), x.shape[-1], config, generator, x.device if x.device.type == "meta" else None
-        )
-        views[name] = augmentation.apply(x, params)
+        views[name], params = augment_with_draws(getattr(batch, name), config, generator)
         if name == "original":
             flipped = params.flip
     return views, flipped

@@ -143,8 +143,16 @@ def augment(views: torch.Tensor, config: AugmentConfig, generator: torch.Generat
     All randomness comes from `generator` (on the views' device, or a CPU one for `meta` views), so a seeded
     generator replays exactly.
     """
+    return augment_with_draws(views, config, generator)[0]
+
+
+def augment_with_draws(
+    views: torch.Tensor, config: AugmentConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, AugmentDraw]:
+    """`augment`, also returning the draws it applied (e.g. `.flip`, (N,) bool, for boxes of flipped views)."""
     generator_device = None if views.device.type != "meta" else views.device
-    return apply(views, draw(views.shape[0], views.shape[-1], config, generator, generator_device))
+    params = draw(views.shape[0], views.shape[-1], config, generator, generator_device)
+    return apply(views, params), params
 
 
 def apply(views: torch.Tensor, params: AugmentDraw) -> torch.Tensor:

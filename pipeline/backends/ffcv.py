@@ -44,6 +44,17 @@ torch.set_num_threads(TORCH_THREADS)  # undo FFCV's import (see pipeline/__init_
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
 JPEG_MODE = int(IMAGE_MODES["jpg"])  # the other mode stores raw RGB
 _decode_jpeg, _resize = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+
+
+def _stored_pixels(data, scratch, height, width, mode):
+    """A stored image's uint8 (height, width, 3) pixels: a JPEG decoded into `scratch`, raw bytes reshaped."""
+    if mode == JPEG_MODE:
+        _decode_jpeg(data, scratch, height, width, height, width, 0, 0, 1, 1, False, False)
+        return scratch[: 3 * height * width].reshape(height, width, 3)
+    return data.reshape(height, width, 3)
+
+
+_pixels = Compiler.compile(_stored_pixels)
 _READ_ONLY_BYTES = numba.types.Array(numba.uint8, 1, "C", readonly=True)
 # Fields of a stored image that a table row repeats for the image its last crop comes from.
 _SECOND = {"data_ptr": "second_ptr", "height": "second_height", "width": "second_width", "mode": "second_mode"}
@@ -124,7 +135,7 @@ class ViewsDecoder(Operation):
         return state, (output, scratch, second)
 
     def generate_code(self):
-        read, decode_jpeg, resize = self.memory_read, _decode_jpeg, _resize
+        read, pixels, resize = self.memory_read, _pixels, _resize
         loop, views, size, fresh = Compiler.get_iterator(), self.views, self.size, self.fresh
 
         def decode(positions, buffers, table, storage_state):
@@ -140,22 +151,14 @@ class ViewsDecoder(Operation):
                 row = table[positions[k]]
                 data = read(row["data_ptr"], storage_state)
                 height, width = np.uint32(row["height"]), np.uint32(row["width"])
-                if row["mode"] == JPEG_MODE:
-                    decode_jpeg(data, scratch[k], height, width, height, width, 0, 0, 1, 1, False, False)
-                    image = scratch[k][: 3 * height * width].reshape(height, width, 3)
-                else:
-                    image = data.reshape(height, width, 3)
+                image = pixels(data, scratch[k], height, width, row["mode"])
                 window = row["window"]
                 for v in range(views):
                     source = image
                     if v == views - 1 and row["second_ptr"] != row["data_ptr"]:
                         data = read(row["second_ptr"], storage_state)
                         h2, w2 = np.uint32(row["second_height"]), np.uint32(row["second_width"])
-                        if row["second_mode"] == JPEG_MODE:
-                            decode_jpeg(data, second_scratch[k], h2, w2, h2, w2, 0, 0, 1, 1, False, False)
-                            source = second_scratch[k][: 3 * h2 * w2].reshape(h2, w2, 3)
-                        else:
-                            source = data.reshape(h2, w2, 3)
+                        source = pixels(data, second_scratch[k], h2, w2, row["second_mode"])
                     top, left = window[v, 0], window[v, 1]
                     resize(source, top, top + window[v, 2], left, left + window[v, 3], out[v, k])
             return out.reshape(n, -1)
