@@ -165,16 +165,18 @@ def timing(model, cfg, loader, box_loader, method, rounds: int, steps: int) -> d
 @click.option("--train-limit", type=int, default=512)
 @click.option("--val-limit", type=int, default=500)
 @click.option("--ccrop-k", type=float, default=0.1, help="train.py's --ccrop-k for the ccrop runs.")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", help="train.py's --amp for the runs.")
+@click.option("--knn-every", type=int, default=0, help="train.py's --knn-every (0 = only after the last epoch).")
 @click.option("--rounds", type=int, default=2, help="Timing rounds (pass, steps with, steps without).")
 @click.option("--steps", type=int, default=3, help="Training steps per timing round and variant.")
-def main(data, runs, epochs, image_size, train_limit, val_limit, ccrop_k, rounds, steps) -> None:
+def main(data, runs, epochs, image_size, train_limit, val_limit, ccrop_k, amp, knn_every, rounds, steps) -> None:
     """Train the three runs, then compare the boxes' sources at the forward run's final weights."""
     if not (data / "train").is_dir():
         raise click.ClickException(f"{data}/train not found: python -m benchmarks.scattered {data}")
     common = ["--method", "leoclr", "--image-size", str(image_size), "--epochs", str(epochs)]
-    common += ["--train-limit", str(train_limit), "--val-limit", str(val_limit), "--amp", "off", "--seed", "0"]
-    common += ["--knn-every", str(epochs), "--ccrop-warmup", "1", "--ccrop-interval", "1", "--ccrop-k", str(ccrop_k)]
-    common += ["--no-tensorboard"]
+    common += ["--train-limit", str(train_limit), "--val-limit", str(val_limit), "--amp", amp, "--seed", "0"]
+    common += ["--knn-every", str(knn_every or epochs), "--ccrop-warmup", "1", "--ccrop-interval", "1"]
+    common += ["--ccrop-k", str(ccrop_k), "--no-tensorboard"]
     results = train_runs(data, runs, epochs, common)
     click.echo("\n(c) kNN top-1 (%) after epochs 0.." + str(epochs) + ", and the run's wall time")
     for name, (knn, wall) in results.items():

@@ -79,6 +79,22 @@ def test_two_cpu_processes_train_share_the_queue_and_resume(data_for, tmp_path, 
     assert boxes.shape == (24, 4) and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
 
 
+def test_two_cpu_processes_refresh_forward_boxes_from_both_shards(tiny_data, tmp_path):
+    """--ccrop-boxes forward under torchrun: each rank refreshes the boxes of its own shard in its steps; the epoch
+    ends merge them, so every image's box is one of the last epoch's refreshes and the loader's boxes localise."""
+    out = tmp_path / "run"
+    crop = ["--crop", "ccrop", "--ccrop-boxes", "forward", "--ccrop-warmup", 1, "--ccrop-interval", 1]
+    args = [*TINY_TRAIN, "--method", "leoclr", "--bn-splits", 1, "--epochs", 3, "--ccrop-k", 0.5, *crop]
+    done = torchrun(*args, "--data", tiny_data, "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    # 24 images, global batch 8: 3 steps per epoch; the last epoch's steps are 7..9, each rank's 4 images a step.
+    stamps = state["forward_boxes"]["stamps"]
+    assert stamps.shape == (24,) and set(stamps.tolist()) == {7, 8, 9}
+    area = (state["boxes"][:, 2] - state["boxes"][:, 0]) * (state["boxes"][:, 3] - state["boxes"][:, 1])
+    assert area.mean() < 1 and f"boxes updated before epoch 3: mean area {area.mean():.3f}" in done.stdout
+
+
 def recorded_run(monkeypatch, record: Path, *args) -> str:
     """train.py in this process (one process) with its training schedule recorded to `record` (schedule_recorder)."""
     with monkeypatch.context() as patch:
