@@ -167,14 +167,15 @@ def timing(model, cfg, loader, box_loader, method, rounds: int, steps: int) -> d
 @click.option("--ccrop-k", type=float, default=0.1, help="train.py's --ccrop-k for the ccrop runs.")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", help="train.py's --amp for the runs.")
 @click.option("--knn-every", type=int, default=0, help="train.py's --knn-every (0 = only after the last epoch).")
+@click.option("--seed", type=int, default=0, help="train.py's --seed for every run (and the analysis').")
 @click.option("--rounds", type=int, default=2, help="Timing rounds (pass, steps with, steps without).")
 @click.option("--steps", type=int, default=3, help="Training steps per timing round and variant.")
-def main(data, runs, epochs, image_size, train_limit, val_limit, ccrop_k, amp, knn_every, rounds, steps) -> None:
+def main(data, runs, epochs, image_size, train_limit, val_limit, ccrop_k, amp, knn_every, seed, rounds, steps) -> None:
     """Train the three runs, then compare the boxes' sources at the forward run's final weights."""
     if not (data / "train").is_dir():
         raise click.ClickException(f"{data}/train not found: python -m benchmarks.scattered {data}")
     common = ["--method", "leoclr", "--image-size", str(image_size), "--epochs", str(epochs)]
-    common += ["--train-limit", str(train_limit), "--val-limit", str(val_limit), "--amp", amp, "--seed", "0"]
+    common += ["--train-limit", str(train_limit), "--val-limit", str(val_limit), "--amp", amp, "--seed", str(seed)]
     common += ["--knn-every", str(knn_every or epochs), "--ccrop-warmup", "1", "--ccrop-interval", "1"]
     common += ["--ccrop-k", str(ccrop_k), "--no-tensorboard"]
     results = train_runs(data, runs, epochs, common)
@@ -184,15 +185,15 @@ def main(data, runs, epochs, image_size, train_limit, val_limit, ccrop_k, amp, k
             f"  {name:8s} " + " ".join("    -" if v is None else f"{100 * v:5.1f}" for v in knn) + f"   {wall} s"
         )
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     state = torch.load(runs / "fb-forward" / "checkpoint.pt", map_location="cpu", weights_only=False)
     cfg = from_checkpoint(state)
     model = build_model(cfg, torch.device("cpu"))
     model.load_state_dict(state["model"])
     method = method_for("leoclr")
-    train_images, _ = load_splits(data, cfg.data.loader, train_limit, val_limit, 0)
+    train_images, _ = load_splits(data, cfg.data.loader, train_limit, val_limit, seed)
     common_loader = dict(image_size=image_size, batch_size=cfg.optimisation.batch_size, device=torch.device("cpu"))
-    loader = make_loader(cfg.data.loader, train_images, train=True, seed=0, views=3, **common_loader)
+    loader = make_loader(cfg.data.loader, train_images, train=True, seed=seed, views=3, **common_loader)
     box_loader = make_loader(cfg.data.loader, train_images, train=False, **common_loader)
 
     ks = tuple(sorted({0.1, 0.3, 0.5, 0.7, ccrop_k}))
