@@ -2,6 +2,8 @@
 localisation pass (--ccrop-boxes pass), on the off-centre set (python -m benchmarks.scattered data/scattered):
 
     python -m benchmarks.forward_boxes --data data/scattered          # 32 px, 512 train / 500 val, 4 epochs
+    python -m benchmarks.forward_boxes --data data/scattered --epochs 20 --train-limit 4000 --val-limit 1000 \
+        --ccrop-k 0.5 --amp bf16 --knn-every 5 --seed 0 --runs runs/fb-0   # README's table (14 min a run, 2 cores)
 
 (c) kNN top-1 of three train.py runs with the same seed and epochs: random crops (--crop random), ccrop with
 pass-sourced boxes and ccrop with forward-sourced boxes (their commands are printed; finished runs in RUNS are
