@@ -30,13 +30,12 @@ class Encoder(nn.Module):
         return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
     def forward(self, x: torch.Tensor, with_map: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (N, out_dim); with `with_map` also the last stage's map (N, D, h, w) they were pooled from
-        (the same operations as the backbone's forward, so the embeddings are the same)."""
-        if not with_map:
-            return F.normalize(self.head(self.backbone(x)).float(), dim=1)  # float32 embeddings under autocast
+        """Embeddings (N, out_dim); with `with_map` also the last stage's map (N, D, h, w) they are pooled from
+        (the backbone's own operations: its classifier is nn.Identity)."""
         maps = self.feature_map(x)
         features = self.backbone.fc(torch.flatten(self.backbone.avgpool(maps), 1))
-        return F.normalize(self.head(features).float(), dim=1), maps
+        embeddings = F.normalize(self.head(features).float(), dim=1)  # float32 embeddings under autocast
+        return (embeddings, maps) if with_map else embeddings
 
 
 class MomentumContrast(nn.Module):
