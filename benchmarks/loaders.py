@@ -347,7 +347,7 @@ def report(results: list[dict]) -> list[str]:
     for r in ok:  # memory growth over the timed passes (the warm-up pass fills pools and caches)
         first, last = r["rss_after_pass_mb"][1], r["rss_after_pass_mb"][-1]
         if last > 1.05 * first:
-            name = f"{r['loader']} {r['views']} {r['crop']}"
+            name = f"{r['loader']} {r.get('views', '-')} {r['crop']}"  # decode-only rows have no views
             lines.append(f"RSS grew {first:.0f} -> {last:.0f} MiB over the timed passes: {name}")
     return lines
 

@@ -140,3 +140,10 @@ def test_train_step_benchmark_writes_both_methods_ratios_and_the_yardstick(tiny_
         fraction = report[f"{name}_compute_only_images_per_sec"] / bound
         assert report[f"{name}_fraction_of_bound"] == pytest.approx(fraction)
         assert f"{name}: {report[f'{name}_units']:.2f} units" in result.output
+
+
+def test_loaders_report_names_a_decode_only_row_whose_memory_grew():
+    # Decode-only rows carry no "views" key (see _child): the report's RSS line names them all the same.
+    row = dict(loader="decode-only-dali", crop="random", images_per_sec=100.0, rss_after_pass_mb=[800, 891, 1005])
+    lines = loaders.report([row, {**row, "loader": "dali", "views": 3, "rss_after_pass_mb": [900, 900, 901]}])
+    assert lines == ["RSS grew 891 -> 1005 MiB over the timed passes: decode-only-dali - random"]
