@@ -1,0 +1,89 @@
+"""benchmarks/quality.py: the sweep's tiny mode end to end (train.py runs at 16 px on a few dozen JPEGs), its
+summary against the per-seed numbers, resuming an interrupted sweep, and refusing a run made otherwise."""
+
+import json
+import shlex
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TINY_BASE
+from PIL import Image
+
+from benchmarks import quality
+
+TINY = [*TINY_BASE, *"--epochs 2 --workers 0 --loader torchvision".split()]
+
+
+def sweep(out, data, seeds="0,1", common=TINY):
+    args = ["--out", str(out), "--common", shlex.join([*common, "--data", str(data)]), "--seeds", seeds]
+    args += ["--config", "leoclr=", "--config", "mocov2=--method mocov2", "--probe-epochs", "3", "--workers", "0"]
+    return CliRunner().invoke(quality.main, args)
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    result = sweep(out, tiny_data)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_sweep_writes_runs_summary_table_and_plot(swept):
+    out, output = swept
+    record = json.loads((out / "results.json").read_text())
+    assert set(record["runs"]) == {"leoclr", "mocov2"} and record["seeds"] == [0, 1]
+    for name in ("leoclr", "mocov2"):
+        runs = record["runs"][name]
+        assert set(runs) == {"0", "1"}
+        for metric in ("knn20", "knn200", "linear"):
+            values = [runs[s][metric] for s in ("0", "1")]
+            assert all(0 <= v <= 100 for v in values)
+            stats = record["summary"][name][metric]
+            assert stats["n"] == 2 and stats["mean"] == pytest.approx(np.mean(values))
+            assert stats["std"] == pytest.approx(np.std(values, ddof=1))
+        # the training monitor's kNN per epoch, 0 = before training, as train.py wrote it
+        metrics = [json.loads(line) for line in (out / f"{name}-s0" / "metrics.jsonl").read_text().splitlines()]
+        assert runs["0"]["monitor_knn"] == {str(r["epoch"]): 100 * r["knn_top1"] for r in metrics}
+        assert runs["0"]["epochs"] == 2
+    # the baselines are per seed (each seed draws its own subsets), scored the same way
+    assert set(record["baselines"]) == {"0", "1"}
+    for scores in record["baselines"].values():
+        assert set(scores) == set(quality.BASELINES)
+    table = (out / "results.md").read_text()
+    for row in ("leoclr", "mocov2", *quality.BASELINES):
+        assert f"| {row} |" in table
+    assert Image.open(out / "knn.png").size == (900, 520)
+    assert "leoclr seed 1: knn200" in output
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_runs(swept, tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    shutil.copytree(swept[0], out)
+    before = json.loads((out / "results.json").read_text())
+    # mocov2 seed 0 stopped after its last checkpoint (not marked done); leoclr seed 1 never started
+    (out / "mocov2-s0" / "done.json").unlink()
+    (out / "mocov2-s0" / "eval.json").unlink()
+    shutil.rmtree(out / "leoclr-s1")
+    kept = {run: (out / run / "checkpoint.pt").stat().st_mtime_ns for run in ("leoclr-s0", "mocov2-s1")}
+    result = sweep(out, tiny_data)
+    assert result.exit_code == 0, result.output
+    assert "leoclr-s0: trained earlier, reused" in result.output
+    assert {run: (out / run / "checkpoint.pt").stat().st_mtime_ns for run in kept} == kept
+    assert (
+        "mocov2-s0: resuming" in result.output and "resumed after epoch 2" in (out / "mocov2-s0/train.log").read_text()
+    )
+    assert "leoclr-s1: training" in result.output
+    after = json.loads((out / "results.json").read_text())
+    for name in ("leoclr", "mocov2"):  # fixed seeds on the CPU in fp32: the same numbers again
+        for metric in ("knn20", "knn200", "linear"):
+            assert after["summary"][name][metric] == pytest.approx(before["summary"][name][metric])
+
+
+def test_a_run_made_with_other_options_is_refused(swept, tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    shutil.copytree(swept[0], out)
+    result = sweep(out, tiny_data, seeds="0", common=[*TINY, "--lr", "0.01"])
+    assert result.exit_code != 0
+    assert "leoclr-s0 was trained with other options" in result.output
