@@ -384,6 +384,15 @@ def train(
 )
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.1, help="InfoNCE temperature T.")
 @click.option(
+    "--loss-terms",
+    type=click.Choice(["sum", "mean"]),
+    default="sum",
+    help="How a method with several InfoNCE terms (leoclr: l(u, v1) + l(u, v2); --attract-all: 3; --symmetric, "
+    "leoclr-e2e: 2) combines them: sum = the papers' equations; mean = their average, so a step at a given --lr "
+    "moves as far as a one-term method's (MoCo-v2's) and the shared lr fits both (the sum is the mean at twice the "
+    "lr, weight decay aside).",
+)
+@click.option(
     "--bn-splits",
     type=click.IntRange(min=1),
     default=None,

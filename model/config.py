@@ -61,6 +61,7 @@ class MethodConfig:
     original: str = "whole"
     pairs: str | None = None
     temperature: float = 0.1
+    loss_terms: str = "sum"  # sum: the paper's Eq. 3; mean: the method's InfoNCE terms averaged
     crop: str = "random"
     ccrop_k: float = 0.1
     ccrop_alpha: float | None = None  # None: by image size (pipeline/ccrop.py alpha_for), set by `resolve`
@@ -162,6 +163,7 @@ LEGACY = {
     "knn_bank": 0,
     "compile": False,
     "ccrop_boxes": "pass",
+    "loss_terms": "sum",
 }
 
 

@@ -34,6 +34,9 @@ class Method:
     # f_q sees the whole original: the step takes `maps` (a dict) and puts f_q's last-stage map of the original
     # there, detached (N, D, h, w), for ContrastiveCrop's boxes from the training forward (--ccrop-boxes forward)
     original_map: bool = False
+    # InfoNCE terms the step's loss sums (train.py --loss-terms mean divides by it: each term's gradient is then
+    # a one-term method's at the same lr)
+    terms: int = 1
 
 
 def mocov2_step(
@@ -128,19 +131,19 @@ def leoclr_e2e_step(
 
 METHODS = {
     "mocov2": Method(views=("crop1", "crop2"), step=mocov2_step),
-    "leoclr": Method(views=("original", "crop1", "crop2"), step=leoclr_step, original_map=True),
+    "leoclr": Method(views=("original", "crop1", "crop2"), step=leoclr_step, original_map=True, terms=2),
     # SePP-ID (Eq. 2, lambda = 1): MoCo-v2's step; the loader adds every semantic pair (a, b) as a sample whose
     # crop 1 comes from a and crop 2 from b, so each pair's term is computed as a positive pair's.
     "sepp": Method(views=("crop1", "crop2"), step=mocov2_step, pairs=True),
     "simclr": Method(views=("crop1", "crop2"), step=simclr_step, end_to_end=True),
-    "leoclr-e2e": Method(views=("original", "crop1", "crop2"), step=leoclr_e2e_step, end_to_end=True),
+    "leoclr-e2e": Method(views=("original", "crop1", "crop2"), step=leoclr_e2e_step, end_to_end=True, terms=2),
 }
 # Variants selected by train.py's flags: (method, flag) -> the method's variant.
 VARIANTS = {
-    ("mocov2", "symmetric"): Method(views=("crop1", "crop2"), step=symmetric_mocov2_step),
-    ("sepp", "symmetric"): Method(views=("crop1", "crop2"), step=symmetric_mocov2_step, pairs=True),
+    ("mocov2", "symmetric"): Method(views=("crop1", "crop2"), step=symmetric_mocov2_step, terms=2),
+    ("sepp", "symmetric"): Method(views=("crop1", "crop2"), step=symmetric_mocov2_step, pairs=True, terms=2),
     ("leoclr", "attract_all"): Method(
-        views=("original", "crop1", "crop2"), step=leoclr_attract_all_step, original_map=True
+        views=("original", "crop1", "crop2"), step=leoclr_attract_all_step, original_map=True, terms=3
     ),
 }
 

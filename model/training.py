@@ -179,6 +179,8 @@ def optimize(
     extra = {} if maps is None else {"maps": maps}
     with autocast(views[method.views[0]].device, cfg.optimisation.amp):
         loss, keys = method.step(model, views, cfg.method.temperature, generator, **extra)
+        if cfg.method.loss_terms == "mean":
+            loss = loss / method.terms
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)

@@ -13,6 +13,7 @@ from benchmarks import train_step
 from model import training
 from model.backbone import SplitBatchNorm
 from model.config import resolve
+from model.methods import method_for
 
 
 def defaults(**overrides) -> dict:
@@ -101,3 +102,24 @@ def test_single_process_cuda_n_becomes_the_current_device(tiny_data, tmp_path):
     assert result.exit_code == 0, result.output
     assert torch.cuda.current_device() == last and torch.backends.cudnn.benchmark
     assert torch.get_float32_matmul_precision() == "high"
+
+
+@pytest.mark.parametrize(("method", "terms"), [("leoclr", 2), ("mocov2", 1), ("leoclr --attract-all", 3)])
+def test_loss_terms_mean_divides_the_loss_and_its_gradient_by_the_methods_terms(method, terms):
+    name, _, flag = method.partition(" --")
+    results = {}
+    for mode in ("sum", "mean"):
+        cfg = defaults(
+            method=name, attract_all=flag == "attract-all", loss_terms=mode, batch_size=8, bn_splits=2, queue_size=16
+        )
+        cfg.optimisation.amp = "off"
+        torch.manual_seed(0)
+        model, optimizer, scaler = training.build(cfg, torch.device("cpu"))
+        views = {view: torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i, view in
+                 enumerate(("original", "crop1", "crop2"))}  # fmt: skip
+        chosen = method_for(name, attract_all=flag == "attract-all")
+        loss = training.optimize(model, chosen, optimizer, scaler, views, cfg, torch.Generator().manual_seed(0))
+        results[mode] = loss, [p.grad.clone() for p in model.query_encoder.parameters()]
+    assert results["mean"][0] == pytest.approx(results["sum"][0].item() / terms, rel=1e-6)
+    for mean, total in zip(results["mean"][1], results["sum"][1], strict=True):
+        torch.testing.assert_close(mean, total / terms, rtol=1e-4, atol=1e-7)
