@@ -15,11 +15,13 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import queue
 import sys
 import time
 from pathlib import Path
 
 import click
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -35,20 +37,27 @@ WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 
 
 class _Decoded:
-    """Item i -> (uint8 RGB HWC image, label) for FFCV's writer processes.
+    """Item i -> (uint8 RGB HWC image, label) for FFCV's writer processes, no longer side than `max_resolution`.
 
     A file that cannot be decoded is flagged in shared memory and replaced by a 1-pixel image: an exception
     in a writer process would leave FFCV's writer waiting forever, so the caller checks the flags instead.
+    `owner` and `stored` (shared too) say which writer process took each image and whether it is written:
+    when a process dies, the images it held are the ones it took and did not store.
     """
+
+    DECODE, STORE = 1, 2  # `failed` flags: the file does not decode; FFCV's encoder failed on its pixels
 
     def __init__(self, images: ImageList, max_resolution: int) -> None:
         self.images, self.max_resolution = images, max_resolution
         self.failed = multiprocessing.Array("b", len(images), lock=False)
+        self.owner = multiprocessing.Array("i", len(images), lock=False)
+        self.stored = multiprocessing.Array("b", len(images), lock=False)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        self.owner[i] = os.getpid()
         label = int(self.images.labels[i])
         try:  # a full decode: a JPEG whose header and end marker are intact but whose data is broken fails here
             with Image.open(self.images.paths[i]) as file:
@@ -57,10 +66,120 @@ class _Decoded:
                     scale = self.max_resolution / max(file.size)
                     if scale < 1:
                         file.draft("RGB", (math.ceil(file.width * scale), math.ceil(file.height * scale)))
-                return np.asarray(to_rgb(file)), label
+                return shrink(np.asarray(to_rgb(file)), self.max_resolution), label
         except Exception:  # PIL raises several unrelated types for broken files
-            self.failed[i] = 1
+            self.failed[i] = self.DECODE
             return np.zeros((1, 1, 3), dtype=np.uint8), label
+
+
+def shrink(image: np.ndarray, max_resolution: int) -> np.ndarray:
+    """uint8 (H, W, 3) downscaled so that its longer side is at most `max_resolution` (0: as it is), as FFCV's
+    writer would (OpenCV's area filter, sides rounded down), but no side below 1 pixel: FFCV's own resize asks
+    OpenCV for a 0-pixel side when an image is over `max_resolution` times longer than wide, and its writer
+    process dies."""
+    height, width = image.shape[:2]
+    if not max_resolution or max(height, width) <= max_resolution:
+        return image
+    ratio = max_resolution / max(height, width)
+    size = (max(1, int(ratio * width)), max(1, int(ratio * height)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+class WriterDied(Exception):
+    """A writer process ended without finishing its share (killed, out of memory, a crash in native code)."""
+
+    def __init__(self, pid: int, exitcode: int) -> None:
+        super().__init__(f"FFCV's writer process {pid} ended with exit code {exitcode}")
+        self.pid, self.exitcode = pid, exitcode
+
+
+def _store_samples(input_queue, metadata_sm, metadata_type, fields, allocator, done_number, allocations_queue, dataset):
+    """FFCV 1.0.2's `worker_job_indexed_dataset`, with each sample's encode guarded: an image FFCV cannot store is
+    flagged (`_Decoded.STORE`) and stored as 1 pixel, so the writer finishes and the caller names the file."""
+    from ffcv.writer import handle_sample
+
+    metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
+    names = metadata_type.names
+    with allocator:  # every page this process filled is written to the file at the end
+        while (chunk := input_queue.get()) is not None:
+            for destination, source in chunk:
+                image, label = dataset[source]
+                try:
+                    handle_sample((image, label), destination, names, metadata, allocator, fields)
+                except Exception:  # an encoder's error: OpenCV's, FFCV's own checks
+                    dataset.failed[source] = _Decoded.STORE
+                    blank = np.zeros((1, 1, 3), dtype=np.uint8)
+                    handle_sample((blank, label), destination, names, metadata, allocator, fields)
+                dataset.stored[source] = 1
+            with done_number.get_lock():
+                done_number.value += len(chunk)
+    allocations_queue.put(allocator.allocations)
+
+
+def _writer_class():
+    """FFCV's DatasetWriter whose wait for its processes ends when one of them dies (`WriterDied`): FFCV 1.0.2
+    waits for a count of written samples that a dead process never adds to, forever."""
+    import ctypes
+    from multiprocessing import Process, Queue, Value
+
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.utils import chunks
+    from ffcv.writer import DatasetWriter
+    from tqdm import tqdm
+
+    class Writer(DatasetWriter):
+        def from_indexed_dataset(self, dataset: _Decoded, chunksize: int = 100) -> None:
+            indices = list(enumerate(range(len(dataset))))
+            self._write_common(len(indices), chunks(indices, chunksize), _store_samples, (dataset,))
+
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):  # FFCV's, watched
+            self.num_samples = num_samples
+            self.prepare()
+            work, allocations = Queue(), Queue()
+            for todo in queue_content:
+                work.put(todo)
+            for _ in range(self.num_workers):
+                work.put(None)
+            done = Value(ctypes.c_uint64, 0)
+            allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+            args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations)
+            processes = [Process(target=work_fn, args=(*args, *extra_worker_args)) for _ in range(self.num_workers)]
+            try:
+                for process in processes:
+                    process.start()
+                with tqdm(total=self.num_samples) as progress:
+                    while progress.n < self.num_samples:
+                        for process in processes:
+                            if process.exitcode not in (None, 0):
+                                raise WriterDied(process.pid, process.exitcode)
+                        if done.value > progress.n:
+                            progress.update(done.value - progress.n)
+                        time.sleep(0.1)
+                allocation_list = []
+                for _ in processes:
+                    while True:  # each process puts its allocations once: wait for them, unless it died
+                        try:
+                            allocation_list.extend(allocations.get(timeout=1))
+                            break
+                        except queue.Empty:
+                            for process in processes:
+                                if process.exitcode not in (None, 0):
+                                    raise WriterDied(process.pid, process.exitcode) from None
+                self.finalize(allocation_list)
+            finally:
+                for process in processes:
+                    if process.is_alive():
+                        process.terminate()
+                    process.join()
+                self.metadata_sm.close()
+                self.metadata_sm.unlink()
+
+    return Writer
+
+
+def partial_path(out: Path) -> Path:
+    """Where a conversion writes before it is complete: OUT.partial beside OUT (renamed to OUT at the end)."""
+    return out.with_name(out.name + ".partial")
 
 
 def convert_split(
@@ -74,38 +193,45 @@ def convert_split(
     workers: int = 0,
     skip_bad: bool = False,
     labels: str = "auto",
+    publish: bool = True,
 ) -> int:
     """Write the images under SPLIT (class folders SPLIT/<class>/*.jpg, or any folder of images, labelled as
-    `labels` says; see `pipeline.data.scan_split`) to `out` (.beton); returns the image count. Files that cannot
-    be decoded raise ValueError naming every one (the index pass finds those with a bad header before anything is
-    written; the others fail the writer's full decode, and the file is removed), or with `skip_bad` are left out
-    and printed (those the writer found by writing the file again without them); no partial file is left behind.
-    BackendUnavailable without FFCV."""
+    `labels` says; see `pipeline.data.scan_split`) to `out` (.beton); returns the image count. The file is
+    written as `partial_path(out)` and renamed to `out` only once complete (`publish=False` leaves that to the
+    caller): a failed or killed conversion never touches an `out` already there. Files that cannot be decoded
+    or stored raise ValueError naming every one (the index pass finds those with a bad header before anything
+    is written; the others fail the writer's full decode), or with `skip_bad` are left out and printed (those
+    the writer found by writing the file again without them). A writer process that dies ends the conversion
+    with a ValueError naming the file it held. BackendUnavailable without FFCV."""
     require_backend("ffcv")  # FFCV is optional: imported here, not when this module is (keeps torch's threads)
 
     images = scan_split(split_dir, skip_bad=skip_bad, labels=labels)
     for path, reason in images.skipped:
         click.echo(f"skipped {path}: {reason}", err=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(out)
     options = (max_resolution, write_mode, jpeg_quality, compress_probability, smart_threshold, workers)
-    failed = _write(images, out, *options)
-    if failed and skip_bad:
-        for i in failed:
-            click.echo(f"skipped {images.paths[i]}: {decode_error(images.paths[i]) or 'does not decode'}", err=True)
-        if len(failed) == len(images):
-            out.unlink(missing_ok=True)
-            raise ValueError(f"none of the {len(images)} images of {split_dir} decodes")
-        images = select(images, np.setdiff1d(np.arange(len(images)), failed))
-        failed = [images.paths[i] for i in _write(images, out, *options)]  # nothing new fails: the same decoder
-    else:
-        failed = [images.paths[i] for i in failed]
-    if failed:
-        out.unlink(missing_ok=True)
-        listed = "\n  ".join(failed)
-        raise ValueError(
-            f"cannot decode {len(failed)} image(s) of {split_dir}; nothing written (--skip-bad leaves them out):"
-            f"\n  {listed}"
-        )
+    kept = f"; {out} is unchanged" if out.exists() else ""
+    try:
+        failed = _write(images, partial, *options)
+        if failed and skip_bad:
+            for i, reason in failed.items():
+                click.echo(f"skipped {images.paths[i]}: {reason}", err=True)
+            if len(failed) == len(images):
+                raise ValueError(f"none of the {len(images)} images of {split_dir} decodes{kept}")
+            images = select(images, np.setdiff1d(np.arange(len(images)), list(failed)))
+            failed = _write(images, partial, *options)  # nothing new fails: the same decoder
+        if failed:
+            listed = "\n  ".join(f"{images.paths[i]}: {reason}" for i, reason in failed.items())
+            raise ValueError(
+                f"cannot convert {len(failed)} image(s) of {split_dir}; nothing written{kept} (--skip-bad leaves "
+                f"them out):\n  {listed}"
+            )
+    except BaseException:  # an error, Ctrl-C: no partial file stays behind
+        partial.unlink(missing_ok=True)
+        raise
+    if publish:
+        os.replace(partial, out)
     return len(images)
 
 
@@ -118,10 +244,10 @@ def _write(
     compress_probability: float,
     smart_threshold: int | None,
     workers: int,
-) -> list[int]:
-    """Write `images` to `out`; returns the positions of those that failed to decode (stored as 1 pixel)."""
+) -> dict[int, str]:
+    """Write `images` to `out`; returns {position: why} of those that failed to decode or to be stored (stored
+    as 1 pixel). A writer process that dies raises ValueError naming the image it held."""
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     source = _Decoded(images, max_resolution)
     field = RGBImageField(
@@ -131,14 +257,36 @@ def _write(
         compress_probability=compress_probability,
         smart_threshold=smart_threshold,
     )
-    writer = DatasetWriter(
+    writer = _writer_class()(
         str(out),
         {"image": field, "label": IntField()},
         page_size=page_size(images, max_resolution),
         num_workers=workers or min(len(images), os.cpu_count() or 1),
     )
-    writer.from_indexed_dataset(source, chunksize=max(1, min(100, len(images) // max(1, writer.num_workers))))
-    return np.flatnonzero(np.frombuffer(source.failed, dtype=np.int8)).tolist()
+    try:
+        writer.from_indexed_dataset(source, chunksize=max(1, min(100, len(images) // max(1, writer.num_workers))))
+    except WriterDied as died:
+        held = [images.paths[i] for i in range(len(images)) if source.owner[i] == died.pid and not source.stored[i]]
+        what = f"while storing {', '.join(held)}" if held else "before it took an image"
+        raise ValueError(f"{died} {what}; nothing written") from None
+    failed = np.frombuffer(source.failed, dtype=np.int8)
+    reasons = {}
+    for i in np.flatnonzero(failed).tolist():
+        if failed[i] == _Decoded.DECODE:
+            reasons[i] = decode_error(images.paths[i]) or "does not decode"
+        else:
+            reasons[i] = f"FFCV cannot store it ({_store_error(source, field, i)})"
+    return reasons
+
+
+def _store_error(source: _Decoded, field, i: int) -> str:
+    """Why FFCV's encoder failed on image `i` of `source`, found again in this process (one line)."""
+    try:
+        destination = np.zeros(1, dtype=field.metadata_type)
+        field.encode(destination, source[i][0], lambda size: (0, np.empty(size, dtype=np.uint8)))
+    except Exception as error:
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+    return "it failed in the writer process only"
 
 
 def page_size(images: ImageList, max_resolution: int) -> int:
@@ -187,14 +335,19 @@ def main(src: Path, out: Path, **options) -> None:
     if options["write_mode"] == "smart" and options["smart_threshold"] is None:
         raise click.BadParameter("smart mode needs a threshold in bytes", param_hint="--smart-threshold")
     jobs = [(src / split, out / f"{split}.beton") for split in splits] or [(src, out)]
-    for split_dir, target in jobs:
-        started = time.perf_counter()
-        try:
-            count = convert_split(split_dir, target, **options)
-        except (FileNotFoundError, ValueError) as error:
-            raise click.ClickException(str(error)) from error
+    done = []
+    try:
+        for split_dir, target in jobs:  # every split to OUT.partial first: OUT's files change together or not at all
+            started = time.perf_counter()
+            count = convert_split(split_dir, target, **options, publish=False)
+            done.append((split_dir, target, count, time.perf_counter() - started))
+    except (FileNotFoundError, ValueError) as error:
+        for _, target, _, _ in done:
+            partial_path(target).unlink(missing_ok=True)
+        raise click.ClickException(str(error)) from error
+    for split_dir, target, count, seconds in done:
+        os.replace(partial_path(target), target)
         size = target.stat().st_size / 2**20
-        seconds = time.perf_counter() - started
         click.echo(f"{split_dir} -> {target}: {count} images, {size:.1f} MiB, {seconds:.1f} s")
 
 

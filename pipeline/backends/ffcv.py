@@ -83,6 +83,7 @@ def read_beton(path: str | Path, limit: int = 0, seed: int = 0) -> ImageList:
     """The images of a .beton with an RGBImageField "image" and an IntField "label" (what `pipeline.convert`
     and ffcv-imagenet write); with limit > 0 a seeded subset chosen as `scan_split` chooses from a folder."""
     path = Path(path)
+    check_complete(path)
     try:
         reader = Reader(str(path))
     except Exception as error:  # FFCV raises assertion/value errors or numpy's for foreign files
@@ -105,6 +106,26 @@ def read_beton(path: str | Path, limit: int = 0, seed: int = 0) -> ImageList:
         beton=str(path),
         ids=ids.astype(np.int64),
     )
+
+
+def check_complete(path: Path) -> None:
+    """ValueError (one line) unless `path` is a whole .beton: FFCV's writer fills in the header's pointer to the
+    allocation table last, so a file whose writer was killed (or is still writing) has none, or one past its end."""
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+    try:
+        size = path.stat().st_size
+        header = np.fromfile(path, dtype=HeaderType, count=1) if size >= HeaderType.itemsize else None
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from error
+    if header is None:
+        raise ValueError(f"cannot read {path} as an FFCV .beton file: {size} bytes, shorter than its header")
+    table = int(header[0]["alloc_table_ptr"])
+    if table == 0 or table > size or (size - table) % ALLOC_TABLE_TYPE.itemsize:
+        raise ValueError(
+            f"{path} is an incomplete .beton (its conversion did not finish): convert the folder again with "
+            "python -m pipeline.convert"
+        )
 
 
 class ViewsDecoder(Operation):
