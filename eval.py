@@ -35,6 +35,7 @@ from model.evaluation import (
     topk_accuracy,
 )
 from model.knn import knn_scores
+from model.options import Count, Group, Integer, Real
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
 from model.training import load_checkpoint
 from pipeline.augment import AugmentConfig, augment
@@ -135,25 +136,27 @@ def common_options(command):
         ),
         click.option(
             "--train-limit",
-            type=int,
+            type=Integer(min=0),
             default=None,
             help="Seeded subset of the train split (0 = all). [default: the checkpoint's]",
         ),
         click.option(
             "--val-limit",
-            type=int,
+            type=Integer(min=0),
             default=None,
             help="Seeded subset of the val split (0 = all). [default: the checkpoint's]",
         ),
-        click.option("--image-size", type=int, default=None, help="Evaluation resolution. [default: the checkpoint's]"),
+        click.option(
+            "--image-size", type=Integer(min=8), default=None, help="Evaluation resolution. [default: the checkpoint's]"
+        ),
         click.option(
             "--crop-fraction",
-            type=float,
+            type=Real(0, 1, min_open=True),
             default=0.875,
             help="Center crop side / shorter image side (224/256 as on ImageNet).",
         ),
-        click.option("--batch-size", type=int, default=None, help="[default: the checkpoint's]"),
-        click.option("--workers", type=int, default=2, help="Loader threads/processes."),
+        click.option("--batch-size", type=Count(), default=None, help="[default: the checkpoint's]"),
+        click.option("--workers", type=Integer(min=0), default=2, help="Loader threads/processes."),
         click.option(
             "--amp",
             type=click.Choice(AMP_CHOICES),
@@ -161,7 +164,9 @@ def common_options(command):
             help="Precision of the backbone, as train.py's --amp (auto: picked by the hardware).",
         ),
         click.option("--device", default="auto", help="auto = cuda where torch can use a GPU, else cpu (as train.py)."),
-        click.option("--seed", type=int, default=None, help="Subsets, crops, shuffles. [default: the checkpoint's]"),
+        click.option(
+            "--seed", type=Integer(), default=None, help="Subsets, crops, shuffles. [default: the checkpoint's]"
+        ),
         click.option(
             "--json",
             "json_out",
@@ -227,8 +232,6 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
         raise click.BadParameter("fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off", param_hint="--amp")
     options["amp"], reason = resolve_amp(options["amp"], device, cfg.model.arch, options["image_size"])
     click.echo(describe(options["amp"], reason))
-    if not 0 < options["crop_fraction"] <= 1:
-        raise click.BadParameter("must be in (0, 1]", param_hint="--crop-fraction")
     try:
         train, val = load_splits(
             options["data"], options["loader"], options["train_limit"], options["val_limit"], options["seed"]
@@ -248,15 +251,15 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
     return Setup(state, str(checkpoint), train, val, options, device)
 
 
-@click.group(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Evaluate a train.py checkpoint (kNN, linear, semi-supervised fine-tuning, center/random crop test) or
     export its query backbone. Every protocol scores the val split; `PROTOCOL --help` lists its options."""
 
 
 @main.command()
-@click.option("--k", "k", type=int, default=200, help="Neighbours.")
-@click.option("--temperature", type=float, default=0.1, help="Vote weight exp(similarity / T).")
+@click.option("--k", "k", type=Count(), default=200, help="Neighbours.")
+@click.option("--temperature", type=Real(min=0, min_open=True), default=0.1, help="Vote weight exp(similarity / T).")
 @common_options
 def knn(setup: Setup, started: float, k: int, temperature: float) -> dict:
     """Weighted kNN (the training monitor's protocol): un-augmented whole-image features of the train split
@@ -272,7 +275,7 @@ def knn(setup: Setup, started: float, k: int, temperature: float) -> dict:
 def crop_min_option(command):
     return click.option(
         "--crop-min",
-        type=click.FloatRange(0, 1, min_open=True),
+        type=Real(0, 1, min_open=True),
         default=CROP_MIN,
         help="Smallest area fraction of the RandomResizedCrop training images (scale (crop-min, 1)): 0.08 as MoCo's "
         "main_lincls (torchvision's default); 0.2 gives the pre-training crops.",
@@ -281,9 +284,11 @@ def crop_min_option(command):
 
 def linear_options(command):
     options = [
-        click.option("--epochs", type=int, default=100, help="Classifier training epochs (the papers: 100)."),
-        click.option("--lr", type=float, default=0.1, help="SGD learning rate (momentum 0.9, cosine to 0)."),
-        click.option("--weight-decay", type=float, default=0.0),
+        click.option("--epochs", type=Count(), default=100, help="Classifier training epochs (the papers: 100)."),
+        click.option(
+            "--lr", type=Real(min=0, min_open=True), default=0.1, help="SGD learning rate (momentum 0.9, cosine to 0)."
+        ),
+        click.option("--weight-decay", type=Real(min=0), default=0.0),
         click.option(
             "--cached-features/--augmented",
             default=False,
@@ -386,15 +391,25 @@ def crop_test(
 
 
 @main.command()
-@click.option("--fraction", type=float, default=0.1, help="Share of the train labels used, the same in every class.")
+@click.option(
+    "--fraction",
+    type=Real(0, 1, min_open=True),
+    default=0.1,
+    help="Share of the train labels used, the same in every class.",
+)
 @click.option(
     "--epochs",
-    type=int,
+    type=Count(),
     default=None,
     help="Fine-tuning epochs over the labelled subset. [default: 60 for a fraction <= 1%, else 30 (SimCLR)]",
 )
-@click.option("--lr", type=float, default=0.05, help="SGD learning rate (Nesterov momentum 0.9, cosine to 0).")
-@click.option("--weight-decay", type=float, default=0.0)
+@click.option(
+    "--lr",
+    type=Real(min=0, min_open=True),
+    default=0.05,
+    help="SGD learning rate (Nesterov momentum 0.9, cosine to 0).",
+)
+@click.option("--weight-decay", type=Real(min=0), default=0.0)
 @crop_min_option
 @common_options
 def finetune(

@@ -25,10 +25,11 @@ from tqdm import tqdm
 from model import distributed
 from model.backbone import ARCHS
 from model.board import Board, tensorboard_missing
-from model.config import LEGACY, Config, read_file, resolve
+from model.config import LEGACY, Config, fit_to_images, read_file, resolve
 from model.distributed import sum_arrays
 from model.localize import localize
 from model.methods import METHODS, method_for
+from model.options import Command, Count, Integer, Real
 from model.precision import AMP_CHOICES, autocast, describe
 from model.training import (
     CHECK_EVERY,
@@ -277,7 +278,7 @@ def train(
     return history
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option(
     "--loader",
     type=click.Choice(BACKENDS),
@@ -356,33 +357,29 @@ def train(
 @click.option("--arch", type=click.Choice(ARCHS), default="resnet18")
 @click.option(
     "--image-size",
-    type=click.IntRange(min=8),
+    type=Integer(min=8),
     default=16,
     help="Training resolution S; S <= 64 uses the small-image stem. The defaults (16 px, 2,000 images, 6 epochs) "
     "size a run for minutes on a 2-core CPU; README: the full recipe.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=6)
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=64, help="Global batch (split over torchrun's processes)."
-)
+@click.option("--epochs", type=Count(), default=6)
+@click.option("--batch-size", type=Count(), default=64, help="Global batch (split over torchrun's processes).")
 @click.option(
     "--lr",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Real(min=0, min_open=True),
     default=0.03,
     help="Base learning rate (cosine decay per epoch).",
 )
-@click.option(
-    "--warmup-epochs", type=click.FloatRange(min=0), default=0.0, help="Linear learning-rate warm-up, in epochs."
-)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4)
-@click.option("--moco-momentum", type=click.FloatRange(0, 1), default=0.99, help="Key-encoder momentum m.")
+@click.option("--warmup-epochs", type=Real(min=0), default=0.0, help="Linear learning-rate warm-up, in epochs.")
+@click.option("--weight-decay", type=Real(min=0), default=5e-4)
+@click.option("--moco-momentum", type=Real(0, 1), default=0.99, help="Key-encoder momentum m.")
 @click.option(
     "--queue-size",
-    type=click.IntRange(min=1),
+    type=Count(),
     default=1024,
     help="Number of negative keys K (a multiple of --batch-size).",
 )
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.1, help="InfoNCE temperature T.")
+@click.option("--temperature", type=Real(min=0, min_open=True), default=0.1, help="InfoNCE temperature T.")
 @click.option(
     "--loss-terms",
     type=click.Choice(["sum", "mean"]),
@@ -394,7 +391,7 @@ def train(
 )
 @click.option(
     "--bn-splits",
-    type=click.IntRange(min=1),
+    type=Count(),
     default=None,
     help="Split batch norm groups (1 = plain BN). [default: 8 with one process, where split BN stands in for "
     "shuffle BN; 1 under torchrun, where keys are shuffled across the ranks as in MoCo] One process refuses 1 for "
@@ -407,17 +404,17 @@ def train(
     help="Crops of the two augmented views: RandomResizedCrop, or ContrastiveCrop (centres sampled around a "
     "box per image found from the model's own heatmap; the LeOCLR original is never cropped).",
 )
-@click.option("--ccrop-k", type=click.FloatRange(0, 1), default=0.1, help="ContrastiveCrop heatmap threshold k.")
+@click.option("--ccrop-k", type=Real(0, 1), default=0.1, help="ContrastiveCrop heatmap threshold k.")
 @click.option(
     "--ccrop-alpha",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Real(min=0, min_open=True),
     default=None,
     help="ContrastiveCrop Beta(alpha, alpha) for crop centres. [default: by --image-size, as the reference "
     "configs: 0.1 up to 96 px (CIFAR, Tiny ImageNet, STL-10), 0.6 above (ImageNet)]",
 )
 @click.option(
     "--ccrop-warmup",
-    type=click.IntRange(min=0),
+    type=Integer(min=0),
     default=None,
     help="Epochs of RandomResizedCrop before crops are sampled around boxes. As in the reference code, the boxes "
     "are recomputed once e epochs are done where e >= this, e is a multiple of --ccrop-interval and epochs remain, "
@@ -425,7 +422,7 @@ def train(
 )
 @click.option(
     "--ccrop-interval",
-    type=click.IntRange(min=1),
+    type=Count(),
     default=None,
     help="Epochs between box updates. [default: 20% of --epochs]",
 )
@@ -446,13 +443,13 @@ def train(
 )
 @click.option(
     "--train-limit",
-    type=click.IntRange(min=0),
+    type=Integer(min=0),
     default=2000,
     help="Use a seeded random subset of this many train images (0 = all).",
 )
 @click.option(
     "--val-limit",
-    type=click.IntRange(min=0),
+    type=Integer(min=0),
     default=2000,
     help="Same for the val split used by the kNN monitor (0 = all).",
 )
@@ -469,17 +466,17 @@ def train(
     help="Decode every image fully before training (in parallel; cached by path, size and mtime in "
     "$LEOCLR_CACHE, default ~/.cache/leoclr) and stop on those that fail, or leave them out with --skip-bad.",
 )
-@click.option("--knn-k", type=click.IntRange(min=1), default=200)
-@click.option("--knn-temperature", type=click.FloatRange(min=0, min_open=True), default=0.1)
+@click.option("--knn-k", type=Count(), default=200)
+@click.option("--knn-temperature", type=Real(min=0, min_open=True), default=0.1)
 @click.option(
     "--knn-every",
-    type=click.IntRange(min=1),
+    type=Count(),
     default=1,
     help="Epochs between kNN monitor evaluations (before training, every N epochs, and always after the last).",
 )
 @click.option(
     "--knn-bank",
-    type=click.IntRange(min=0),
+    type=Integer(min=0),
     default=KNN_BANK,
     help="kNN monitor bank: a seeded subset of this many training images (0 = all). The default keeps ImageNet's "
     "bank pass near a tenth of an epoch; 1.28M x 2048 in float16 (5 GB on rank 0) would fit a 40 GB GPU too.",
@@ -494,7 +491,7 @@ def train(
 )
 @click.option(
     "--workers",
-    type=click.IntRange(min=0),
+    type=Integer(min=0),
     default=None,
     help="Loader threads (DALI, FFCV) or processes (torchvision). [default: this process's share of the CPU "
     "cores, less one for the trainer]",
@@ -518,7 +515,7 @@ def train(
     help="TensorBoard event files in the run directory: per-step loss, lr and img/s, per-epoch metrics, pictures of "
     "the views (metrics.jsonl stays the record). [default: on when the tensorboard package is installed]",
 )
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=Integer(), default=0)
 @click.option(
     "--config",
     "config_file",
@@ -532,7 +529,7 @@ def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **op
     """Pre-train a ResNet without labels with LeOCLR (original -> query encoder, two crops -> momentum
     encoder), MoCo-v2, SePP-ID, SimCLR or end-to-end LeOCLR, monitoring weighted kNN top-1 on the val split
     before training and after each epoch. Under torchrun, one process per GPU (DDP)."""
-    state = None
+    state, saved = None, {}
     given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     from_file = {} if config_file is None else read_options(ctx, config_file)
     if resume is not None:
@@ -556,10 +553,17 @@ def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **op
             options["bn_splits"] = None
     else:  # the file's settings over the defaults, the command line's over both
         options = {**options, **from_file, **{k: options[k] for k in given}}
+    chosen = {k for k in given | set(from_file) | set(saved) if options.get(k) is not None}  # the rest may be fitted
     try:
-        cfg = resolve(options)
+        cfg = resolve(options, given=chosen)
     except ValueError as error:  # a setting this version does not know, in the checkpoint's config
         raise click.ClickException(f"{resume}: {error}" if resume is not None else str(error)) from error
+    if state is not None and state.get("epoch", 0) >= cfg.optimisation.epochs and not state.get("step"):
+        done = state.get("epoch", 0)  # nothing left to train: say so, write nothing
+        raise click.ClickException(
+            f"{resume}: the run is complete ({done} of {cfg.optimisation.epochs} epochs trained); train on with "
+            f"--resume {resume} --epochs N (N > {done}; the lr's cosine then runs over N epochs)"
+        )
     require_backend(cfg.data.loader)  # DALI and FFCV are optional: say how to install one before indexing any data
     if cfg.run.tensorboard and (missing := tensorboard_missing()) is not None:
         raise click.ClickException(f"--tensorboard: {missing}")
@@ -568,6 +572,7 @@ def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **op
         splits = load_splits(
             data.data, data.loader, data.train_limit, data.val_limit, cfg.run.seed, data.skip_bad, data.labels
         )
+        fit_to_images(cfg, len(splits[0]), chosen)
         monitor = monitor_splits(cfg, *splits)
         for split in (*splits, *monitor[:2]):
             for path, reason in split.skipped if split is not None else ():
@@ -580,6 +585,9 @@ def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **op
             hint = " (prepare it with: python -m pipeline.fashion_mnist data/fashion-mnist)"
         raise click.ClickException(f"{error}{hint}") from error
     bank, queries, knn_off = monitor
+    if cfg.fitted and os.environ.get("RANK", "0") == "0":
+        fitted = ", ".join(cfg.fitted)
+        click.echo(f"fitted to the batch and the {len(splits[0])} training images: {fitted} (pass one to choose it)")
     history = train(cfg, state, splits[0], queries, bank, knn_off)
     final = history[-1]["knn_top1"] if history else None
     if final is not None and os.environ.get("RANK", "0") == "0":

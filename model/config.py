@@ -12,10 +12,10 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -110,6 +110,8 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optimisation: OptimisationConfig = field(default_factory=OptimisationConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Options `resolve` and `fit_to_images` chose for the user, as "--option value" (not a setting: said once)
+    fitted: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:
@@ -122,10 +124,8 @@ class Config:
             name = key.lstrip("-").replace("-", "_")
             where = f"{section}.{key}" if section else key
             if name not in SECTION_OF:
-                raise ValueError(f"unknown setting {where!r}")
-            if section is not None and SECTION_OF[name] != section:
-                raise ValueError(f"unknown setting {where!r}: {name} is in section {SECTION_OF[name]}")
-            if name in given[SECTION_OF[name]]:
+                raise ValueError(f"unknown setting {where!r} ({sections_listed()})")
+            if name in given[SECTION_OF[name]]:  # a key in another section than its own is still that setting
                 raise ValueError(f"setting {where!r} given twice")
             given[SECTION_OF[name]][name] = value
 
@@ -149,6 +149,15 @@ class Config:
 
 SECTIONS = {f.name: f.default_factory for f in fields(Config)}
 SECTION_OF = {setting.name: name for name, kind in SECTIONS.items() for setting in fields(kind)}
+
+
+def sections_listed() -> str:
+    """Every setting by section, for an error about a key: "settings by section: data: data, labels, ...; model:
+    ...". A file may put a setting in any section (names are unique across them) or in none."""
+    listed = "; ".join(f"{name}: {', '.join(f.name for f in fields(kind))}" for name, kind in SECTIONS.items())
+    return f"settings by section (any section, or none, is fine): {listed}"
+
+
 # Settings added after the first checkpoints were written, with the value those runs trained with.
 LEGACY = {
     "pairs": None,
@@ -186,8 +195,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError, yaml.YAMLError) as error:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         raise ValueError(f"cannot read {path} as {kind}: {error}") from error
-    if values is None:
-        return {}
+    if values is None or values == {}:  # an empty file: most likely not the file meant (it would run the defaults)
+        raise ValueError(f"{path} holds no settings (it is empty): give a file of option names and values")
     if not isinstance(values, Mapping):
         raise ValueError(f"{path} must hold a mapping of option names to values, not a {type(values).__name__}")
     flat: dict[str, Any] = {}
@@ -199,10 +208,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
             if setting_name not in SECTION_OF:
                 close = difflib.get_close_matches(setting_name, list(SECTION_OF), n=2)
                 hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-                raise ValueError(f"{path}: unknown setting {where!r}{hint}")
-            if section and SECTION_OF[setting_name] != section:
-                raise ValueError(f"{path}: unknown setting {where!r}: {name} is in section {SECTION_OF[setting_name]}")
-            if setting_name in flat:
+                raise ValueError(f"{path}: unknown setting {where!r}{hint}; {sections_listed()}")
+            if setting_name in flat:  # names are unique: a key in another section than its own is still it
                 raise ValueError(f"{path}: setting {where!r} given twice")
             flat[setting_name] = setting
     if flat.pop("amp_auto", None):
@@ -217,13 +224,45 @@ def from_checkpoint(state: Mapping[str, Any]) -> Config:
     return Config.from_dict({**LEGACY, **state["config"]})
 
 
-def resolve(options: Mapping[str, Any], timing_only: bool = False) -> Config:
+class BadSettings(click.BadParameter):
+    """Every broken constraint of a run's settings at once, one line: `problems` are (option, what is wrong and
+    what would satisfy it). One problem reads as click's "Invalid value for OPTION: ...", with its param_hint."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(why for _, why in problems), param_hint=", ".join(h for h, _ in problems))
+
+    def format_message(self) -> str:
+        if len(self.problems) == 1:
+            return f"Invalid value for {self.problems[0][0]}: {self.problems[0][1]}"
+        listed = "; ".join(f"{hint}: {why}" for hint, why in self.problems)
+        return f"{len(self.problems)} settings do not fit together: {listed}"
+
+
+def multiples_near(value: int, step: int) -> str:
+    """The multiples of `step` on either side of `value` (the smaller one only when >= step): "32 or 40"."""
+    lower, upper = value // step * step, -(-value // step) * step
+    return str(upper) if lower < step or lower == upper else f"{lower} or {upper}"
+
+
+def split_count(per_rank: int, limit: int = 8) -> int:
+    """The most batch-norm groups, 2 to `limit`, that divide a batch of `per_rank` with 2 images or more each
+    (1 when there are none: the caller refuses it where split BN is needed)."""
+    return max((s for s in range(2, limit + 1) if per_rank % s == 0 and per_rank // s >= 2), default=1)
+
+
+def resolve(options: Mapping[str, Any], timing_only: bool = False, given: Collection[str] | None = None) -> Config:
     """A run's settings from its options (as `Config.from_dict` takes them): the automatic defaults filled and
-    the combinations checked, with click errors naming the option; the result is what config.json records.
+    the combinations checked, every broken one in one `BadSettings` (a click error naming the options and what
+    would satisfy each); the result is what config.json records. `given` names the settings the user chose
+    (command line, --config, checkpoint); --queue-size and --bn-splits not among them are fitted to the batch
+    (`Config.fitted` says how). None: all given, nothing fitted.
     `timing_only` (benchmarks/train_step.py, which times steps and trains nothing worth keeping) lets one
     process use plain batch norm with a momentum-encoder method, as a reference point; training refuses it."""
     cfg = Config.from_dict({k: v for k, v in options.items() if k != "amp_auto"})  # settled again by training
-    data, model, method, opt, run = cfg.data, cfg.model, cfg.method, cfg.optimisation, cfg.run
+    data, method, opt, run = cfg.data, cfg.method, cfg.optimisation, cfg.run
+    given = set(SECTION_OF) if given is None else set(given)
+    problems: list[tuple[str, str]] = []
     run.device = resolve_device(run.device)
     if method.blur is None:
         method.blur = data.image_size > 64
@@ -239,13 +278,13 @@ def resolve(options: Mapping[str, Any], timing_only: bool = False) -> Config:
     if data.val_data is not None:
         data.val_data = str(data.val_data)
     if opt.amp == "fp16" and run.device == "cpu":
-        raise click.BadParameter("fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off", param_hint="--amp")
+        problems.append(("--amp", "fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off"))
     try:
         chosen = method_for(method.method, method.symmetric, method.attract_all)
     except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--symmetric/--attract-all") from error
+        raise BadSettings([("--symmetric/--attract-all", str(error))]) from error
     if method.original == "random-crop" and "original" not in chosen.views:
-        raise click.BadParameter(f"--method {method.method} has no original view", param_hint="--original")
+        problems.append(("--original", f"--method {method.method} has no original view"))
     if method.ccrop_boxes == "forward":  # boxes from f_q's map of the whole original: only where f_q sees it
         why = ""
         if method.crop != "ccrop":
@@ -255,30 +294,138 @@ def resolve(options: Mapping[str, Any], timing_only: bool = False) -> Config:
         elif method.original != "whole":
             why = "needs the whole original view, not --original random-crop"
         if why:
-            raise click.BadParameter(why, param_hint="--ccrop-boxes forward")
+            problems.append(("--ccrop-boxes forward", why))
     if chosen.pairs != (method.pairs is not None):
-        raise click.BadParameter("--method sepp needs --pairs, and only it takes them", param_hint="--pairs")
+        problems.append(("--pairs", "--method sepp needs --pairs, and only it takes them"))
     if method.pairs is not None:
         method.pairs = str(method.pairs)
-    if model.queue_size % opt.batch_size:  # MoCo's rule: the queue turns over in whole batches
-        raise click.BadParameter(f"must be a multiple of --batch-size ({opt.batch_size})", param_hint="--queue-size")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; --batch-size is the global batch
     run.world_size = world
+    cfg.fitted = fit_to_batch(cfg, chosen.end_to_end or timing_only, given)
+    problems += batch_problems(cfg, chosen.end_to_end, timing_only, method.method)
+    if problems:
+        raise BadSettings(problems)
+    return cfg
+
+
+def fit_to_batch(cfg: Config, plain_bn_ok: bool, given: set[str]) -> list[str]:
+    """--bn-splits (when None: by topology) and --queue-size (when not in `given`) fitted to the batch: split BN
+    in as many groups as divide a process's batch (8 at most, 2 images or more each; 1 under torchrun, as MoCo),
+    the queue the nearest multiple of the batch. Returns what was changed from the defaults, as options."""
+    model, batch, world, fitted = cfg.model, cfg.optimisation.batch_size, cfg.run.world_size, []
     if model.bn_splits is None:  # MoCo's choice by topology: shuffle BN across ranks, else split BN
         model.bn_splits = 1 if world > 1 else 8
-    if world == 1 and model.bn_splits == 1 and not chosen.end_to_end and not timing_only:
-        raise click.BadParameter(
-            f"--method {method.method} in one process needs split batch norm (> 1; the default is 8): with plain "
-            "BN the key shuffle changes nothing, so each query and its key share batch statistics (the leak "
-            "MoCo's shuffle BN exists to stop). Plain BN is for several processes (torchrun), whose keys are "
-            "shuffled across them",
-            param_hint="--bn-splits",
+        per_rank = batch // world
+        if world == 1 and per_rank % 8 and (split_count(per_rank) > 1 or plain_bn_ok):
+            model.bn_splits = split_count(per_rank)
+            fitted.append(f"--bn-splits {model.bn_splits}")
+    if "queue_size" not in given and model.queue_size % batch:
+        model.queue_size = max(batch, round(model.queue_size / batch) * batch)
+        fitted.append(f"--queue-size {model.queue_size}")
+    return tuple(fitted)
+
+
+def fit_to_images(cfg: Config, count: int, given: Collection[str] | None = None) -> None:
+    """A run's batch fitted to its `count` training images (a folder smaller than the default batch trains as it
+    stands): what the user did not choose (`given`, as `resolve`; None = all) is fitted and added to
+    `cfg.fitted`: the batch at most the images (a multiple of the processes and of the BN groups, refitted
+    with 2 images or more each when --bn-splits was not given), the queue a multiple of it and at most the
+    images (older keys of the same images would be its negatives). What the user chose and does not fit is a
+    `BadSettings` saying what to pass."""
+    model, opt, world = cfg.model, cfg.optimisation, cfg.run.world_size
+    given = set(SECTION_OF) if given is None else set(given)
+    plural = "image" if count == 1 else "images"
+    if count < 2 * world:
+        raise BadSettings(
+            [
+                (
+                    "--data",
+                    f"{count} training {plural} for {world} process(es): contrastive training needs 2 or more "
+                    "per process (the other images are the negatives)",
+                )
+            ]
         )
-    if opt.batch_size % world:
-        raise click.BadParameter(f"must be a multiple of the {world} processes", param_hint="--batch-size")
-    if opt.batch_size // world % model.bn_splits:
-        per_rank = f" per process ({world})" if world > 1 else ""
-        raise click.BadParameter(
-            f"must be a multiple of --bn-splits ({model.bn_splits}){per_rank}", param_hint="--batch-size"
+    fitted, problems = list(cfg.fitted), []
+    if opt.batch_size > count:
+        per_rank, splits = count // world, model.bn_splits
+        if "batch_size" not in given:
+            if "bn_splits" not in given and world == 1:
+                splits = min(splits, max(2, per_rank // 2))  # 2 images or more in each BN group
+            if per_rank >= splits:
+                opt.batch_size = per_rank // splits * splits * world
+                fitted.append(f"--batch-size {opt.batch_size}")
+                if splits != model.bn_splits:
+                    model.bn_splits = splits
+                    fitted.append(f"--bn-splits {splits}")
+        if opt.batch_size > count:  # chosen, or no batch of whole BN groups fits
+            most = per_rank // splits * splits * world
+            fix = (
+                f"--batch-size {most} or less"
+                if most
+                else f"--bn-splits {max(2, per_rank // 2)} with a batch of {count} or less"
+            )
+            problems.append(
+                ("--batch-size", f"{opt.batch_size} is more than the {count} training {plural}: pass {fix}")
+            )
+    if not problems and "queue_size" not in given and model.queue_size > count:
+        model.queue_size = max(opt.batch_size, count // opt.batch_size * opt.batch_size)
+        fitted = [f for f in fitted if not f.startswith("--queue-size")] + [f"--queue-size {model.queue_size}"]
+    if not problems and model.queue_size % opt.batch_size:
+        problems.append(
+            (
+                "--queue-size",
+                f"{model.queue_size} must be a multiple of the batch fitted to the images "
+                f"({opt.batch_size}): pass --queue-size {multiples_near(model.queue_size, opt.batch_size)}, or "
+                "--batch-size",
+            )
         )
-    return cfg
+    if problems:
+        raise BadSettings(problems)
+    cfg.fitted = tuple(fitted)
+
+
+def batch_problems(cfg: Config, end_to_end: bool, timing_only: bool, method: str) -> list[tuple[str, str]]:
+    """What is wrong with the batch, the queue and the batch-norm groups, each with what would satisfy it."""
+    model, batch, world, problems = cfg.model, cfg.optimisation.batch_size, cfg.run.world_size, []
+    if world == 1 and model.bn_splits == 1 and not end_to_end and not timing_only:
+        problems.append(
+            (
+                "--bn-splits",
+                f"--method {method} in one process needs split batch norm (> 1; the default is 8): with plain "
+                "BN the key shuffle changes nothing, so each query and its key share batch statistics (the leak "
+                "MoCo's shuffle BN exists to stop). Plain BN is for several processes (torchrun), whose keys are "
+                "shuffled across them",
+            )
+        )
+    if end_to_end and batch < 2:
+        problems.append(("--batch-size", f"--method {method} needs 2 or more: its negatives are the batch's others"))
+    if batch % world:
+        problems.append(
+            (
+                "--batch-size",
+                f"{batch} must be a multiple of the {world} processes: e.g. {multiples_near(batch, world)}",
+            )
+        )
+    elif batch // world % model.bn_splits:
+        per_rank, splits = batch // world, model.bn_splits
+        where = f" per process ({world})" if world > 1 else ""
+        fits = split_count(per_rank, splits)
+        other = f", or --bn-splits {fits}" if fits > 1 else ""
+        near = multiples_near(per_rank, splits)
+        if world > 1:
+            near = " or ".join(str(int(n) * world) for n in near.split(" or "))
+        problems.append(
+            (
+                "--batch-size",
+                f"{batch} must be a multiple of --bn-splits ({splits}){where}: e.g. --batch-size {near}{other}",
+            )
+        )
+    if model.queue_size % batch:  # MoCo's rule: the queue turns over in whole batches
+        problems.append(
+            (
+                "--queue-size",
+                f"{model.queue_size} must be a multiple of --batch-size ({batch}): e.g. "
+                f"--queue-size {multiples_near(model.queue_size, batch)}",
+            )
+        )
+    return problems

@@ -67,7 +67,11 @@ def list_images(split_dir: Path) -> list[Path]:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
-                if entry.is_dir():
+                try:
+                    folder_entry = entry.is_dir()
+                except OSError:  # a link loop (ELOOP): listed by its suffix, the index pass names it as unreadable
+                    folder_entry = False
+                if folder_entry:
                     walk(entry.path)
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES + OTHER_IMAGE_SUFFIXES:
                     found.append(Path(entry.path))

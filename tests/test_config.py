@@ -40,13 +40,14 @@ def test_cli_option_names_and_partial_settings():
     cfg = Config.from_dict({"--train-limit": 5, "image-size": 16, "knn_bank": 3, "model": {"queue-size": 64}})
     assert (cfg.data.train_limit, cfg.data.image_size, cfg.run.knn_bank, cfg.model.queue_size) == (5, 16, 3, 64)
     assert cfg.optimisation.lr == Config().optimisation.lr  # not given: the default
+    # Names are unique across sections: a setting under another section than its own is still that setting.
+    assert Config.from_dict({"data": {"lr": 0.1}, "model": {"epochs": 3}}).optimisation.lr == 0.1
 
 
 @pytest.mark.parametrize(
     "values, named",
     [
         ({"--no-such-option": 1}, "'--no-such-option'"),
-        ({"data": {"lr": 0.1}}, "'data.lr'"),
         ({"model": {"bogus": 1}}, "'model.bogus'"),
         ({"lr": 0.1, "optimisation": {"lr": 0.2}}, "'optimisation.lr' given twice"),
     ],
@@ -122,7 +123,12 @@ def test_a_runs_results_are_not_read_as_settings(tmp_path):
     "text, message",
     [
         ("learning-rate: 0.1\n", "unknown setting 'learning-rate'"),
-        ("data:\n  lr: 0.1\n", "unknown setting 'data.lr': lr is in section optimisation"),
+        ("data:\n  lrr: 0.1\n", "unknown setting 'data.lrr' (did you mean lr?); settings by section"),
+        ("", "holds no settings (it is empty)"),
+        ("{}\n", "holds no settings"),
+        ("epochs: 1.7\n", "epochs: 1.7 is not a whole number"),
+        ("epochs: true\n", "epochs: True is not a whole number"),
+        ("lr: .nan\n", "lr: must be a finite number, not nan"),
         ("loader: nvjpeg\n", "loader: 'nvjpeg' is not one of"),
         ("epochs: -1\n", "epochs: -1 is not in the range x>=1"),
         ("resume: runs/x/checkpoint.pt\n", "unknown setting 'resume'"),

@@ -1,0 +1,84 @@
+"""Option types of the command lines (train.py, eval.py) and of the --config files read through them.
+
+click's INT turns 1.7 into 1 and True into 1, and its FLOAT lets NaN and infinity through every range check
+(NaN compares False with any bound). These refuse them in one line naming the option: `Integer` takes whole
+numbers only ("3", 3, 3.0), `Real` finite numbers only, neither a bool (YAML's `epochs: true`). Light on
+purpose: click only, so that --help and the one-line refusals need no torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+
+class Integer(click.IntRange):
+    """A whole number in [min, max] (either bound optional): refuses 1.7, "1.7", True/False and NaN."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            self.fail(f"{value} is not a whole number", param, ctx)
+        if isinstance(value, float):
+            if not value.is_integer():  # NaN and infinity are not integers either
+                self.fail(f"{value} is not a whole number", param, ctx)
+            value = int(value)
+        elif isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                self.fail(f"{value!r} is not a whole number", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def Count(max: int | None = None) -> Integer:  # noqa: N802 (a type, as click.IntRange)
+    """A whole number >= 1: epochs, a batch, a queue, k."""
+    return Integer(min=1, max=max)
+
+
+class Real(click.FloatRange):
+    """A finite real number in the range (open or closed bounds, either optional): refuses NaN, infinity and
+    True/False, which click's FLOAT takes (NaN passes every range check)."""
+
+    name = "real"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            self.fail(f"{value} is not a number", param, ctx)
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                self.fail(f"{value!r} is not a number", param, ctx)
+        if isinstance(value, int | float) and not math.isfinite(value):
+            self.fail(f"must be a finite number, not {value}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class OneLineErrors:
+    """click prints a usage error in four lines (the usage, a hint, a blank line, the error); a command or group
+    with this mixin prints the error's line alone (on stderr, exit code 2 as before): --help is a flag away."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as error:
+            error.ctx = None  # no context: `show` prints no usage
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:  # raised by the command, or by a group's subcommand
+            error.ctx = None
+            raise
+
+
+class Command(OneLineErrors, click.Command):
+    """A click command whose usage errors are one line."""
+
+
+class Group(OneLineErrors, click.Group):
+    """A click group whose (and whose subcommands') usage errors are one line."""
