@@ -52,6 +52,7 @@ from model.training import (
     make_loaders,
     optimize,
     optimizer_and_scaler,
+    pixel_knn,
     poll,
     rank_partial,
     rank_states,
@@ -157,6 +158,7 @@ def train(
         bad_log.share()  # what its passes found (every rank calls the monitor)
         return knn
 
+    pixels = pixel_knn(loaders.bank, loaders.val, cfg)  # once: what "learning" is measured against
     if resume is not None:
         restore(resume, model, optimizer, scaler)
         loader.boxes = resume.get("boxes")
@@ -174,6 +176,12 @@ def train(
         knn = monitor(0)
         history.append(log_epoch(metrics_path if main_rank else None, 0, None, knn, None, None, None, None))
         board.epoch(history[-1])
+    random_network = first_knn(metrics_path) if main_rank else None  # epoch 0: the network before training
+    if pixels is not None:
+        echo(
+            f"  beside it, on the same bank and queries: raw pixels {100 * pixels:.2f}%, the random network "
+            f"{'n/a' if random_network is None else f'{100 * random_network:.2f}%'} (epoch 0)"
+        )
 
     clock.start_loop()
     with StopSignals() as signals:
@@ -272,6 +280,14 @@ def train(
             clock.epoch_done(epochs - epoch - 1)
     loaders.close()
     board.close()
+    if pixels is not None and history and history[-1]["knn_top1"] is not None:
+        gain = history[-1]["knn_top1"] - pixels
+        against = "level with" if gain == 0 else f"{100 * abs(gain):.2f} points {'above' if gain > 0 else 'below'}"
+        echo(
+            f"kNN top-1 {100 * history[-1]['knn_top1']:.2f}% after {epochs} epoch{'s' * (epochs != 1)}: {against} "
+            f"raw pixels ({100 * pixels:.2f}%); the random network "
+            f"{'n/a' if random_network is None else f'{100 * random_network:.2f}%'}"
+        )
     if world > 1:
         torch.distributed.barrier()  # rank 0's checkpoint is complete before anyone leaves
         torch.distributed.destroy_process_group()
@@ -592,6 +608,13 @@ def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **op
     final = history[-1]["knn_top1"] if history else None
     if final is not None and os.environ.get("RANK", "0") == "0":
         click.echo(f"final kNN top-1: {100 * final:.2f}% (run directory {cfg.run.out})")
+
+
+def first_knn(metrics_path: Path) -> float | None:
+    """The kNN top-1 of a run's epoch 0 (before training) from its metrics.jsonl; None where there is none."""
+    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+    record = json.loads(lines[0]) if lines else {}
+    return record.get("knn_top1") if record.get("epoch") == 0 else None
 
 
 def read_options(ctx: click.Context, path: Path) -> dict:

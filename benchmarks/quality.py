@@ -39,10 +39,9 @@ if not __package__:  # run as a file (python benchmarks/quality.py): import the 
 
 from model.backbone import resnet
 from model.config import Config, read_file
-from model.evaluation import extract_features, fit_linear, load_backbone, topk_accuracy, view_of
+from model.evaluation import extract_features, fit_linear, load_backbone, pixel_features, topk_accuracy
 from model.knn import knn_top1
 from model.training import load_checkpoint
-from pipeline.augment import normalize
 from pipeline.backends import load_splits, make_loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,16 +116,7 @@ class Evaluation:
 
     def pixels(self, normalised: bool) -> tuple[torch.Tensor, ...]:
         """(bank, bank labels, queries, query labels): the views' pixels flattened, in [0, 1] or normalised."""
-        out = []
-        for loader in self.loaders:
-            features, labels = [], []
-            for batch in loader.epoch(0):
-                view = view_of(batch)
-                x = normalize(view) if normalised else view.float() / (255 if view.dtype == torch.uint8 else 1)
-                features.append(x.float().flatten(1))
-                labels.append(batch.labels)
-            out += [torch.cat(features), torch.cat(labels)]
-        return tuple(out)
+        return tuple(t for loader in self.loaders for t in pixel_features(loader, normalised))
 
     def network(self, net: torch.nn.Module) -> tuple[torch.Tensor, ...]:
         """(bank, bank labels, queries, query labels): `net`'s features in fp32, eval mode."""

@@ -51,6 +51,25 @@ def extract_features(
     return torch.cat(features), torch.cat(labels)
 
 
+PIXELS_MAX = 32  # raw-pixel features of larger views are average-pooled to this size (a 131k bank stays ~1.6 GB)
+
+
+@torch.no_grad()
+def pixel_features(loader: Loader, normalised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw pixels of an evaluation pass of `loader` as features, (N, 3 * s * s) float32 in [0, 1] (or normalised
+    with ImageNet's mean/std), s = min(S, PIXELS_MAX) (larger views average-pooled), and their labels (N,) int64,
+    in the loader's file order: the baseline a learned representation has to beat."""
+    features, labels = [], []
+    for batch in loader.epoch(0):
+        view = view_of(batch)
+        x = normalize(view) if normalised else view.float() / (255 if view.dtype == torch.uint8 else 1)
+        if x.shape[-1] > PIXELS_MAX:
+            x = F.adaptive_avg_pool2d(x, PIXELS_MAX)
+        features.append(x.float().flatten(1))
+        labels.append(batch.labels)
+    return torch.cat(features), torch.cat(labels)
+
+
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
     """Percent (0-100) of rows of scores (M, C) whose label (M,) is among the k highest, for each k (k is
     capped at C: with fewer than 5 classes top-5 is 100)."""

@@ -24,7 +24,7 @@ import torch
 from model import distributed
 from model.config import Config
 from model.distributed import gather, gather_objects, gather_to_main
-from model.evaluation import extract_features
+from model.evaluation import extract_features, pixel_features
 from model.knn import knn_top1
 from model.localize import ForwardBoxes
 from model.methods import Method
@@ -496,6 +496,19 @@ def knn_monitor(model, bank_loader, val_loader, cfg: Config) -> float | None:
     # Each rank embeds its part of the files; gathered in rank order on rank 0 they are the files in order.
     bank, bank_labels = map(gather_to_main, embed(bank_loader, desc="kNN bank"))
     val, val_labels = map(gather_to_main, embed(val_loader, desc="kNN val"))
+    if bank is None:
+        return None
+    classes = len(bank_loader.images.classes)
+    return knn_top1(bank, bank_labels, val, val_labels, classes, cfg.run.knn_k, cfg.run.knn_temperature)
+
+
+def pixel_knn(bank_loader, val_loader, cfg: Config) -> float | None:
+    """The kNN monitor's score (its k, T, bank and queries) of raw pixels (`pixel_features`): what the trained
+    features are measured against. On rank 0 (None on the others, and without a val split)."""
+    if val_loader is None:
+        return None
+    bank, bank_labels = map(gather_to_main, pixel_features(bank_loader))
+    val, val_labels = map(gather_to_main, pixel_features(val_loader))
     if bank is None:
         return None
     classes = len(bank_loader.images.classes)

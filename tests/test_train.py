@@ -1,14 +1,19 @@
 import json
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import LOADERS, TINY_BASE
+from PIL import Image
 
 import train
 from model import training
 from model.config import Config
+from model.evaluation import pixel_features
+from pipeline.backends import load_splits, make_loader
 
 TINY = [*TINY_BASE, "--workers", "1"]
 
@@ -170,9 +175,44 @@ def test_knn_monitor_every_n_epochs_and_the_last_on_a_bank_subset(tiny_data, tmp
     assert "kNN monitor: a bank of 10 of the 24 training images" in output and "every 2 epoch(s)" in output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["knn_top1"] is not None for r in records] == [True, False, True, True]  # 0, 2 and the last, 3
-    assert banks == [(10, 512)] * 3  # ResNet-18 features of the 10 bank images, at each evaluation
+    # the 10 bank images' raw pixels (3 x 16 x 16) once, then their ResNet-18 features at each evaluation
+    assert banks == [(10, 768)] + [(10, 512)] * 3
     config = json.loads((out / "config.json").read_text())
     assert config["knn_every"] == 2 and config["knn_bank"] == 10
     every5 = Config.from_dict({"knn_every": 5, "epochs": 12})
     assert train.knn_due(every5, 0) and train.knn_due(every5, 12)
     assert not train.knn_due(every5, 4)
+
+
+def test_the_run_prints_raw_pixels_and_the_random_network_beside_its_knn(tmp_path):
+    """On noise images (no class signal, so the scores are not all 100%) the printed raw-pixel kNN is a slow
+    reference's on the monitor's bank and queries (k 5, T 0.1), and the random network is epoch 0's kNN."""
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 10), ("val", 8)):
+        for c in range(3):
+            (tmp_path / "noise" / split / f"c{c}").mkdir(parents=True)
+            for i in range(count):
+                image = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(image).save(tmp_path / "noise" / split / f"c{c}" / f"{i}.png")
+    out = tmp_path / "run"
+    output = run("--loader", "torchvision", "--data", tmp_path / "noise", "--out", out, "--epochs", 1)
+    pixels = float(re.search(r"raw pixels ([\d.]+)%, the random network ([\d.]+)% \(epoch 0\)", output)[1])
+    random_network = float(re.search(r"the random network ([\d.]+)% \(epoch 0\)", output)[1])
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert random_network == pytest.approx(100 * first["knn_top1"], abs=0.005)
+    assert "after 1 epoch: " in output and f"raw pixels ({pixels:.2f}%); the random network" in output
+    # slow reference: every query's 5 most similar bank images (cosine on [0, 1] pixels) vote exp(sim / 0.1)
+    train_images, val_images = load_splits(tmp_path / "noise", "torchvision", 0, 0, 0)
+    loader = lambda images: make_loader("torchvision", images, image_size=16, batch_size=8,  # noqa: E731
+                                        device=torch.device("cpu"), train=False, workers=0)  # fmt: skip
+    (bank, bank_labels), (queries, query_labels) = (pixel_features(loader(i)) for i in (train_images, val_images))
+    assert bank.shape == (30, 3 * 16 * 16) and 0 <= bank.min() and bank.max() <= 1
+    hits = 0
+    for query, label in zip(queries.tolist(), query_labels.tolist(), strict=True):
+        sims = [sum(a * b for a, b in zip(query, row)) / math.sqrt(sum(a * a for a in query) * sum(b * b for b in row))
+                for row in bank.tolist()]  # fmt: skip
+        votes = [0.0] * 3
+        for j in sorted(range(len(sims)), key=lambda j: -sims[j])[:5]:
+            votes[bank_labels[j]] += math.exp(sims[j] / 0.1)
+        hits += votes.index(max(votes)) == label
+    assert pixels == pytest.approx(100 * hits / len(queries), abs=0.005)
