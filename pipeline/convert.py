@@ -30,7 +30,7 @@ if not __package__:  # run as a file (python pipeline/convert.py): import the pr
 
 from pipeline import require_backend
 from pipeline.data import LABELS, ImageList, scan_split, select, to_rgb
-from pipeline.verify import decode_error
+from pipeline.verify import decode_error, jpeg_warning
 
 SPLITS = ("train", "val")
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -66,10 +66,14 @@ class _Decoded:
                     scale = self.max_resolution / max(file.size)
                     if scale < 1:
                         file.draft("RGB", (math.ceil(file.width * scale), math.ceil(file.height * scale)))
-                return shrink(np.asarray(to_rgb(file)), self.max_resolution), label
+                pixels = shrink(np.asarray(to_rgb(file)), self.max_resolution)
+            # PIL decodes a JPEG with broken entropy data as garbled pixels: libjpeg-turbo's warning tells.
+            if file.format != "JPEG" or jpeg_warning(self.images.paths[i]) is None:
+                return pixels, label
         except Exception:  # PIL raises several unrelated types for broken files
-            self.failed[i] = self.DECODE
-            return np.zeros((1, 1, 3), dtype=np.uint8), label
+            pass
+        self.failed[i] = self.DECODE
+        return np.zeros((1, 1, 3), dtype=np.uint8), label
 
 
 def shrink(image: np.ndarray, max_resolution: int) -> np.ndarray:

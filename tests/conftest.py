@@ -151,6 +151,14 @@ def break_entropy_data(path: str) -> None:
     Path(path).write_bytes(bytes(data))
 
 
+def cut_entropy_data(path: str) -> None:
+    """Cut the entropy-coded data of a JPEG in the middle and end it there (FF D9): PIL, DALI's CPU decoder and
+    OpenCV decode it without an error, as garbled pixels ("Corrupt JPEG data: premature end of data segment")."""
+    data = Path(path).read_bytes()
+    scan = data.index(b"\xff\xda")
+    Path(path).write_bytes(data[: scan + (len(data) - scan) // 2] + b"\xff\xd9")
+
+
 @pytest.fixture
 def one_torch_thread():
     """torch on one thread for a test's in-process training runs, as the subprocess runs get with

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_TRAIN, break_entropy_data, tiny_loader, write_tiny_dataset
+from conftest import TINY_TRAIN, break_entropy_data, cut_entropy_data, tiny_loader, write_tiny_dataset
 from PIL import Image
 
 import train
@@ -173,3 +173,64 @@ def test_train_verify_stops_naming_the_files_or_leaves_them_out(clean, tmp_path,
     assert "verify train: 0 of 24 images decoded" in result.output  # the first run's results, from the cache
     assert all(f"skipped {path}: does not decode" in result.output for path in bad_paths)
     assert "22 train images" in result.output and "undecodable" not in result.output
+
+
+def test_a_jpeg_cut_short_inside_its_data_decodes_garbled_and_counts_as_undecodable(tmp_path):
+    path = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(path)
+    cut_entropy_data(str(path))
+    with Image.open(path) as image:
+        image.load()  # PIL: no error, the lower part grey
+    assert verify.strict_jpeg_available()  # libturbojpeg: setup.sh installs it (FFCV builds against it)
+    assert verify.decode_error(str(path)) == (
+        "does not decode (libjpeg-turbo: Corrupt JPEG data: premature end of data segment)"
+    )
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_verify_leaves_a_garbled_jpeg_out_of_every_backend(clean, tmp_path, monkeypatch, one_torch_thread, backend):
+    """DALI and PIL (torchvision) both decode it as garbled pixels and would train on it; --verify leaves it out."""
+    monkeypatch.setenv(verify.CACHE_ENV, str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    shutil.copytree(clean, data)
+    bad = scan_split(data / "train").paths[4]
+    cut_entropy_data(bad)
+    batch = next(iter(tiny_loader(backend, scan_split(data / "train"), train=False, batch=24).epoch(0)))
+    assert len(batch.indices) == 24  # without --verify the loader decodes it
+    args = [*map(str, TINY_TRAIN), "--loader", backend, "--workers", "1", "--data", str(data), "--verify"]
+    result = CliRunner().invoke(train.main, [*args, "--skip-bad", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert f"skipped {bad}: does not decode (libjpeg-turbo: Corrupt JPEG data: premature end" in result.output
+    assert "23 train images" in result.output
+
+
+@pytest.mark.ffcv
+def test_the_converter_leaves_a_garbled_jpeg_out(clean, tmp_path):
+    from pipeline.backends.ffcv import read_beton
+
+    data = tmp_path / "data"
+    shutil.copytree(clean / "train", data)
+    bad = scan_split(data).paths[4]
+    cut_entropy_data(bad)
+    out = tmp_path / "train.beton"
+    result = CliRunner().invoke(convert.main, [str(data), str(out), "--workers", "1"])
+    assert result.exit_code == 1 and f"{bad}: does not decode (libjpeg-turbo" in result.output, result.output
+    result = CliRunner().invoke(convert.main, [str(data), str(out), "--workers", "1", "--skip-bad"])
+    assert result.exit_code == 0 and f"skipped {bad}: does not decode" in result.output, result.output
+    assert len(read_beton(out)) == 23
+
+
+def test_a_verify_cache_of_another_check_is_decoded_again(clean, tmp_path, monkeypatch):
+    """A cache written when --verify checked with PIL alone says a garbled JPEG is fine: it does not count."""
+    monkeypatch.setenv(verify.CACHE_ENV, str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    shutil.copytree(clean / "train", data)
+    paths = scan_split(data).paths
+    cut_entropy_data(paths[2])
+    root = verify.images_root(paths)
+    entries = {os.path.relpath(p, root): [*verify._stat(p), None] for p in paths}
+    cache = verify.cache_file(paths)
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({"root": root, "files": entries}))  # the earlier format: no "check"
+    bad, decoded = verify.verify(paths, workers=1)
+    assert decoded == len(paths) and list(bad) == [paths[2]]
