@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import TINY_BASE
 from PIL import Image
@@ -87,3 +88,45 @@ def test_a_run_made_with_other_options_is_refused(swept, tiny_data, tmp_path):
     result = sweep(out, tiny_data, seeds="0", common=[*TINY, "--lr", "0.01"])
     assert result.exit_code != 0
     assert "leoclr-s0 was trained with other options" in result.output
+
+
+def test_queue_staleness_trains_as_train_py_and_leaves_the_model_as_it_was(tiny_data, tmp_path):
+    import train
+    from benchmarks import queue_staleness
+
+    options = [*"--image-size 16 --batch-size 8 --bn-splits 2 --queue-size 32 --amp off --train-limit 0".split()]
+    options += [*"--workers 0 --loader torchvision --epochs 2".split(), "--data", str(tiny_data)]
+    result = CliRunner().invoke(
+        queue_staleness.main, [*options, "--probe-batches", "2", "--json", str(tmp_path / "s.json")]
+    )
+    assert result.exit_code == 0, result.output
+    epochs = json.loads((tmp_path / "s.json").read_text())["epochs"]
+    straight = CliRunner().invoke(
+        train.main,
+        [*options, *"--knn-k 5 --val-limit 0 --no-tensorboard --device cpu --out".split(), str(tmp_path / "r")],
+    )
+    assert straight.exit_code == 0, straight.output
+    metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][1:]
+    # the probes after epoch 1 changed nothing: epoch 2 trains as train.py's does
+    assert [e["loss"] for e in epochs] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
+    assert all(e["gap"] == pytest.approx(e["fresh_queue"] - e["own_queue"]) for e in epochs)
+    assert "probe loss against its own queue" in result.output
+
+
+def test_probe_losses_agree_when_the_fresh_queue_is_the_own_queue():
+    from benchmarks import queue_staleness
+    from model.config import resolve
+    from model.methods import method_for
+    from model.training import build_model
+
+    cfg = resolve({"batch_size": 8, "bn_splits": 2, "queue_size": 16, "amp": "off", "device": "cpu"})
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    views = [{v: torch.rand(8, 3, 16, 16) for v in ("original", "crop1", "crop2")}]
+    own, fresh = queue_staleness.probe_losses(model, method_for("leoclr"), cfg, views, model.queue.clone())
+    assert own == fresh
+    other = torch.nn.functional.normalize(torch.randn_like(model.queue), dim=1)
+    own_again, other_loss = queue_staleness.probe_losses(model, method_for("leoclr"), cfg, views, other)
+    assert own_again == own and other_loss != own
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # state restored
