@@ -597,7 +597,7 @@ def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **op
             read_pairs(cfg.method.pairs, len(splits[0]))  # a clear error now rather than a trace later
     except (FileNotFoundError, ValueError) as error:
         hint = ""
-        if Path(cfg.data.data) == DEFAULT_DATA and not DEFAULT_DATA.is_dir():
+        if Path(cfg.data.data) == DEFAULT_DATA.absolute() and not DEFAULT_DATA.is_dir():
             hint = " (prepare it with: python -m pipeline.fashion_mnist data/fashion-mnist)"
         raise click.ClickException(f"{error}{hint}") from error
     bank, queries, knn_off = monitor

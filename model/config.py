@@ -219,6 +219,30 @@ def read_file(path: str | Path) -> dict[str, Any]:
     return flat
 
 
+PATHS = ("data", "val_data", "pairs", "out")  # the settings that are paths, stored absolute
+
+
+def absolute(path: str | Path | None) -> str | None:
+    """`path` as an absolute path string (~ expanded, links kept as given); None stays None."""
+    return None if path is None else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def rebased(config: Mapping[str, Any], checkpoint: str | Path) -> dict[str, Any]:
+    """A checkpoint's flat config with relative paths (written before they were stored absolute: relative to the
+    directory that run started in) made absolute. That directory is where the checkpoint lies less the run's
+    relative --out (RUN_DIR/checkpoint.pt); a checkpoint moved out of its --out keeps its paths as they are."""
+    out = config.get("out")
+    if not isinstance(out, str) or os.path.isabs(out):
+        return dict(config)
+    parts = Path(os.path.normpath(out)).parts
+    run_dir = Path(os.path.abspath(checkpoint)).parent
+    if ".." in parts or run_dir.parts[-len(parts) :] != parts:
+        return dict(config)
+    base = Path(*run_dir.parts[: -len(parts)])
+    relative = {k: v for k in PATHS if isinstance(v := config.get(k), str) and not os.path.isabs(v)}
+    return {**config, **{k: str(base / v) for k, v in relative.items()}}
+
+
 def from_checkpoint(state: Mapping[str, Any]) -> Config:
     """The settings a train.py checkpoint was trained with (its flat "config"; older ones lack `LEGACY`'s)."""
     return Config.from_dict({**LEGACY, **state["config"]})
@@ -274,9 +298,8 @@ def resolve(options: Mapping[str, Any], timing_only: bool = False, given: Collec
         method.ccrop_alpha = alpha_for(data.image_size)
     if run.out is None:
         run.out = f"runs/{method.method}-{data.loader}"
-    data.data, run.out = str(data.data), str(run.out)
-    if data.val_data is not None:
-        data.val_data = str(data.val_data)
+    # Absolute: config.json and the checkpoint find the data and the run again from any directory.
+    data.data, run.out, data.val_data = absolute(data.data), absolute(run.out), absolute(data.val_data)
     if opt.amp == "fp16" and run.device == "cpu":
         problems.append(("--amp", "fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off"))
     try:
@@ -297,8 +320,7 @@ def resolve(options: Mapping[str, Any], timing_only: bool = False, given: Collec
             problems.append(("--ccrop-boxes forward", why))
     if chosen.pairs != (method.pairs is not None):
         problems.append(("--pairs", "--method sepp needs --pairs, and only it takes them"))
-    if method.pairs is not None:
-        method.pairs = str(method.pairs)
+    method.pairs = absolute(method.pairs)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; --batch-size is the global batch
     run.world_size = world
     cfg.fitted = fit_to_batch(cfg, chosen.end_to_end or timing_only, given)

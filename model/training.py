@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from model import distributed
-from model.config import Config
+from model.config import Config, rebased
 from model.distributed import gather, gather_objects, gather_to_main
 from model.evaluation import extract_features, pixel_features
 from model.knn import knn_top1
@@ -363,6 +363,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"cannot read {path} as a checkpoint: {error}") from error
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a train.py checkpoint (no 'model' and 'config' entries)")
+    state["config"] = rebased(state["config"], path)  # an older run's relative paths, from where it ran
     return state
 
 

@@ -2,6 +2,7 @@
 sectioned or flat or by CLI option name, unknown keys named, and old checkpoints' flat configs still resume."""
 
 import json
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def test_names_are_unique_across_sections_and_flat_and_nested_round_trip():
     names = [f.name for section in SECTIONS.values() for f in fields(section)]
     assert len(names) == len(set(names))
     cfg = resolve({**cli_defaults(), "device": "cpu", "lr": 0.5, "method": "mocov2", "data": "somewhere"})
-    assert cfg.optimisation.lr == 0.5 and cfg.method.method == "mocov2" and cfg.data.data == "somewhere"
+    assert (
+        cfg.optimisation.lr == 0.5 and cfg.method.method == "mocov2" and cfg.data.data == os.path.abspath("somewhere")
+    )
     assert Config.from_dict(cfg.to_dict()) == cfg
     assert Config.from_dict(cfg.to_dict(nested=True)) == cfg
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # what config.json holds

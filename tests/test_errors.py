@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import TINY_TRAIN
 
 import eval as evaluation
 import train
+from model import training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,3 +196,34 @@ def test_bad_evaluation_options_are_one_line(tiny_checkpoint, tmp_path, args, me
     out = tmp_path / "result.json"
     line = one_line_refusal(evaluation.main, [*args, "--checkpoint", tiny_checkpoint, "--json", out], out)
     assert message in line
+
+
+def test_a_run_started_elsewhere_evaluates_and_resumes_from_anywhere(
+    tiny_data, tmp_path, monkeypatch, one_torch_thread
+):
+    """Relative --data and --out are stored absolute; an older checkpoint's relative ones are rebased on load from
+    where it lies (RUN_DIR/checkpoint.pt, RUN_DIR = its --out, relative to where that run started)."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    (work / "mydata").symlink_to(tiny_data)
+    monkeypatch.chdir(work)
+    result = CliRunner().invoke(train.main, [*TINY_TRAIN, "--data", "mydata", "--out", "runs/x"])
+    assert result.exit_code == 0, result.output
+    checkpoint = work / "runs" / "x" / "checkpoint.pt"
+    config = json.loads((checkpoint.parent / "config.json").read_text())
+    assert (config["data"], config["out"]) == (str(work / "mydata"), str(work / "runs" / "x"))
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(evaluation.main, ["knn", "--checkpoint", str(checkpoint), "--k", "5"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(train.main, ["--resume", str(checkpoint), "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert not (elsewhere / "runs").exists()
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["epoch"] == 2 and state["config"]["out"] == str(checkpoint.parent)
+    # A checkpoint written before paths were stored absolute: its relative paths, from where it ran.
+    torch.save({**state, "config": {**state["config"], "data": "mydata", "out": "runs/x"}}, checkpoint)
+    rebased = training.load_checkpoint(checkpoint)["config"]
+    assert (rebased["data"], rebased["out"]) == (str(work / "mydata"), str(work / "runs" / "x"))
+    moved = tmp_path / "moved.pt"
+    checkpoint.rename(moved)  # out of its run directory: nothing to rebase from, the paths stay as they were
+    assert training.load_checkpoint(moved)["config"]["data"] == "mydata"
