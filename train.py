@@ -43,6 +43,7 @@ from model.training import (
     build_model,
     check_finite,
     checkpoint_state,
+    duration,
     forward_boxes,
     knn_due,
     knn_monitor,
@@ -71,7 +72,7 @@ from pipeline.data import LABELS, ImageList
 from pipeline.pairs import read_pairs
 
 DEFAULT_DATA = Path("data/fashion-mnist")
-KNN_BANK = 131_072  # the kNN monitor's default bank: every image of the CPU-sized default run, 10% of ImageNet
+KNN_COST_SAID = 60.0  # seconds: the kNN monitor's passes of a run said when they add up to this much
 
 
 def train(
@@ -153,9 +154,17 @@ def train(
         """kNN top-1 after `epoch` epochs when --knn-every makes it due then (timed for the run's estimate)."""
         if not knn_due(cfg, epoch):
             return None
+        first = clock.knn_s is None
         with clock.timing_knn():
             knn = knn_monitor(model, loaders.bank, loaders.val, cfg)
         bad_log.share()  # what its passes found (every rank calls the monitor)
+        passes = sum(knn_due(cfg, e) for e in range(epoch, epochs + 1))
+        if first and clock.knn_s * passes >= KNN_COST_SAID:  # the monitor's cost, where it is large
+            images = f"{len(loaders.bank.images)} bank + {len(loaders.val.images)} query images"
+            echo(
+                f"  kNN monitor: {duration(clock.knn_s)} a pass ({images}), {passes} passes in this run: about "
+                f"{duration(clock.knn_s * passes)}; --knn-every, --knn-bank or --val-limit spend less"
+            )
         return knn
 
     pixels = pixel_knn(loaders.bank, loaders.val, cfg)  # once: what "learning" is measured against
@@ -206,6 +215,7 @@ def train(
             generator = torch.Generator(device=device).manual_seed(augmentation_seed(cfg.run.seed, epoch, rank))
             model.train()
             total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
+            clock.start_epoch(epoch, skip)
             if skip:  # this rank's own draws and sums where the interrupted run stopped
                 state, loss_sum, seen, elapsed = rank_partial(resume, rank, world)
                 if state is None:  # written by another number of processes: no stream of this rank to continue
@@ -277,7 +287,7 @@ def train(
             record = (epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
             history.append(log_epoch(metrics_path if main_rank else None, *record))
             board.epoch(history[-1])
-            clock.epoch_done(epochs - epoch - 1)
+            clock.epoch_done((epochs - epoch - 1) * len(loader))
     loaders.close()
     board.close()
     if pixels is not None and history and history[-1]["knn_top1"] is not None:
@@ -493,9 +503,11 @@ def train(
 @click.option(
     "--knn-bank",
     type=Integer(min=0),
-    default=KNN_BANK,
-    help="kNN monitor bank: a seeded subset of this many training images (0 = all). The default keeps ImageNet's "
-    "bank pass near a tenth of an epoch; 1.28M x 2048 in float16 (5 GB on rank 0) would fit a 40 GB GPU too.",
+    default=None,
+    help="kNN monitor bank: a seeded subset of this many images of the bank's source, --data's training images or "
+    "--val-data's train split (0 = all). [default: as many as the run trains on, at least 2,000 (a bank for a small "
+    "folder's --val-data monitor) and at most 131,072 (ImageNet's bank pass near a tenth of an epoch; 1.28M x 2048 "
+    "in float16, 5 GB on rank 0, would fit a 40 GB GPU too)]",
 )
 @click.option(
     "--amp",

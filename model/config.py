@@ -97,7 +97,7 @@ class RunConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
     knn_every: int = 1
-    knn_bank: int = 131_072
+    knn_bank: int | None = None  # None: fitted to the run's training images, set by `fit_to_images`
     tensorboard: bool | None = None  # None: on when the tensorboard package imports
 
 
@@ -347,13 +347,19 @@ def fit_to_batch(cfg: Config, plain_bn_ok: bool, given: set[str]) -> list[str]:
     return tuple(fitted)
 
 
+# The kNN monitor's default bank: as many images as the run trains on (every image of the CPU-sized default run),
+# at least a bank a small folder's --val-data monitor can vote with, at most 10% of ImageNet.
+KNN_BANK_LEAST, KNN_BANK_MOST = 2_000, 131_072
+
+
 def fit_to_images(cfg: Config, count: int, given: Collection[str] | None = None) -> None:
     """A run's batch fitted to its `count` training images (a folder smaller than the default batch trains as it
     stands): what the user did not choose (`given`, as `resolve`; None = all) is fitted and added to
     `cfg.fitted`: the batch at most the images (a multiple of the processes and of the BN groups, refitted
     with 2 images or more each when --bn-splits was not given), the queue a multiple of it and at most the
     images (older keys of the same images would be its negatives). What the user chose and does not fit is a
-    `BadSettings` saying what to pass."""
+    `BadSettings` saying what to pass. --knn-bank not given: as many as the images, `KNN_BANK_LEAST` to
+    `KNN_BANK_MOST`."""
     model, opt, world = cfg.model, cfg.optimisation, cfg.run.world_size
     given = set(SECTION_OF) if given is None else set(given)
     plural = "image" if count == 1 else "images"
@@ -403,7 +409,16 @@ def fit_to_images(cfg: Config, count: int, given: Collection[str] | None = None)
         )
     if problems:
         raise BadSettings(problems)
+    cfg.run.knn_bank = knn_bank(cfg, count)
     cfg.fitted = tuple(fitted)
+
+
+def knn_bank(cfg: Config, count: int) -> int:
+    """The kNN monitor's bank size for a run on `count` training images: --knn-bank, or when not given (None)
+    as many as the images, `KNN_BANK_LEAST` to `KNN_BANK_MOST`."""
+    if cfg.run.knn_bank is not None:
+        return cfg.run.knn_bank
+    return min(KNN_BANK_MOST, max(KNN_BANK_LEAST, count))
 
 
 def batch_problems(cfg: Config, end_to_end: bool, timing_only: bool, method: str) -> list[tuple[str, str]]:

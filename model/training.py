@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from model import distributed
-from model.config import Config, rebased
+from model.config import Config, knn_bank, rebased
 from model.distributed import gather, gather_objects, gather_to_main
 from model.evaluation import extract_features, pixel_features
 from model.knn import knn_top1
@@ -159,7 +159,7 @@ def make_loaders(
     # Un-augmented passes over the training images: the kNN bank (a seeded subset, --knn-bank) and
     # ContrastiveCrop's localisation (every image); one loader when both read every image.
     source = train_images if bank_source is None else bank_source
-    bank_ids = subset(len(source), cfg.run.knn_bank, cfg.run.seed)
+    bank_ids = subset(len(source), knn_bank(cfg, len(train_images)), cfg.run.seed)
     whole = len(bank_ids) == len(source)
     bank_images = source if whole else select(source, bank_ids)
     bank_loader = make_loader(cfg.data.loader, bank_images, train=False, **common) if val_images else None
@@ -575,19 +575,23 @@ def duration(seconds: float) -> str:
 
 
 class RunClock:
-    """The run's time for the user: one estimate of what is left, made once `ESTIMATE_AFTER` steps of one epoch
-    are timed between two polls (where the loss is read back, so the device has caught up; the first poll comes
-    after the warm-up steps) or at that epoch's end, from the step time and the measured kNN pass; then after
-    each epoch the time so far and left."""
+    """The run's time for the user: an estimate of what is left at the run's first poll (where the loss is read
+    back, so the device has caught up: after CHECK_EVERY steps, or at the end of a shorter epoch), from the time
+    per step since this process's first step of the epoch and the measured kNN pass; said again once, at the
+    next poll of that epoch, when the steps between the two polls (past the loader's start and the warm-up) put
+    it more than `CORRECT_BY` off. A resumed run counts its own steps only, and with no step left nothing is
+    estimated. After each epoch: the time so far and, at this process's time per step, what is left."""
 
-    ESTIMATE_AFTER = 10  # steps
+    CORRECT_BY = 0.2  # a second estimate when the first is off by more than this fraction
 
     def __init__(self, echo) -> None:
         self.echo, self.started = echo, time.perf_counter()
         self.knn_s: float | None = None
-        self.loop_started = None
-        self.window: tuple[int, float, int] | None = None  # (epoch, time, steps done) at the first poll
-        self.estimated, self.epochs = False, 0
+        self.loop_started = 0.0
+        self.epoch: tuple[int, float, int] = (-1, 0.0, 0)  # (epoch, time, steps done before) at its first step
+        self.first: tuple[int, float, int, float] | None = None  # (epoch, time, steps, estimate) at the first poll
+        self.done = False  # estimated (and checked) already
+        self.trained = self.this_epoch = 0  # steps this process trained: in earlier epochs, in this one
 
     @contextmanager
     def timing_knn(self):
@@ -598,29 +602,45 @@ class RunClock:
     def start_loop(self) -> None:
         self.loop_started = time.perf_counter()
 
+    def start_epoch(self, epoch: int, skip: int) -> None:
+        """Before this process's first step of `epoch`, of which `skip` steps were trained before (a resume)."""
+        self.epoch, self.this_epoch = (epoch, time.perf_counter(), skip), 0
+
     def polled(self, epoch: int, steps: int, last: bool, remaining: dict, write) -> None:
         """At a poll after `steps` steps of `epoch` (`last` = its last step), `remaining` as `remaining_work`."""
         now = time.perf_counter()
-        if self.estimated:
+        self.this_epoch = steps - self.epoch[2]
+        if self.done or self.epoch[0] != epoch:
             return
-        if self.window is None or self.window[0] != epoch:  # time within one epoch: no kNN pass in the window
-            self.window = (epoch, now, steps)
-            return
-        timed = steps - self.window[2]
-        if timed < self.ESTIMATE_AFTER and not last:
-            return
-        self.estimated = True
-        step_s = (now - self.window[1]) / timed
-        passes = remaining["knn"] + remaining["boxes"]
-        total = step_s * remaining["steps"] + (self.knn_s or 0) * passes
+        if not remaining["steps"]:  # the run's last step: nothing left to estimate
+            self.done = True
+        elif self.first is None:
+            step_s = (now - self.epoch[1]) / self.this_epoch
+            self.first = (epoch, now, steps, self.estimate(step_s, remaining, write))
+            self.done = last  # the next poll comes after a kNN pass, in another epoch: no clean window
+        else:
+            self.done = True
+            step_s = (now - self.first[1]) / (steps - self.first[2])
+            if abs(self.total(step_s, remaining) - self.first[3]) > self.CORRECT_BY * self.first[3]:
+                self.estimate(step_s, remaining, write, again=True)
+
+    def total(self, step_s: float, remaining: dict) -> float:
+        return step_s * remaining["steps"] + (self.knn_s or 0) * (remaining["knn"] + remaining["boxes"])
+
+    def estimate(self, step_s: float, remaining: dict, write, again: bool = False) -> float:
+        """Write the time left at `step_s` seconds per step (and the passes at the measured kNN pass's time)."""
+        total, passes = self.total(step_s, remaining), remaining["knn"] + remaining["boxes"]
         parts = f"{remaining['steps']} steps at {step_s:.2f} s"
         if passes and self.knn_s is not None:
             parts += f" + {passes} evaluation passes of {duration(self.knn_s)}"
-        write(f"estimated time to the end of the run: about {duration(total)} ({parts})")
+        again = ", measured again past the start-up" if again else ""
+        write(f"estimated time to the end of the run{again}: about {duration(total)} ({parts})")
+        return total
 
-    def epoch_done(self, epochs_left: int) -> None:
-        self.epochs += 1
+    def epoch_done(self, steps_left: int) -> None:
+        """After an epoch (its last step polled), with `steps_left` training steps to go."""
         now = time.perf_counter()
-        per_epoch = (now - self.loop_started) / self.epochs
-        left = f", about {duration(per_epoch * epochs_left)} left" if epochs_left else ""
+        self.trained += self.this_epoch
+        per_step = (now - self.loop_started) / max(1, self.trained)  # this process's steps, their passes included
+        left = f", about {duration(per_step * steps_left)} left" if steps_left else ""
         self.echo(f"  {duration(now - self.started)} so far{left}")

@@ -15,6 +15,7 @@ from conftest import TINY_TRAIN
 import eval as evaluation
 import train
 from model import training
+from model.config import fit_to_images, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,3 +228,82 @@ def test_a_run_started_elsewhere_evaluates_and_resumes_from_anywhere(
     moved = tmp_path / "moved.pt"
     checkpoint.rename(moved)  # out of its run directory: nothing to rebase from, the paths stay as they were
     assert training.load_checkpoint(moved)["config"]["data"] == "mydata"
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_run_clock_estimates_at_the_first_poll_and_again_past_the_start_up(monkeypatch):
+    now, lines = FakeTime(), []
+    monkeypatch.setattr(training.time, "perf_counter", now)
+    clock = training.RunClock(lines.append)
+    clock.start_loop()
+    clock.start_epoch(0, 0)
+    now.now = 10.0  # 10 steps in 10 s, a slow start among them
+    clock.polled(0, 10, False, {"steps": 90, "knn": 0, "boxes": 0}, lines.append)
+    assert lines == ["estimated time to the end of the run: about 1 min 30 s (90 steps at 1.00 s)"]
+    now.now = 15.0  # then 10 steps in 5 s: 80 steps left at 0.5 s is 40 s, not the 80 s the first rate says
+    clock.polled(0, 20, False, {"steps": 80, "knn": 0, "boxes": 0}, lines.append)
+    assert (
+        lines[1]
+        == "estimated time to the end of the run, measured again past the start-up: about 40 s (80 steps at 0.50 s)"
+    )
+    now.now = 20.0
+    clock.polled(0, 30, False, {"steps": 70, "knn": 0, "boxes": 0}, lines.append)
+    assert len(lines) == 2  # said twice at most
+
+
+def test_a_resumed_run_clock_counts_its_own_steps_and_says_nothing_with_none_left(monkeypatch):
+    now, lines = FakeTime(), []
+    monkeypatch.setattr(training.time, "perf_counter", now)
+    clock = training.RunClock(lines.append)
+    clock.start_loop()
+    clock.start_epoch(3, 28)  # resumed at step 28 of a 31-step last epoch
+    now.now = 2.0
+    clock.polled(3, 30, False, {"steps": 1, "knn": 1, "boxes": 0}, lines.append)
+    assert lines == ["estimated time to the end of the run: about 1 s (1 steps at 1.00 s)"]  # 2 steps in 2 s
+    now.now = 0.0
+    clock = training.RunClock(lines.append)
+    clock.start_loop()
+    clock.start_epoch(3, 30)
+    now.now = 3.0
+    clock.polled(3, 31, True, {"steps": 0, "knn": 1, "boxes": 0}, lines.append)
+    assert len(lines) == 1  # no "about 1 s (0 steps ...)" at the very end
+    clock.epoch_done(0)
+    assert lines[-1] == "  3 s so far"
+    clock = training.RunClock(lines.append)
+    clock.start_loop()
+    clock.start_epoch(1, 20)  # 10 of 30 steps of epoch 2 left, then epoch 3
+    now.now = 13.0
+    clock.polled(1, 30, True, {"steps": 30, "knn": 0, "boxes": 0}, lines.append)
+    clock.epoch_done(30)
+    assert lines[-1] == "  10 s so far, about 30 s left"  # 1 s per step of this process, not per epoch
+
+
+def test_a_small_folder_with_val_data_monitors_on_a_bank_fitted_to_the_run(
+    small_folder, tiny_data, tmp_path, monkeypatch, one_torch_thread
+):
+    """README: --data ~/photos --val-data data/fashion-mnist. The bank is as many images as the run trains on, at
+    least 2,000 (not all 60,000 of Fashion-MNIST's train split, before training and after every epoch), and the
+    monitor's cost is said where it is large (here made so)."""
+    monkeypatch.setattr(train, "KNN_COST_SAID", 0.0)
+    out = tmp_path / "run"
+    args = [*without(TINY_TRAIN, "--batch-size", "--bn-splits", "--queue-size"), "--data", small_folder]
+    result = CliRunner().invoke(train.main, [str(a) for a in [*args, "--val-data", tiny_data, "--out", out]])
+    assert result.exit_code == 0, result.output
+    assert f"kNN monitor: a bank of 24 of the 24 {tiny_data} train images" in result.stdout
+    assert "  kNN monitor: " in result.stdout and "2 passes in this run" in result.stdout
+    assert json.loads((out / "config.json").read_text())["knn_bank"] == 2000
+    cfg = resolve({"device": "cpu"}, given=())
+    for count, bank in ((20, 2000), (60_000, 60_000), (1_281_167, 131_072)):
+        fitted = cfg.replace(knn_bank=None)
+        fit_to_images(fitted, count, ())
+        assert fitted.run.knn_bank == bank
+    given = cfg.replace(knn_bank=0)
+    fit_to_images(given, 20, ())
+    assert given.run.knn_bank == 0  # given: kept (0 = every image)
