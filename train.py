@@ -16,60 +16,17 @@ import os
 import time
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
-import torch
-from tqdm import tqdm
 
-from model import distributed
-from model.backbone import ARCHS
-from model.board import Board, tensorboard_missing
-from model.config import LEGACY, Config, fit_to_images, read_file, resolve
-from model.distributed import sum_arrays
-from model.localize import localize
-from model.methods import METHODS, method_for
-from model.options import Command, Count, Integer, Real
-from model.precision import AMP_CHOICES, autocast, describe
-from model.training import (
-    CHECK_EVERY,
-    BadFileLog,
-    RunClock,
-    StopSignals,
-    augment_config,
-    augment_views,
-    augmentation_seed,
-    box_area,
-    build_model,
-    check_finite,
-    checkpoint_state,
-    duration,
-    forward_boxes,
-    knn_due,
-    knn_monitor,
-    learning_rate,
-    load_checkpoint,
-    log_epoch,
-    make_loaders,
-    optimize,
-    optimizer_and_scaler,
-    pixel_knn,
-    poll,
-    rank_partial,
-    rank_states,
-    remaining_work,
-    restore,
-    save_atomic,
-    settle_amp,
-    use_cuda,
-    verify_splits,
-    world_totals,
-)
-from pipeline import require_backend
-from pipeline.backends import BACKENDS, load_splits
-from pipeline.ccrop import update_epochs, whole_image_boxes
-from pipeline.data import LABELS, ImageList
-from pipeline.pairs import read_pairs
+from model.options import AMP_CHOICES, ARCHS, METHOD_NAMES, Command, Count, Integer, Real
+from pipeline.backends import BACKENDS
+from pipeline.data import LABELS
+
+if TYPE_CHECKING:
+    from model.config import Config
+    from pipeline.data import ImageList
 
 DEFAULT_DATA = Path("data/fashion-mnist")
 KNN_COST_SAID = 60.0  # seconds: the kNN monitor's passes of a run said when they add up to this much
@@ -88,6 +45,53 @@ def train(
     are left out (RUN_DIR/bad_files.txt). Returns the metrics records. The kNN monitor scores `val_images` against
     a bank from `bank_images` (--val-data's train split) or the training images; without `val_images` it is off,
     `knn_off` saying why."""
+    # Imported here, not at the top: --help and the one-line refusals need no torch (tests patch model.training).
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from model import distributed
+    from model.board import Board, tensorboard_missing
+    from model.distributed import sum_arrays
+    from model.localize import localize
+    from model.methods import method_for
+    from model.precision import autocast, describe
+    from model.training import (
+        CHECK_EVERY,
+        BadFileLog,
+        RunClock,
+        StopSignals,
+        augment_config,
+        augment_views,
+        augmentation_seed,
+        box_area,
+        build_model,
+        check_finite,
+        checkpoint_state,
+        duration,
+        forward_boxes,
+        knn_due,
+        knn_monitor,
+        learning_rate,
+        log_epoch,
+        make_loaders,
+        optimize,
+        optimizer_and_scaler,
+        pixel_knn,
+        poll,
+        rank_partial,
+        rank_states,
+        remaining_work,
+        restore,
+        save_atomic,
+        settle_amp,
+        use_cuda,
+        verify_splits,
+        world_totals,
+    )
+    from pipeline.ccrop import update_epochs, whole_image_boxes
+    from pipeline.pairs import read_pairs
+
     cuda = cfg.run.device.startswith("cuda")
     rank, world, local_rank = distributed.init_from_env(cuda)
     device = torch.device("cuda", local_rank) if cuda and world > 1 else torch.device(cfg.run.device)
@@ -314,7 +318,7 @@ def train(
 )
 @click.option(
     "--method",
-    type=click.Choice(sorted(METHODS)),
+    type=click.Choice(sorted(METHOD_NAMES)),
     default="leoclr",
     help="Training objective: leoclr, mocov2, sepp (MoCo-v2 on the images plus SePP-ID's semantic pairs, --pairs), "
     "simclr (end to end, in-batch negatives) or leoclr-e2e (LeOCLR end to end, Table 5).",
@@ -557,6 +561,13 @@ def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **op
     """Pre-train a ResNet without labels with LeOCLR (original -> query encoder, two crops -> momentum
     encoder), MoCo-v2, SePP-ID, SimCLR or end-to-end LeOCLR, monitoring weighted kNN top-1 on the val split
     before training and after each epoch. Under torchrun, one process per GPU (DDP)."""
+    from model.board import tensorboard_missing
+    from model.config import LEGACY, fit_to_images, resolve
+    from model.training import load_checkpoint
+    from pipeline import require_backend
+    from pipeline.backends import load_splits
+    from pipeline.pairs import read_pairs
+
     state, saved = None, {}
     given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     from_file = {} if config_file is None else read_options(ctx, config_file)
@@ -633,6 +644,8 @@ def read_options(ctx: click.Context, path: Path) -> dict:
     """A --config file's settings as this command's options would have them: each value converted and checked by
     its option's type (YAML's 1e-4 is a string; a choice must be one of its choices). One-line errors name the
     file and the key."""
+    from model.config import read_file
+
     try:
         values = read_file(path)
     except ValueError as error:
@@ -655,6 +668,8 @@ def monitor_splits(
     """What the kNN monitor reads: (bank source or None = the training images, queries or None = off, why off).
     --val-data's train and val splits (labelled, else ValueError), else --data's val split when it and the
     training images are labelled."""
+    from pipeline.backends import load_splits
+
     data = cfg.data
     if data.val_data is not None:
         # All of VAL_DATA/train is listed: the bank is --knn-bank's seeded subset of it.

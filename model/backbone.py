@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-ARCHS = ("resnet18", "resnet50")
+from model.options import ARCHS
 
 
 class SplitBatchNorm(nn.BatchNorm2d):

@@ -12,6 +12,12 @@ import math
 
 import click
 
+# The names the command lines choose from, here (not beside the code they name, which imports torch) so that --help
+# needs no torch: model.backbone, model.methods and model.precision import them (tests check METHODS agrees).
+ARCHS = ("resnet18", "resnet50")
+METHOD_NAMES = ("leoclr", "leoclr-e2e", "mocov2", "sepp", "simclr")
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
 
 class Integer(click.IntRange):
     """A whole number in [min, max] (either bound optional): refuses 1.7, "1.7", True/False and NaN."""

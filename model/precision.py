@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from model.backbone import resnet
+from model.options import AMP_CHOICES  # noqa: F401 (--amp's choices: the scripts import them from here too)
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # bf16 must beat fp32 by this factor on the probe: a tie is not worth bf16's coarser arithmetic.
 BF16_MARGIN = 0.9

@@ -5,11 +5,8 @@ from __future__ import annotations
 import importlib
 
 import click
-import torch
 
-# Importing FFCV sets torch to one thread (ffcv.pipeline.compiler calls torch.set_num_threads(1)), which
-# halves a CPU training step on two cores. Recorded before any module here imports FFCV; those restore it.
-TORCH_THREADS = torch.get_num_threads()
+# No torch at import: the scripts' --help and one-line refusals import this package (train.py's choices).
 
 # The optional libraries behind two backends (torchvision's needs nothing more), and how to install each.
 BACKEND_LIBRARIES = {"ffcv": ("ffcv", "FFCV"), "dali": ("nvidia.dali", "NVIDIA DALI")}
@@ -29,7 +26,12 @@ def missing_backend(backend: str) -> str | None:
     the import error and how to install the library."""
     if backend not in BACKEND_LIBRARIES:
         return None
+    import torch
+
     module, name = BACKEND_LIBRARIES[backend]
+    # Importing FFCV sets torch to one thread (ffcv.pipeline.compiler calls torch.set_num_threads(1)), which
+    # halves a CPU training step on two cores: everything here imports FFCV through this first, and it restores
+    # the count (pipeline.backends.ffcv too, for a direct import).
     threads = torch.get_num_threads()
     try:
         importlib.import_module(module)

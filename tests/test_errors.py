@@ -307,3 +307,27 @@ def test_a_small_folder_with_val_data_monitors_on_a_bank_fitted_to_the_run(
     given = cfg.replace(knn_bank=0)
     fit_to_images(given, 20, ())
     assert given.run.knn_bank == 0  # given: kept (0 = every image)
+
+
+PROBE = """
+import runpy, sys
+sys.argv = ["train.py", *sys.argv[1:]]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+except SystemExit as done:
+    print("exit", done.code, "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["--lr", "nan"], 2), (["--epochs", "1.7"], 2)])
+def test_help_and_option_refusals_import_no_torch(args, code):
+    """click parses before torch is imported (about 6 s of a 2-core CPU's time before; README: measured)."""
+    done = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == f"exit {code} False", done.stderr
+
+
+def test_the_method_names_the_command_line_offers_are_the_methods():
+    from model.methods import METHODS
+    from model.options import METHOD_NAMES
+
+    assert sorted(METHODS) == sorted(METHOD_NAMES)

@@ -17,7 +17,7 @@ from model.methods import method_for
 
 
 def defaults(**overrides) -> dict:
-    return train.resolve({**cli_defaults(), **overrides})
+    return resolve({**cli_defaults(), **overrides})
 
 
 def test_bn_splits_default_follows_the_number_of_processes(monkeypatch):

@@ -33,7 +33,7 @@ class HostReads(TorchDispatchMode):
 
 def test_only_every_kth_step_reads_from_the_device(tiny_data, tmp_path, monkeypatch):
     reads, marks, looks, gathers = HostReads(), [], [], []
-    learning_rate, poll, gather = train.learning_rate, train.poll, training.gather
+    learning_rate, poll, gather = training.learning_rate, training.poll, training.gather
 
     def step_starts(*args):  # called once at the start of every step
         marks.append(reads.total)
@@ -48,10 +48,10 @@ def test_only_every_kth_step_reads_from_the_device(tiny_data, tmp_path, monkeypa
         return gather(x)
 
     monkeypatch.setattr(pipeline.augment, "apply", pipeline.augment.apply_batched)  # CUDA's path, on the CPU
-    monkeypatch.setattr(train, "learning_rate", step_starts)
-    monkeypatch.setattr(train, "poll", counted_poll)
+    monkeypatch.setattr(training, "learning_rate", step_starts)
+    monkeypatch.setattr(training, "poll", counted_poll)
     monkeypatch.setattr(training, "gather", counted_gather)
-    monkeypatch.setattr(train, "CHECK_EVERY", 3)
+    monkeypatch.setattr(training, "CHECK_EVERY", 3)
     args = [
         *TINY_TRAIN,
         "--batch-size",

@@ -77,18 +77,20 @@ def test_help_documents_the_paper_recipe():
 
 def schedule(cfg: Config, steps: int) -> list[float]:
     """The learning rate of every step of a run with `steps` steps per epoch, in order."""
-    return [train.learning_rate(cfg, e, (k + 1) / steps) for e in range(cfg.optimisation.epochs) for k in range(steps)]
+    return [
+        training.learning_rate(cfg, e, (k + 1) / steps) for e in range(cfg.optimisation.epochs) for k in range(steps)
+    ]
 
 
 def test_learning_rate_warms_up_then_follows_cosine():
     cfg = Config.from_dict({"lr": 0.1, "epochs": 4, "warmup_epochs": 1.0})
-    assert train.learning_rate(cfg, 0, 0.25) == pytest.approx(0.025)
-    assert train.learning_rate(cfg, 0, 1.0) == pytest.approx(0.1)
+    assert training.learning_rate(cfg, 0, 0.25) == pytest.approx(0.025)
+    assert training.learning_rate(cfg, 0, 1.0) == pytest.approx(0.1)
     # Cosine over the 3 epochs after the warm-up: at epoch 2, a third of the way.
-    assert train.learning_rate(cfg, 2, 0.5) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 3)))
+    assert training.learning_rate(cfg, 2, 0.5) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 3)))
     cfg.optimisation.warmup_epochs = 0.0  # no warm-up: MoCo's cosine stepped per epoch, unchanged
-    assert train.learning_rate(cfg, 0, 0.1) == pytest.approx(0.1)
-    assert train.learning_rate(cfg, 3, 0.9) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    assert training.learning_rate(cfg, 0, 0.1) == pytest.approx(0.1)
+    assert training.learning_rate(cfg, 3, 0.9) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
 
 
 @pytest.mark.parametrize("warmup", [1.0, 2.5, 10.0, 40.0])
@@ -143,7 +145,7 @@ def test_variant_flags_only_where_they_apply(tmp_path):
 
 def test_augmentation_removal_reaches_the_augment_config():
     cfg = Config.from_dict({"color_jitter": False, "grayscale": True, "blur": False})
-    config = train.augment_config(cfg)
+    config = training.augment_config(cfg)
     assert config.jitter_p == 0 and config.grayscale_p == 0.2 and config.blur_p == 0
 
 
@@ -180,8 +182,8 @@ def test_knn_monitor_every_n_epochs_and_the_last_on_a_bank_subset(tiny_data, tmp
     config = json.loads((out / "config.json").read_text())
     assert config["knn_every"] == 2 and config["knn_bank"] == 10
     every5 = Config.from_dict({"knn_every": 5, "epochs": 12})
-    assert train.knn_due(every5, 0) and train.knn_due(every5, 12)
-    assert not train.knn_due(every5, 4)
+    assert training.knn_due(every5, 0) and training.knn_due(every5, 12)
+    assert not training.knn_due(every5, 4)
 
 
 def test_the_run_prints_raw_pixels_and_the_random_network_beside_its_knn(tmp_path):

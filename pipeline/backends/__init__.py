@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import require_backend
 from pipeline.data import ImageList, scan_split
-from pipeline.loader import Loader
+
+if TYPE_CHECKING:  # torch: not imported for train.py's --help, which lists BACKENDS
+    from pipeline.loader import Loader
 
 # name -> the Loader subclass its file pipeline/backends/<name>.py defines
 CLASSES = {"dali": "DaliLoader", "ffcv": "FfcvLoader", "torchvision": "TorchvisionLoader"}

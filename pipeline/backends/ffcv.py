@@ -35,11 +35,11 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from pipeline import TORCH_THREADS
 from pipeline.data import ImageList, subset
 from pipeline.loader import Batch, Loader, to_batch
 
-torch.set_num_threads(TORCH_THREADS)  # undo FFCV's import (see pipeline/__init__.py)
+# FFCV's import sets torch to one thread: everything here imports FFCV first through pipeline.missing_backend
+# (make_loader, load_splits, the converter; the tests' collection), which restores the count.
 
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
 JPEG_MODE = int(IMAGE_MODES["jpg"])  # the other mode stores raw RGB
