@@ -17,37 +17,30 @@ import time
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
 
-from model.config import from_checkpoint
-from model.evaluation import (
-    CosineSGD,
-    LinearProbe,
-    backbone_weights,
-    extract_features,
-    fit_linear,
-    load_backbone,
-    topk_accuracy,
-)
-from model.knn import knn_scores
-from model.options import Count, Group, Integer, Real
-from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
-from model.training import load_checkpoint
-from pipeline.augment import AugmentConfig, augment
-from pipeline.backends import BACKENDS, load_splits, make_loader
+from model.options import AMP_CHOICES, Count, Group, Integer, Real
+from pipeline.backends import BACKENDS
 from pipeline.crop_plan import SUPERVISED_SCALE
-from pipeline.data import ImageList, balanced_fraction, select
-from pipeline.device import resolve_device
-from pipeline.loader import Loader
 
-# Training-time augmentation of the supervised protocols: the crop plan's RandomResizedCrop + flip, no colour.
-FLIP_ONLY = AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.5)
+if TYPE_CHECKING:  # torch and the machinery are imported where used: --help and the option refusals need none
+    import torch
+    from torch import nn
+
+    from model.evaluation import LinearProbe
+    from pipeline.data import ImageList
+    from pipeline.loader import Loader
+
 CROP_MIN = SUPERVISED_SCALE[0]  # RandomResizedCrop's smallest area fraction there, as MoCo's main_lincls
+
+
+def flip_only():
+    """Training-time augmentation of the supervised protocols: the crop plan's RandomResizedCrop + flip, no colour."""
+    from pipeline.augment import AugmentConfig
+
+    return AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, flip_p=0.5)
 
 
 @dataclass
@@ -62,6 +55,8 @@ class Setup:
     device: torch.device
 
     def loader(self, images: ImageList, train: bool, batch_size: int | None = None, **kwargs) -> Loader:
+        from pipeline.backends import make_loader
+
         o = self.options
         return make_loader(
             o["loader"],
@@ -77,6 +72,10 @@ class Setup:
         )
 
     def backbone(self) -> tuple[nn.Module, int]:
+        import torch
+
+        from model.evaluation import load_backbone
+
         net, dim = load_backbone(self.state)
         return net.to(self.device, memory_format=torch.channels_last), dim
 
@@ -85,6 +84,8 @@ class Setup:
         return len(self.train.classes)
 
     def features(self, net: nn.Module, images: ImageList, view: str, desc: str, interpolation: str = "bilinear"):
+        from model.evaluation import extract_features
+
         loader = self.loader(images, train=False, eval_view=view, interpolation=interpolation)
         try:
             return extract_features(net, loader, self.options["amp"], desc)
@@ -92,6 +93,8 @@ class Setup:
             loader.close()
 
     def record(self, protocol: str, top1: float, top5: float, started: float, **fields) -> dict:
+        from model.config import from_checkpoint
+
         cfg = from_checkpoint(self.state)
         return {
             "protocol": protocol,
@@ -214,6 +217,14 @@ COMMON = (
 
 
 def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
+    import torch
+
+    from model.config import from_checkpoint
+    from model.precision import describe, resolve_amp
+    from model.training import load_checkpoint
+    from pipeline.backends import load_splits
+    from pipeline.device import resolve_device
+
     try:
         state = load_checkpoint(checkpoint)
     except ValueError as error:
@@ -264,6 +275,11 @@ def main() -> None:
 def knn(setup: Setup, started: float, k: int, temperature: float) -> dict:
     """Weighted kNN (the training monitor's protocol): un-augmented whole-image features of the train split
     as the bank; each val image's k nearest by cosine vote with exp(sim / T)."""
+    import torch.nn.functional as F
+
+    from model.evaluation import topk_accuracy
+    from model.knn import knn_scores
+
     net, _ = setup.backbone()
     bank, bank_labels = setup.features(net, setup.train, "original", "bank")
     val, val_labels = setup.features(net, setup.val, "original", "val")
@@ -308,6 +324,14 @@ def train_probe(
 ):
     """A LinearProbe on the frozen backbone `net` (features of size `dim`), trained on the whole train split:
     on cached center-crop features, or on RandomResizedCrop (scale (crop_min, 1)) + flip images."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from model.evaluation import CosineSGD, LinearProbe, fit_linear
+    from model.precision import autocast
+    from pipeline.augment import augment
+
     batch_size = setup.options["batch_size"]
     if cached:
         features, labels = setup.features(net, setup.train, "center", "train features")
@@ -321,7 +345,7 @@ def train_probe(
     for epoch in range(epochs):
         bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"linear {epoch + 1}/{epochs}", unit="batch")
         for batch in bar:
-            views = augment(batch.crop1, FLIP_ONLY, generator)  # outside autocast: its own precision
+            views = augment(batch.crop1, flip_only(), generator)  # outside autocast: its own precision
             with torch.no_grad(), autocast(setup.device, setup.options["amp"]):
                 features = net(views).float()
             loss = F.cross_entropy(probe(features), batch.labels)
@@ -331,12 +355,16 @@ def train_probe(
     return probe.eval()
 
 
-@torch.no_grad()
 def score_probe(
     setup: Setup, net: nn.Module, probe: LinearProbe, view: str, interpolation: str = "bilinear"
 ) -> list[float]:
+    import torch
+
+    from model.evaluation import topk_accuracy
+
     features, labels = setup.features(net, setup.val, view, f"val {view}", interpolation)
-    return topk_accuracy(probe(features), labels)
+    with torch.no_grad():
+        return topk_accuracy(probe(features), labels)
 
 
 @main.command()
@@ -418,6 +446,16 @@ def finetune(
     """Semi-supervised fine-tuning: the whole network plus a new linear layer trained on a class-balanced,
     seeded --fraction of the train labels (RandomResizedCrop, scale 0.08-1, + flip), top-1/top-5 on center
     crops of val."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from tqdm import tqdm
+
+    from model.evaluation import CosineSGD, topk_accuracy
+    from model.precision import autocast
+    from pipeline.augment import augment
+    from pipeline.data import balanced_fraction, select
+
     try:
         labelled = select(setup.train, balanced_fraction(setup.train.labels, fraction, setup.options["seed"]))
     except ValueError as error:
@@ -441,7 +479,7 @@ def finetune(
     for epoch in range(epochs):
         bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"finetune {epoch + 1}/{epochs}", unit="batch")
         for batch in bar:
-            views = augment(batch.crop1, FLIP_ONLY, generator)
+            views = augment(batch.crop1, flip_only(), generator)
             with autocast(setup.device, setup.options["amp"]):
                 logits = model(views)
             loss = F.cross_entropy(logits.float(), batch.labels)
@@ -474,6 +512,12 @@ def finetune(
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .pth file.")
 def export(checkpoint: Path, out: Path) -> None:
     """Write the query backbone as a plain torchvision ResNet state_dict (every key but fc)."""
+    import torch
+
+    from model.config import from_checkpoint
+    from model.evaluation import backbone_weights
+    from model.training import load_checkpoint
+
     try:
         state = load_checkpoint(checkpoint)
         weights = backbone_weights(state)

@@ -311,15 +311,24 @@ def test_a_small_folder_with_val_data_monitors_on_a_bank_fitted_to_the_run(
 
 PROBE = """
 import runpy, sys
-sys.argv = ["train.py", *sys.argv[1:]]
+sys.argv = sys.argv[1:]
 try:
-    runpy.run_path("train.py", run_name="__main__")
+    runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as done:
     print("exit", done.code, "torch" in sys.modules, file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("args, code", [(["--help"], 0), (["--lr", "nan"], 2), (["--epochs", "1.7"], 2)])
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (["train.py", "--help"], 0),
+        (["train.py", "--lr", "nan"], 2),
+        (["train.py", "--epochs", "1.7"], 2),
+        (["eval.py", "linear", "--help"], 0),
+        (["eval.py", "knn", "--k", "0", "--checkpoint", "README.md"], 2),
+    ],
+)
 def test_help_and_option_refusals_import_no_torch(args, code):
     """click parses before torch is imported (about 6 s of a 2-core CPU's time before; README: measured)."""
     done = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)

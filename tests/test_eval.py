@@ -9,6 +9,7 @@ from conftest import LOADERS, tiny_loader
 from torch import nn
 
 import eval as evaluation
+import pipeline.backends
 from model.backbone import resnet
 from model.evaluation import LinearProbe, fit_linear, topk_accuracy
 from model.moco import MomentumContrast
@@ -86,7 +87,7 @@ def test_protocols_train_on_crops_of_scale_008_to_1_and_the_crop_test_scores_bic
         made.append(loader)
         return loader
 
-    monkeypatch.setattr(evaluation, "make_loader", recording)
+    monkeypatch.setattr(pipeline.backends, "make_loader", recording)  # eval.py imports it where it is used
     options = ["--fraction", 0.5] if protocol == "finetune" else ["--augmented"]
     run_eval(protocol, "--checkpoint", checkpoint, *FAST, "--epochs", 1, *options)
     training = [loader for loader in made if loader.train]
