@@ -18,5 +18,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+# The project itself, editable: `python benchmarks/x.py` and the other scripts import its packages from here.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 
 .venv/bin/python -m pipeline.fashion_mnist data/fashion-mnist

@@ -27,7 +27,6 @@ import gc
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,9 +35,6 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-
-if not __package__:  # run as a file (python benchmarks/doctor.py): import the project from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.loaders import delivered
 from benchmarks.photos import SYNTHETIC_SIZES, write_photos

@@ -28,9 +28,6 @@ import click
 import numpy as np
 import torch
 
-if not __package__:  # run as a file (python benchmarks/forward_boxes.py): import the project from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 from model.config import from_checkpoint
 from model.localize import ForwardBoxes, localize
 from model.methods import method_for

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,9 +25,6 @@ from pathlib import Path
 
 import click
 import numpy as np
-
-if not __package__:  # run as a file (python benchmarks/loaders.py): import the project from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 LOADERS = (
     "decode-only-dali",

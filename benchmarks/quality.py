@@ -34,9 +34,6 @@ import click
 import numpy as np
 import torch
 
-if not __package__:  # run as a file (python benchmarks/quality.py): import the project from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 from model.backbone import resnet
 from model.config import Config, read_file
 from model.evaluation import extract_features, fit_linear, load_backbone, pixel_features, topk_accuracy

@@ -19,14 +19,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 from pathlib import Path
 
 import click
 import torch
-
-if not __package__:  # run as a file (python benchmarks/queue_staleness.py): import the project from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from model.config import Config, resolve
 from model.methods import method_for

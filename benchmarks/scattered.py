@@ -10,16 +10,12 @@ ContrastiveCrop is meant to find it (the test bed of the [ccrop] comparison).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
-
-if not __package__:  # run as a file (python benchmarks/scattered.py): import the project from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks.photos import source_photos
 from pipeline.fashion_mnist import CLASSES, DEFAULT_SOURCE, SPLITS, read_idx

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -35,9 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-
-if not __package__:  # run as a file (python benchmarks/train_step.py): import the project from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from model.backbone import resnet
 from model.config import Config, DataConfig, resolve

@@ -14,7 +14,6 @@ same data, --train-limit and --seed as the run that will train with them) and a 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -22,9 +21,6 @@ import click
 import numpy as np
 import torch
 from tqdm import tqdm
-
-if not __package__:  # run as a file (python model/pairs.py): import the project from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from model.config import from_checkpoint
 from model.moco import Encoder

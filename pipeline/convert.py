@@ -16,7 +16,6 @@ import math
 import multiprocessing
 import os
 import queue
-import sys
 import time
 from pathlib import Path
 
@@ -24,9 +23,6 @@ import click
 import cv2
 import numpy as np
 from PIL import Image
-
-if not __package__:  # run as a file (python pipeline/convert.py): import the project from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline import require_backend
 from pipeline.data import LABELS, ImageList, scan_split, select, to_rgb

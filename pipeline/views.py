@@ -9,16 +9,12 @@ before colour augmentation. Without --boxes the crops are plain RandomResizedCro
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-
-if not __package__:  # run as a file (python pipeline/views.py): import the project from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import ImageList

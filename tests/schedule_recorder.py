@@ -7,12 +7,9 @@ as decoded and resized). Run as a script (under torchrun) it records to $SCHEDUL
 
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.loader import Loader  # noqa: E402
+from pipeline.loader import Loader
 
 EPOCH = Loader.epoch
 

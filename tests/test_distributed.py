@@ -42,7 +42,12 @@ def torchrun_command(*args, processes: int = 2, script: str = "train.py") -> lis
     ]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# PYTHONPATH: RECORDER, run as a file, imports train.py and this checkout's packages (not an installed copy's).
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
 RECORDER = "tests/schedule_recorder.py"  # train.py with the schedule its loaders apply written down
 
 

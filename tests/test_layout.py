@@ -156,3 +156,37 @@ def test_no_import_cycle(graph):
         if name not in state:
             visit(name, [name])
     assert not cycles, "\n".join(cycles)
+
+
+def project_files() -> list[Path]:
+    """Every .py of the checkout: the scripts, the packages, tests/ and any other folder (not .venv, data)."""
+    skip = {".venv", "data", "runs", ".git"}
+    return [p for p in sorted(ROOT.rglob("*.py")) if not skip & set(p.relative_to(ROOT).parts)]
+
+
+def test_no_file_edits_sys_path():
+    """The project installs as a package (pyproject.toml, setup.sh's pip install -e .; pytest's pythonpath for the
+    scripts): no module, script, benchmark or test reaches sys.path to find the project."""
+    wrong = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in project_files()
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Attribute)
+        and node.attr == "path"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "sys"
+    ]
+    assert project_files() and not wrong, "sys.path used at " + ", ".join(wrong)
+
+
+def test_pyproject_lists_every_package():
+    """pip install -e . installs exactly the folders that are packages (an __init__.py), tests/ aside."""
+    import tomllib
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = {
+        ".".join(path.parent.relative_to(ROOT).parts)
+        for path in project_files()
+        if path.name == "__init__.py" and path.parts[len(ROOT.parts)] != "tests"
+    }
+    assert sorted(listed) == sorted(found)
