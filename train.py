@@ -393,7 +393,14 @@ def train(
     "size a run for minutes on a 2-core CPU; README: the full recipe.",
 )
 @click.option("--epochs", type=Count(), default=6)
-@click.option("--batch-size", type=Count(), default=64, help="Global batch (split over torchrun's processes).")
+@click.option(
+    "--batch-size",
+    type=Count(),
+    default=64,
+    help="Global batch (split over torchrun's processes): a multiple of the processes, each one's part a multiple "
+    "of --bn-splits, at most the training images. Not given, a folder of fewer images gets the largest batch that "
+    "fits it (and the run says so).",
+)
 @click.option(
     "--lr",
     type=Real(min=0, min_open=True),
@@ -407,7 +414,9 @@ def train(
     "--queue-size",
     type=Count(),
     default=1024,
-    help="Number of negative keys K (a multiple of --batch-size).",
+    help="Number of negative keys K: a multiple of --batch-size (MoCo's queue turns over in whole batches). Not "
+    "given, the multiple of the batch nearest 1024 and at most the training images (older keys of the same images "
+    "would be negatives).",
 )
 @click.option("--temperature", type=Real(min=0, min_open=True), default=0.1, help="InfoNCE temperature T.")
 @click.option(
@@ -423,8 +432,9 @@ def train(
     "--bn-splits",
     type=Count(),
     default=None,
-    help="Split batch norm groups (1 = plain BN). [default: 8 with one process, where split BN stands in for "
-    "shuffle BN; 1 under torchrun, where keys are shuffled across the ranks as in MoCo] One process refuses 1 for "
+    help="Split batch norm groups (1 = plain BN); each process's batch must divide into them. [default: 8 with one "
+    "process, where split BN stands in for shuffle BN (fewer where 8 do not divide the batch, or leave a group under "
+    "2 images); 1 under torchrun, where keys are shuffled across the ranks as in MoCo] One process refuses 1 for "
     "the momentum-encoder methods: each query and its key would share batch statistics.",
 )
 @click.option(
@@ -553,7 +563,8 @@ def train(
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Options from a YAML file (keys: these options' names, dashes or underscores; configs/imagenet.yaml is the "
+    help="Options from a YAML file (keys: these options' names, dashes or underscores, flat or under any of the "
+    "sections data, model, method, optimisation, run: README lists which holds which; configs/imagenet.yaml is the "
     "paper's ImageNet recipe) or a run's config.json (trains that run again); options given here override them.",
 )
 @click.pass_context

@@ -154,7 +154,8 @@ SECTION_OF = {setting.name: name for name, kind in SECTIONS.items() for setting 
 def sections_listed() -> str:
     """Every setting by section, for an error about a key: "settings by section: data: data, labels, ...; model:
     ...". A file may put a setting in any section (names are unique across them) or in none."""
-    listed = "; ".join(f"{name}: {', '.join(f.name for f in fields(kind))}" for name, kind in SECTIONS.items())
+    names = {name: [f.name for f in fields(kind) if f.name not in RESULTS] for name, kind in SECTIONS.items()}
+    listed = "; ".join(f"{name}: {', '.join(settings)}" for name, settings in names.items())
     return f"settings by section (any section, or none, is fine): {listed}"
 
 

@@ -155,3 +155,12 @@ def test_the_shipped_imagenet_config_is_the_papers_recipe():
     assert {k: cfg.to_dict()[k] for k in recipe} == recipe
     assert cfg.data.loader == "dali" and cfg.method.method == "leoclr"
     assert "--config configs/imagenet.yaml" in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_lists_each_sections_settings():
+    from model.config import RESULTS
+
+    text = (ROOT / "README.md").read_text()
+    for name, kind in SECTIONS.items():
+        settings = ", ".join(f.name for f in fields(kind) if f.name not in RESULTS)
+        assert f"| `{name}` | {settings} |" in text, name
