@@ -18,7 +18,8 @@ deviation over seeds), results.md (the table) and knn.png (the training monitor'
 line per configuration, the mean over seeds, a band from the lowest to the highest seed; dashed: the
 baselines' kNN k 200). An interrupted sweep resumes: finished runs are not trained or evaluated again, a run
 stopped part-way continues from its checkpoint (train.py --resume), and a run directory made with other
-options is refused rather than mixed in.
+options, or a seed whose resolved settings (config.json) differ from its configuration's first seed's (train.py's
+defaults changed between them), is refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -311,12 +312,20 @@ def main(out: Path, configs: tuple[str, ...], common: str, seeds: str, probe_epo
     runs: dict[str, dict[int, dict]] = {name: {} for name in parsed}
     baselines: dict[int, dict] = {}
     evaluations: dict[str, Evaluation] = {}
+    settings: dict[str, dict] = {}  # each configuration's resolved train.py settings, seed and out aside
     try:
         for seed in seed_list:  # seed-major: an interrupted sweep has every configuration at the early seeds
             for name, options in parsed.items():
                 argv = [*shared, *options, "--seed", str(seed)]
                 trained = train_run(out, name, seed, argv, click.echo)
                 cfg = Config.from_dict(read_file(trained["dir"] / "config.json"))
+                settled = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out")}
+                if settings.setdefault(name, settled) != settled:  # e.g. train.py's defaults changed in between
+                    changed = sorted(k for k in settled if settled[k] != settings[name].get(k))
+                    raise click.ClickException(
+                        f"{trained['dir']} ran with other settings than {name}'s first seed ({', '.join(changed)}): "
+                        "give those options in --config, or another --out"
+                    )
                 key = json.dumps(data_key(cfg), sort_keys=True)
                 if key not in evaluations:
                     evaluations[key] = Evaluation(cfg, probe_epochs, workers)

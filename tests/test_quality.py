@@ -90,6 +90,16 @@ def test_a_run_made_with_other_options_is_refused(swept, tiny_data, tmp_path):
     assert "leoclr-s0 was trained with other options" in result.output
 
 
+def test_seeds_of_one_configuration_with_other_settings_are_refused(swept, tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    shutil.copytree(swept[0], out)
+    config = out / "leoclr-s1" / "config.json"  # as if train.py's default lr had changed before seed 1 ran
+    config.write_text(json.dumps({**json.loads(config.read_text()), "lr": 0.01}))
+    result = sweep(out, tiny_data)
+    assert result.exit_code != 0
+    assert "leoclr-s1 ran with other settings than leoclr's first seed (lr)" in result.output
+
+
 def test_queue_staleness_trains_as_train_py_and_leaves_the_model_as_it_was(tiny_data, tmp_path):
     import train
     from benchmarks import queue_staleness
