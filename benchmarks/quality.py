@@ -76,6 +76,11 @@ def train_run(out: Path, name: str, seed: int, argv: list[str], echo) -> dict:
     checkpoint = run / "checkpoint.pt"
     command = [sys.executable, str(ROOT / "train.py")]
     command += ["--resume", str(checkpoint)] if checkpoint.exists() else [*argv, "--out", str(run)]
+    if checkpoint.exists() and trained_out(checkpoint):  # stopped after its last epoch, before done.json
+        echo(f"{run.name}: trained earlier (its checkpoint holds every epoch), reused")
+        wall = float(wall_path.read_text()) if wall_path.exists() else 0.0
+        done_path.write_text(json.dumps({"wall_s": round(wall, 1)}) + "\n")
+        return {"dir": run, "wall_s": round(wall, 1), "reused": True}
     echo(f"{run.name}: {'resuming' if checkpoint.exists() else 'training'}: python {shlex.join(command[1:])}")
     spent = float(wall_path.read_text()) if wall_path.exists() else 0.0  # the interrupted tries' time
     started = time.perf_counter()
@@ -90,6 +95,12 @@ def train_run(out: Path, name: str, seed: int, argv: list[str], echo) -> dict:
         )
     done_path.write_text(json.dumps({"wall_s": round(wall, 1)}) + "\n")
     return {"dir": run, "wall_s": round(wall, 1), "reused": False}
+
+
+def trained_out(checkpoint: Path) -> bool:
+    """Whether train.py's CHECKPOINT holds every epoch its run asked for (train.py refuses to resume it)."""
+    state = load_checkpoint(checkpoint)
+    return state.get("epoch", 0) >= state["config"]["epochs"] and not state.get("step")
 
 
 class Evaluation:
