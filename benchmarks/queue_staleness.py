@@ -1,6 +1,6 @@
 """Why a run's training loss rises again as the cosine lr nears zero: the loss against the run's own queue (keys
 made by the key encoder over the last K / keys-per-step steps) beside the loss of the same queries and
-positives against a freshly built queue (K keys of other training crops from the current key encoder):
+positives against a freshly built queue (K keys of other images' training crops from the current key encoder):
 
     python -m benchmarks.queue_staleness --epochs 30 --json runs/staleness.json   # the default run, 30 epochs
     python -m benchmarks.queue_staleness --epochs 12 --method mocov2
@@ -64,18 +64,22 @@ def probe_losses(model, method, cfg: Config, probes: list[dict], fresh: torch.Te
 
 
 @torch.no_grad()
-def fresh_queue(model, method, loader, cfg: Config, epoch: int) -> torch.Tensor:
+def fresh_queue(model, method, loader, cfg: Config, epoch: int, probe_ids: torch.Tensor) -> torch.Tensor:
     """K keys (K, D) from the current key encoder, of the crops the method enqueues, from other training
-    batches (as a queue that had been filled by a key encoder that stopped moving)."""
+    batches (as a queue that had been filled by a key encoder that stopped moving). The probe images' own
+    crops are left out: a run's queue holds none of an image's keys when its K is under an epoch's keys, and
+    a crop of the query's own image among the negatives would make the fresh queue harder for that reason."""
     size = model.queue.shape[0]
     generator = torch.Generator(device=model.queue.device).manual_seed(FRESH_EPOCH + epoch)
     aug, keys, count = augment_config(cfg), [], 0
     saved = copy.deepcopy(model.key_encoder.state_dict())  # train-mode BN moves its statistics
-    for batch in loader.epoch(FRESH_EPOCH + epoch):
+    passes = (loader.epoch(FRESH_EPOCH + 100 * epoch + again) for again in range(100))  # more crops if need be
+    for batch in (batch for one in passes for batch in one):
         views, _ = augment_views(batch, method, aug, generator)
         crops = [views["crop1"], views["crop2"]] if "original" in method.views else [views["crop2"]]
         with autocast(model.queue.device, cfg.optimisation.amp):
-            made = model.encode_keys(torch.cat(crops), generator).float()
+            made = model.encode_keys(torch.cat(crops), generator).float()  # the whole batch: BN as in training
+        made = made[~torch.isin(batch.indices.to(probe_ids.device), probe_ids).repeat(len(crops)).to(made.device)]
         keys.append(made)
         count += len(made)
         if count >= size:
@@ -97,11 +101,13 @@ def run(cfg: Config, probe_batches: int, echo) -> list[dict]:
     optimizer, scaler = optimizer_and_scaler(cfg, model, device)
     aug = augment_config(cfg)
     probe_generator = torch.Generator(device=device).manual_seed(PROBE_EPOCH)
-    probes = []
+    probes, probe_ids = [], []
     for batch in loader.epoch(PROBE_EPOCH):
         probes.append(augment_views(batch, method, aug, probe_generator)[0])
+        probe_ids.append(batch.indices.cpu())
         if len(probes) == probe_batches:
             break
+    probe_ids = torch.cat(probe_ids)
     records = []
     epochs = cfg.optimisation.epochs
     for epoch in range(epochs):
@@ -116,7 +122,7 @@ def run(cfg: Config, probe_batches: int, echo) -> list[dict]:
             loss = optimize(model, method, optimizer, scaler, views, cfg, generator)
             total += loss.item() * len(batch.labels)
             seen += len(batch.labels)
-        own, fresh = probe_losses(model, method, cfg, probes, fresh_queue(model, method, loader, cfg, epoch))
+        own, fresh = probe_losses(model, method, cfg, probes, fresh_queue(model, method, loader, cfg, epoch, probe_ids))
         record = dict(epoch=epoch + 1, lr=lr, loss=total / seen, own_queue=own, fresh_queue=fresh, gap=fresh - own)
         records.append(record)
         echo(
