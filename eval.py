@@ -56,20 +56,21 @@ class Setup:
 
     def loader(self, images: ImageList, train: bool, batch_size: int | None = None, **kwargs) -> Loader:
         from pipeline.backends import make_loader
+        from pipeline.loader import LoaderSpec
 
         o = self.options
-        return make_loader(
+        spec = LoaderSpec(
             o["loader"],
-            images,
-            image_size=o["image_size"],
-            batch_size=batch_size or o["batch_size"],
-            device=self.device,
+            o["image_size"],
+            batch_size or o["batch_size"],
+            self.device,
             train=train,
             seed=o["seed"],
             workers=o["workers"],
             crop_fraction=o["crop_fraction"],
             **kwargs,
         )
+        return make_loader(spec, images)
 
     def backbone(self) -> tuple[nn.Module, int]:
         import torch

@@ -43,7 +43,7 @@ from model.backbone import ARCHS
 from model.config import Config, resolve
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, resolve_amp
-from model.training import augment_config, loader_views
+from model.training import augment_config, loader_spec, loader_views
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import ImageList
 from pipeline.device import resolve_device
@@ -203,17 +203,10 @@ def loader_rate(backend: str, images, cfg: Config, workers: int, device, seconds
     started = time.perf_counter()
     views = loader_views(METHODS[cfg.method.method])
     try:
-        loader = make_loader(
-            backend,
-            images,
-            image_size=cfg.data.image_size,
-            batch_size=cfg.optimisation.batch_size,
-            device=device,
-            train=True,
-            seed=cfg.run.seed,
-            workers=workers,
-            views=views,
+        spec = loader_spec(cfg, device).but(
+            backend=backend, train=True, seed=cfg.run.seed, workers=workers, views=views
         )
+        loader = make_loader(spec, images)
     except Exception as error:  # an import or a build failing: the backend does not run here
         return {**row, "error": reason(error)}
     batches = forever(loader)

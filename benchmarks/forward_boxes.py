@@ -41,6 +41,7 @@ from model.training import (
 from pipeline.augment import normalize
 from pipeline.backends import load_splits, make_loader
 from pipeline.ccrop import heatmap_boxes
+from pipeline.loader import LoaderSpec
 
 RUNS = {
     "rrc": ["--crop", "random"],
@@ -191,9 +192,9 @@ def main(data, runs, epochs, image_size, train_limit, val_limit, ccrop_k, amp, k
     model.load_state_dict(state["model"])
     method = method_for("leoclr")
     train_images, _ = load_splits(data, cfg.data.loader, train_limit, val_limit, seed)
-    common_loader = dict(image_size=image_size, batch_size=cfg.optimisation.batch_size, device=torch.device("cpu"))
-    loader = make_loader(cfg.data.loader, train_images, train=True, seed=seed, views=3, **common_loader)
-    box_loader = make_loader(cfg.data.loader, train_images, train=False, **common_loader)
+    passes = LoaderSpec(cfg.data.loader, image_size, cfg.optimisation.batch_size, torch.device("cpu"), train=False)
+    loader = make_loader(passes.but(train=True, seed=seed, views=3), train_images)
+    box_loader = make_loader(passes, train_images)
 
     ks = tuple(sorted({0.1, 0.3, 0.5, 0.7, ccrop_k}))
     passed = pass_source(model, box_loader, ks)

@@ -173,20 +173,13 @@ def ours(cfg: Config, images):
 
     from pipeline.augment import AugmentConfig
     from pipeline.backends import make_loader
+    from pipeline.loader import LoaderSpec
 
     device = torch.device(cfg.device)
     backend = DECODE_ONLY.get(cfg.loader, cfg.loader)
     views = 0 if cfg.loader in DECODE_ONLY else cfg.views
-    loader = make_loader(
-        backend,
-        images,
-        image_size=cfg.image_size,
-        batch_size=cfg.batch_size,
-        device=device,
-        train=True,
-        workers=cfg.workers,
-        views=views,
-    )
+    spec = LoaderSpec(backend, cfg.image_size, cfg.batch_size, device, train=True, workers=cfg.workers, views=views)
+    loader = make_loader(spec, images)
     if cfg.crop == "ccrop":  # seeded boxes covering 10-100% of each side: ContrastiveCrop's sampling path
         rng = np.random.default_rng(0)
         start, extent = rng.uniform(0, 0.9, (len(images), 2)), rng.uniform(0.1, 1.0, (len(images), 2))

@@ -41,6 +41,7 @@ from model.evaluation import extract_features, fit_linear, load_backbone, pixel_
 from model.knn import knn_top1
 from model.training import load_checkpoint
 from pipeline.backends import load_splits, make_loader
+from pipeline.loader import LoaderSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("leoclr=", "mocov2=--method mocov2")
@@ -114,10 +115,8 @@ class Evaluation:
         if val is None or not (train.labelled and val.labelled):
             raise click.ClickException(f"{data.data}: the sweep scores on labelled train and val splits")
         self.classes = len(train.classes)
-        common = dict(
-            image_size=data.image_size, batch_size=256, device=torch.device("cpu"), train=False, workers=workers
-        )
-        self.loaders = [make_loader(data.loader, images, seed=cfg.run.seed, **common) for images in (train, val)]
+        spec = LoaderSpec(data.loader, data.image_size, 256, torch.device("cpu"), False, cfg.run.seed, workers)
+        self.loaders = [make_loader(spec, images) for images in (train, val)]
 
     def close(self) -> None:
         for loader in self.loaders:

@@ -39,7 +39,7 @@ from model.backbone import resnet
 from model.config import Config, DataConfig, resolve
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
-from model.training import augment_views, build, loader_views, optimize
+from model.training import augment_views, build, loader_spec, loader_views, optimize
 from pipeline.augment import AugmentConfig
 from pipeline.backends import BACKENDS, load_splits, make_loader
 
@@ -109,17 +109,7 @@ class Runner(Timed):
             self.batches, self.fixed = None, like.fixed
             return
         views = loader_views(self.method)
-        sizes = dict(image_size=cfg.data.image_size, batch_size=cfg.optimisation.batch_size)
-        self.loader = make_loader(
-            cfg.data.loader,
-            images,
-            device=device,
-            train=True,
-            seed=cfg.run.seed,
-            workers=cfg.data.workers,
-            views=views,
-            **sizes,
-        )
+        self.loader = make_loader(loader_spec(cfg, device).but(train=True, seed=cfg.run.seed, views=views), images)
         self.aug = AugmentConfig(blur_p=0.5 if cfg.method.blur else 0.0)
         self.generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
         self.batches = self._forever()

@@ -30,6 +30,7 @@ from pipeline.augment import normalize
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import select
 from pipeline.device import resolve_device
+from pipeline.loader import LoaderSpec
 from pipeline.pairs import band_pairs, pair_accuracy, sample_fraction
 
 
@@ -127,15 +128,8 @@ def main(
         raise click.ClickException(str(error)) from error
     encoder = sampler_encoder(state, random_init, seed).to(device, memory_format=torch.channels_last).eval()
     images = select(train, chosen)
-    passes = make_loader(
-        loader,
-        images,
-        image_size=image_size,
-        batch_size=batch_size or cfg.optimisation.batch_size,
-        device=device,
-        train=False,
-        workers=workers,
-    )
+    spec = LoaderSpec(loader, image_size, batch_size or cfg.optimisation.batch_size, device, False, workers=workers)
+    passes = make_loader(spec, images)
     embeddings = []
     with torch.no_grad():
         for batch in tqdm(passes.epoch(0), total=len(passes), desc="embed", unit="batch"):

@@ -34,7 +34,7 @@ from pipeline.augment import AugmentConfig, augment_with_draws
 from pipeline.backends import make_loader
 from pipeline.ccrop import forward_refresh_start
 from pipeline.data import ImageList, select, subset
-from pipeline.loader import BadFiles, Loader, machine_workers
+from pipeline.loader import BadFiles, Loader, LoaderSpec, machine_workers
 from pipeline.verify import cache_file, verify
 
 
@@ -121,6 +121,21 @@ class Loaders(NamedTuple):
                 each.close()
 
 
+def loader_spec(cfg: Config, device: torch.device, rank: int = 0, world: int = 1) -> LoaderSpec:
+    """This rank's evaluation-pass `LoaderSpec` of a run: cfg's backend, size, workers, the per-rank batch (the
+    global --batch-size over `world`); `.but(train=True, ...)` for its training loader."""
+    return LoaderSpec(
+        cfg.data.loader,
+        cfg.data.image_size,
+        cfg.optimisation.batch_size // world,
+        device,
+        train=False,
+        workers=cfg.data.workers,
+        rank=rank,
+        world=world,
+    )
+
+
 def make_loaders(
     cfg: Config,
     method: Method,
@@ -136,25 +151,11 @@ def make_loaders(
     """This rank's loaders of a run (`Loaders`), with cfg's backend, size, workers and seed; `pairs` as `Loader`;
     `bad_files` shared by all of them (a file one finds undecodable stays out of every one). The kNN bank is a
     subset of `bank_source` (--val-data's train split) or, without it, of the training images."""
-    common = dict(
-        image_size=cfg.data.image_size,
-        batch_size=cfg.optimisation.batch_size // world,
-        device=device,
-        workers=cfg.data.workers,
-        rank=rank,
-        world=world,
-        bad_files=BadFiles() if bad_files is None else bad_files,
-    )
-    loader = make_loader(
-        cfg.data.loader,
-        train_images,
-        train=True,
-        seed=cfg.run.seed,
-        views=loader_views(method),
-        pairs=pairs,
-        original_crop=cfg.method.original == "random-crop",
-        **common,
-    )
+    bad_files = BadFiles() if bad_files is None else bad_files
+    passes = loader_spec(cfg, device, rank, world)  # the un-augmented passes: file order, the original view
+    random_crop = cfg.method.original == "random-crop"
+    training = passes.but(train=True, seed=cfg.run.seed, views=loader_views(method), original_crop=random_crop)
+    loader = make_loader(training, train_images, pairs, bad_files)
     loader.alpha = cfg.method.ccrop_alpha
     # Un-augmented passes over the training images: the kNN bank (a seeded subset, --knn-bank) and
     # ContrastiveCrop's localisation (every image); one loader when both read every image.
@@ -162,12 +163,12 @@ def make_loaders(
     bank_ids = subset(len(source), knn_bank(cfg, len(train_images)), cfg.run.seed)
     whole = len(bank_ids) == len(source)
     bank_images = source if whole else select(source, bank_ids)
-    bank_loader = make_loader(cfg.data.loader, bank_images, train=False, **common) if val_images else None
+    bank_loader = make_loader(passes, bank_images, bad_files=bad_files) if val_images else None
     box_loader = None
     if cfg.method.crop == "ccrop" and cfg.method.ccrop_boxes == "pass":
         shared = whole and bank_loader is not None and bank_source is None
-        box_loader = bank_loader if shared else make_loader(cfg.data.loader, train_images, train=False, **common)
-    val_loader = make_loader(cfg.data.loader, val_images, train=False, **common) if val_images else None
+        box_loader = bank_loader if shared else make_loader(passes, train_images, bad_files=bad_files)
+    val_loader = make_loader(passes, val_images, bad_files=bad_files) if val_images else None
     return Loaders(loader, bank_loader, box_loader, val_loader)
 
 

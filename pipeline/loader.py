@@ -29,8 +29,10 @@ from a and crop 2 from b, with crop windows of their own; a pair sample decodes 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import click
@@ -60,6 +62,51 @@ def machine_workers() -> int:
     processes on this node share them), less one for the trainer's own thread; at least one."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """How a loader serves a split, by which backend: everything `Loader` takes but the images, the pairs and
+    the run's shared `BadFiles`. One spec per run (see model/training.py's `loader_spec`), varied with `but`.
+
+    `train`: the training schedule (shuffled, augmented windows, last partial batch dropped) or an evaluation
+    pass; `views` as the module's docstring; `eval_view` what an evaluation pass yields; `crop_fraction` the
+    center crop's side over the shorter side; `original_crop` LeOCLR's Table 8 cropped original; `rank` and
+    `world` this process's share; `crop_scale` RandomResizedCrop's area fractions; `interpolation` how each
+    view is resized to `image_size` x `image_size`."""
+
+    backend: str
+    image_size: int
+    batch_size: int
+    device: torch.device
+    train: bool = True
+    seed: int = 0
+    workers: int | None = 2
+    views: int = 3
+    eval_view: str = "original"
+    crop_fraction: float = 0.875
+    original_crop: bool = False
+    rank: int = 0
+    world: int = 1
+    crop_scale: tuple[float, float] = SCALE
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is not in a world of {self.world}")
+        if self.views not in (0, 1, 2, 3):
+            raise ValueError(f"views must be 0, 1, 2 or 3, not {self.views}")
+        if self.eval_view not in EVAL_VIEWS:
+            raise ValueError(f"eval_view must be one of {', '.join(EVAL_VIEWS)}, not {self.eval_view!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, not {self.crop_scale}")
+        object.__setattr__(self, "crop_scale", tuple(self.crop_scale))
+
+    def but(self, **changes) -> LoaderSpec:
+        """This spec with `changes` (field names) changed."""
+        return dataclasses.replace(self, **changes)
 
 
 class Batch(NamedTuple):
@@ -132,43 +179,25 @@ class Loader:
     def __init__(
         self,
         images: ImageList,
-        image_size: int,
-        batch_size: int,
-        device: torch.device,
-        train: bool = True,
-        seed: int = 0,
-        workers: int | None = 2,
-        views: int = 3,
-        eval_view: str = "original",
-        crop_fraction: float = 0.875,
+        spec: LoaderSpec,
         pairs: np.ndarray | None = None,
-        original_crop: bool = False,
-        rank: int = 0,
-        world: int = 1,
         bad_files: BadFiles | None = None,
-        crop_scale: tuple[float, float] = SCALE,
-        interpolation: str = "bilinear",
     ) -> None:
-        if train and len(images) < batch_size * world:
-            raise ValueError(f"{len(images)} training images cannot fill one batch of {batch_size} x {world} ranks")
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is not in a world of {world}")
+        train, views = spec.train, spec.views
+        if train and len(images) < spec.batch_size * spec.world:
+            raise ValueError(
+                f"{len(images)} training images cannot fill one batch of {spec.batch_size} x {spec.world} ranks"
+            )
+        self.spec = spec
         # Distributed: this rank's share of every global batch (training) or a contiguous part (evaluation).
-        self.rank, self.world = rank, world
-        if views not in (0, 1, 2, 3):
-            raise ValueError(f"views must be 0, 1, 2 or 3, not {views}")
-        if eval_view not in EVAL_VIEWS:
-            raise ValueError(f"eval_view must be one of {', '.join(EVAL_VIEWS)}, not {eval_view!r}")
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
-        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, not {crop_scale}")
+        self.rank, self.world = spec.rank, spec.world
         # Area fractions of training crops (RandomResizedCrop's scale) and how every view is resized to S x S.
-        self.crop_scale, self.interpolation = tuple(crop_scale), interpolation
-        self.images, self.image_size, self.batch_size = images, image_size, batch_size
-        self.device, self.train, self.seed, self.workers = device, train, seed, workers
+        self.crop_scale, self.interpolation = spec.crop_scale, spec.interpolation
+        self.images, self.image_size, self.batch_size = images, spec.image_size, spec.batch_size
+        self.device, self.train, self.seed, self.workers = spec.device, train, spec.seed, spec.workers
+        eval_view = spec.eval_view
         # What each sample yields: the original view or not, and how many crops (0-2).
-        self.eval_view, self.crop_fraction = eval_view, crop_fraction
+        self.eval_view, self.crop_fraction = eval_view, spec.crop_fraction
         whole = not train and eval_view == "original"
         self.original = views == 3 and train or whole
         self.crops = min(views, 2) if train else int(not whole)
@@ -181,7 +210,7 @@ class Loader:
         self.pairs = None if pairs is None else np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         # LeOCLR's Table 8 ablation: the "original" is a RandomResizedCrop of its own (a third window of the plan,
         # first in `windows`), not the whole image.
-        self.original_crop = original_crop and self.original and train
+        self.original_crop = spec.original_crop and self.original and train
         if self.original_crop and self.pairs is not None:
             raise ValueError("a cropped original and semantic pairs do not combine")
         # Files found undecodable (shared by a run's loaders) and this split's mask of them, by version.

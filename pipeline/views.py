@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import ImageList
-from pipeline.loader import BadFiles
+from pipeline.loader import BadFiles, LoaderSpec
 
 BOX, WINDOWS = (255, 255, 255), ((255, 140, 0), (0, 220, 255))
 
@@ -60,17 +60,9 @@ def picture(
     """The grid `draw` makes of the first `count` images of a training epoch, read through `backend` on the CPU at
     `size` px panels: the windows and crops of that epoch with the seed, boxes (N, 4) and alpha given; a run's
     `bad_files` stay out of it as they do of its training batches."""
-    loader = make_loader(
-        backend,
-        images,
-        image_size=size,
-        batch_size=count,
-        device=torch.device("cpu"),
-        train=True,
-        seed=seed,
-        workers=0 if backend == "torchvision" else 1,
-        bad_files=bad_files,
-    )
+    workers = 0 if backend == "torchvision" else 1
+    spec = LoaderSpec(backend, size, count, torch.device("cpu"), train=True, seed=seed, workers=workers)
+    loader = make_loader(spec, images, bad_files=bad_files)
     try:
         loader.boxes, loader.alpha = boxes, alpha
         order, windows, _ = loader.schedule(epoch)

@@ -77,23 +77,17 @@ def data_for(request, tiny_data):
 def tiny_loader(
     backend: str, images, train: bool = True, seed: int = 0, size: int = 16, batch: int = 8, views: int = 3, **kwargs
 ):
-    """A CPU loader for the tiny test data (torchvision in-process, the others with one worker thread)."""
+    """A CPU loader for the tiny test data (torchvision in-process, the others with one worker thread); kwargs:
+    `pairs`, `bad_files` and `LoaderSpec` fields."""
     import torch
 
     from pipeline.backends import make_loader
+    from pipeline.loader import LoaderSpec
 
-    return make_loader(
-        backend,
-        images,
-        image_size=size,
-        batch_size=batch,
-        device=torch.device("cpu"),
-        train=train,
-        seed=seed,
-        workers=0 if backend == "torchvision" else 1,
-        views=views,
-        **kwargs,
-    )
+    shared = {name: kwargs.pop(name) for name in ("pairs", "bad_files") if name in kwargs}
+    workers = 0 if backend == "torchvision" else 1
+    spec = LoaderSpec(backend, size, batch, torch.device("cpu"), train, seed, workers, views, **kwargs)
+    return make_loader(spec, images, **shared)
 
 
 # The tiny runs' options: 16 px, batch 8, fp32 on the CPU, every image of tiny data (later options override these).

@@ -13,6 +13,7 @@ from nvidia.dali import backend
 import pipeline.backends.dali as dali_loader
 import pipeline.loader as contract
 from pipeline.data import scan_split
+from pipeline.loader import LoaderSpec
 
 PAIRS = np.array([[0, 5], [3, 20], [10, 2], [17, 9]])
 
@@ -71,7 +72,7 @@ def test_threads_and_queue_depth_come_from_the_cores_per_process(monkeypatch):
 
 
 def test_a_loader_without_workers_uses_the_machines_count(images):
-    data = dali_loader.DaliLoader(images, image_size=16, batch_size=8, device=torch.device("cpu"), workers=None)
+    data = dali_loader.DaliLoader(images, LoaderSpec("dali", 16, 8, torch.device("cpu"), workers=None))
     threads, depth = dali_loader.machine_threads(None)
     assert (data.workers, data._pipe.num_threads, data._pipe.prefetch_queue_depth) == (threads, threads, depth)
     assert len(next(iter(data.epoch(0))).labels) == 8

@@ -268,10 +268,10 @@ def test_dali_mixed_decodes_png_and_webp_on_the_gpu_device(flat):
     documented fallback), output on the GPU; the pixels are PIL's, as on the CPU."""
     folder = scan_split(flat)
     from pipeline.backends import make_loader
+    from pipeline.loader import LoaderSpec
 
-    common = dict(image_size=16, batch_size=8, train=False, workers=1)
-    gpu = make_loader("dali", folder, device=torch.device("cuda"), **common)
-    reference = make_loader("torchvision", folder, device=torch.device("cpu"), **{**common, "workers": 0})
+    gpu = make_loader(LoaderSpec("dali", 16, 8, torch.device("cuda"), train=False, workers=1), folder)
+    reference = make_loader(LoaderSpec("torchvision", 16, 8, torch.device("cpu"), train=False, workers=0), folder)
     for a, b in zip(gpu.epoch(0), reference.epoch(0), strict=True):
         assert a.original.device.type == "cuda"
         diff = (a.original.cpu().int() - b.original.int()).abs()

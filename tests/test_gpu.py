@@ -23,6 +23,7 @@ from pipeline.augment import IMAGENET_STD, AugmentConfig, AugmentDraw, apply, ap
 from pipeline.backends import load_splits, make_loader
 from pipeline.crop_plan import crop_plan
 from pipeline.data import scan_split
+from pipeline.loader import LoaderSpec
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def test_dali_mixed_loader_batches_on_cuda(tmp_path):
     for label in range(2):  # photo-like images: on per-pixel noise nvJPEG's chroma differs by ~3.5 levels alone
         write_photo_like(tmp_path / "train" / f"class{label}", seed=label)
     images = scan_split(tmp_path / "train")
-    gpu = make_loader("dali", images, image_size=SIZE, batch_size=8, device=CUDA, train=True, workers=1)
+    gpu = make_loader(LoaderSpec("dali", SIZE, 8, CUDA, train=True, workers=1), images)
     cpu = tiny_loader("dali", images, size=SIZE)
     for a, b in zip(gpu.epoch(0), cpu.epoch(0), strict=True):
         assert torch.equal(a.indices.cpu(), b.indices) and torch.equal(a.labels.cpu(), b.labels)
@@ -163,7 +164,7 @@ def test_dali_mixed_loader_batches_on_cuda(tmp_path):
 @pytest.mark.ffcv
 def test_ffcv_batches_to_cuda_are_the_cpu_batches(tiny_beton):
     images = load_splits(tiny_beton, "ffcv")[0]
-    gpu = make_loader("ffcv", images, image_size=16, batch_size=8, device=CUDA, train=True, workers=1)
+    gpu = make_loader(LoaderSpec("ffcv", 16, 8, CUDA, train=True, workers=1), images)
     cpu = tiny_loader("ffcv", images)
     for epoch in (0, 1):  # FFCV reuses its CUDA buffers: the second epoch checks nothing was overwritten
         batches = list(gpu.epoch(epoch))

@@ -7,6 +7,7 @@ from PIL import Image
 
 from pipeline.backends import load_splits, make_loader
 from pipeline.data import scan_split
+from pipeline.loader import LoaderSpec
 
 SIZE, BATCH = 16, 8
 # DALI and PIL both resize with antialiased linear filters but round and place taps slightly differently:
@@ -130,9 +131,9 @@ def test_reference_crop_is_the_planned_window(images):
 
 def test_unknown_backend_and_too_few_images(images):
     with pytest.raises(ValueError, match="unknown loader"):
-        make_loader("nope", images, image_size=SIZE, batch_size=BATCH, device=torch.device("cpu"))
+        make_loader(LoaderSpec("nope", SIZE, BATCH, torch.device("cpu")), images)
     with pytest.raises(ValueError, match="cannot fill one batch"):
-        make_loader("torchvision", images, image_size=SIZE, batch_size=1000, device=torch.device("cpu"))
+        make_loader(LoaderSpec("torchvision", SIZE, 1000, torch.device("cpu")), images)
 
 
 PAIRS = np.array([[0, 5], [3, 20], [10, 2], [17, 9]])

@@ -26,6 +26,7 @@ from model import training
 from pipeline import convert, missing_backend
 from pipeline.backends import load_splits, make_loader
 from pipeline.data import BadImage, check_image, scan_split
+from pipeline.loader import LoaderSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,9 +160,7 @@ def test_skip_bad_trains_and_odd_images_decode_to_rgb(hostile, request, tmp_path
     split = load_splits(data, loader, skip_bad=True)[0]
     batch = next(
         iter(
-            make_loader(
-                loader, split, image_size=32, batch_size=len(split), device=torch.device("cpu"), train=False, workers=1
-            ).epoch(0)
+            make_loader(LoaderSpec(loader, 32, len(split), torch.device("cpu"), train=False, workers=1), split).epoch(0)
         )
     )
     for i, path in enumerate(images.paths):

@@ -14,6 +14,7 @@ from model import training
 from model.config import Config
 from model.evaluation import pixel_features
 from pipeline.backends import load_splits, make_loader
+from pipeline.loader import LoaderSpec
 
 TINY = [*TINY_BASE, "--workers", "1"]
 
@@ -205,8 +206,8 @@ def test_the_run_prints_raw_pixels_and_the_random_network_beside_its_knn(tmp_pat
     assert "after 1 epoch: " in output and f"raw pixels ({pixels:.2f}%); the random network" in output
     # slow reference: every query's 5 most similar bank images (cosine on [0, 1] pixels) vote exp(sim / 0.1)
     train_images, val_images = load_splits(tmp_path / "noise", "torchvision", 0, 0, 0)
-    loader = lambda images: make_loader("torchvision", images, image_size=16, batch_size=8,  # noqa: E731
-                                        device=torch.device("cpu"), train=False, workers=0)  # fmt: skip
+    spec = LoaderSpec("torchvision", 16, 8, torch.device("cpu"), train=False, workers=0)
+    loader = lambda images: make_loader(spec, images)  # noqa: E731
     (bank, bank_labels), (queries, query_labels) = (pixel_features(loader(i)) for i in (train_images, val_images))
     assert bank.shape == (30, 3 * 16 * 16) and 0 <= bank.min() and bank.max() <= 1
     hits = 0

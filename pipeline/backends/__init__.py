@@ -15,23 +15,29 @@ from pipeline import require_backend
 from pipeline.data import ImageList, scan_split
 
 if TYPE_CHECKING:  # torch: not imported for train.py's --help, which lists BACKENDS
-    from pipeline.loader import Loader
+    import numpy as np
+
+    from pipeline.loader import BadFiles, Loader, LoaderSpec
 
 # name -> the Loader subclass its file pipeline/backends/<name>.py defines
 CLASSES = {"dali": "DaliLoader", "ffcv": "FfcvLoader", "torchvision": "TorchvisionLoader"}
 BACKENDS = tuple(CLASSES)
 
 
-def make_loader(backend: str, images: ImageList, **kwargs) -> Loader:
-    """Build a loader backend by name ("dali", "ffcv" or "torchvision"); kwargs as `Loader`. BackendUnavailable
-    when the backend's library (DALI, FFCV) cannot be imported here."""
+def make_loader(
+    spec: LoaderSpec, images: ImageList, pairs: np.ndarray | None = None, bad_files: BadFiles | None = None
+) -> Loader:
+    """The loader `spec` describes ("dali", "ffcv" or "torchvision" as `spec.backend`) over `images`, with
+    `pairs` and the run's `bad_files` as `Loader`. BackendUnavailable when the backend's library (DALI, FFCV)
+    cannot be imported here."""
+    backend = spec.backend
     if backend not in BACKENDS:
         raise ValueError(f"unknown loader {backend!r}; choose from {', '.join(BACKENDS)}")
     if images.beton is not None and backend != "ffcv":
         raise ValueError(f"{images.beton} is an FFCV .beton file, which only the ffcv loader reads")
     require_backend(backend)  # DALI and FFCV are optional: a one-line error saying how to install them
     module = importlib.import_module(f"{__name__}.{backend}")
-    return getattr(module, CLASSES[backend])(images, **kwargs)
+    return getattr(module, CLASSES[backend])(images, spec, pairs, bad_files)
 
 
 def load_splits(

@@ -169,8 +169,8 @@ def _views_pipeline(
 
 
 class DaliLoader(Loader):
-    def __init__(self, images, **kwargs) -> None:
-        super().__init__(images, **kwargs)
+    def __init__(self, images, *args, **kwargs) -> None:
+        super().__init__(images, *args, **kwargs)
         self.workers, self._depth = machine_threads(self.workers)
         self._source = _ScheduledSource(self, readers=self.workers)
         self._names = ["original"] * self.original + ["crop1", "crop2"][: self.crops] or ["shapes"]

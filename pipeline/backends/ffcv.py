@@ -203,10 +203,10 @@ class _EpochPositions(TraversalOrder):
 
 
 class FfcvLoader(Loader):
-    def __init__(self, images: ImageList, **kwargs) -> None:
+    def __init__(self, images: ImageList, *args, **kwargs) -> None:
         if images.beton is None:
             raise ValueError("the ffcv loader reads .beton files: convert the folder with python -m pipeline.convert")
-        super().__init__(images, **kwargs)
+        super().__init__(images, *args, **kwargs)
         if self.interpolation != "bilinear":
             raise ValueError(
                 f"the ffcv loader cannot resize {self.interpolation}: its decoder has libffcv's resize, OpenCV's "
