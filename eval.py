@@ -221,7 +221,7 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
     import torch
 
     from model.config import from_checkpoint
-    from model.precision import describe, resolve_amp
+    from model.precision import amp_refusal, describe, resolve_amp
     from model.training import load_checkpoint
     from pipeline.backends import load_splits
     from pipeline.device import resolve_device
@@ -240,8 +240,8 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
         if options[key] is None:
             options[key] = trained[key]
     device = torch.device(resolve_device(options["device"]))
-    if options["amp"] == "fp16" and device.type != "cuda":
-        raise click.BadParameter("fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off", param_hint="--amp")
+    if (refusal := amp_refusal(options["amp"], str(device))) is not None:
+        raise click.BadParameter(refusal, param_hint="--amp")
     options["amp"], reason = resolve_amp(options["amp"], device, cfg.model.arch, options["image_size"])
     click.echo(describe(options["amp"], reason))
     try:

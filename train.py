@@ -59,12 +59,12 @@ def train(
     from model.training import (
         CHECK_EVERY,
         BadFileLog,
+        EpochRecord,
         RunClock,
         StopSignals,
         augment_config,
         augment_views,
         augmentation_seed,
-        box_area,
         build_model,
         check_finite,
         checkpoint_state,
@@ -75,7 +75,6 @@ def train(
         learning_rate,
         log_epoch,
         make_loaders,
-        optimize,
         optimizer_and_scaler,
         pixel_knn,
         poll,
@@ -85,11 +84,12 @@ def train(
         restore,
         save_atomic,
         settle_amp,
+        training_step,
         use_cuda,
         verify_splits,
         world_totals,
     )
-    from pipeline.ccrop import update_epochs, whole_image_boxes
+    from pipeline.ccrop import mean_box_area, update_epochs, whole_image_boxes
     from pipeline.pairs import read_pairs
 
     cuda = cfg.run.device.startswith("cuda")
@@ -187,7 +187,7 @@ def train(
         if main_rank:
             metrics_path.write_text("")
         knn = monitor(0)
-        history.append(log_epoch(metrics_path if main_rank else None, 0, None, knn, None, None, None, None))
+        history.append(log_epoch(metrics_path if main_rank else None, EpochRecord(0, knn_top1=knn)))
         board.epoch(history[-1])
     random_network = first_knn(metrics_path) if main_rank else None  # epoch 0: the network before training
     if pixels is not None:
@@ -206,10 +206,12 @@ def train(
                 else:
                     context = partial(autocast, device, cfg.optimisation.amp)
                     # Each rank boxes its part of the images (zeros elsewhere): the sum over ranks is every box.
-                    loader.boxes = sum_arrays(localize(model.query_encoder, loaders.boxes, cfg.method.ccrop_k, context))
+                    found = localize(model.query_encoder, loaders.localize, cfg.method.ccrop_k, context)
+                    loader.boxes = sum_arrays(found)
                 if main_rank:
                     np.save(out / "boxes.npy", loader.boxes)
-                echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {box_area(loader.boxes):.3f}")
+                area = mean_box_area(loader.boxes)
+                echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {area:.3f}")
             elif ccrop and epoch >= cfg.method.ccrop_warmup and loader.boxes is None:
                 loader.boxes = whole_image_boxes(len(train_images))  # the reference: sampled around whole images
             if board.picture_due(epoch, box_updates) and not skip:
@@ -242,7 +244,7 @@ def train(
                     group["lr"] = lr
                 views, flipped = augment_views(batch, method, aug, generator)
                 maps = {} if live_boxes is not None and live_boxes.refreshing(epoch) else None
-                loss = optimize(model, method, optimizer, scaler, views, cfg, generator, maps)
+                loss = training_step(model, method, optimizer, scaler, views, cfg, generator, maps)
                 if maps is not None:  # on the device, by sample index: no pass, no host read
                     live_boxes.record(batch.indices, maps["original"], flipped, epoch * len(loader) + step + 1)
                 total_loss += loss * len(batch.labels)  # stays on the device: no sync per step
@@ -287,9 +289,9 @@ def train(
                 checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch + 1, boxes, bad, refreshed)
                 save_atomic(checkpoint, out / "checkpoint.pt")
             knn = monitor(epoch + 1)
-            area = None if loader.boxes is None else box_area(loader.boxes)
-            record = (epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
-            history.append(log_epoch(metrics_path if main_rank else None, *record))
+            area = None if loader.boxes is None else mean_box_area(loader.boxes)
+            record = EpochRecord(epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
+            history.append(log_epoch(metrics_path if main_rank else None, record))
             board.epoch(history[-1])
             clock.epoch_done((epochs - epoch - 1) * len(loader))
     loaders.close()

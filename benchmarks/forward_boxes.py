@@ -35,12 +35,12 @@ from model.training import (
     augment_config,
     augment_views,
     build_model,
-    optimize,
     optimizer_and_scaler,
+    training_step,
 )
 from pipeline.augment import normalize
 from pipeline.backends import load_splits, make_loader
-from pipeline.ccrop import heatmap_boxes
+from pipeline.ccrop import box_areas, heatmap_boxes, mean_box_area
 from pipeline.loader import LoaderSpec
 
 RUNS = {
@@ -55,8 +55,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     height = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
     width = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
     inter = height * width
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
+    return inter / (box_areas(a) + box_areas(b) - inter)
 
 
 def train_runs(data: Path, runs: Path, epochs: int, common: list[str]) -> dict:
@@ -130,7 +129,7 @@ def timing(model, cfg, loader, box_loader, method, rounds: int, steps: int) -> d
         for batch in batches:
             views, flipped = augment_views(batch, method, aug, generator)
             maps = {} if refresh else None
-            optimize(model, method, optimizer, scaler, views, cfg, generator, maps)
+            training_step(model, method, optimizer, scaler, views, cfg, generator, maps)
             if refresh:
                 boxes.record(batch.indices, maps["original"], flipped, 1)
         return time.perf_counter() - started
@@ -202,7 +201,7 @@ def main(data, runs, epochs, image_size, train_limit, val_limit, ccrop_k, amp, k
     forwarded, seen = forward_source(model, loader, method, cfg, epochs, ks)
     click.echo(f"\n(b) boxes at the forward run's final weights ({seen.sum()} of {len(seen)} images in one epoch)")
     click.echo("  k     mean IoU  IoU>0.5  area pass  area forward")
-    area = lambda x: float(np.mean((x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])))  # noqa: E731
+    area = mean_box_area
     for k in ks:
         p, f = passed[k][seen], forwarded[k][seen]
         overlap = iou(p, f)

@@ -34,9 +34,9 @@ from model.training import (
     build_model,
     learning_rate,
     make_loaders,
-    optimize,
     optimizer_and_scaler,
     settle_amp,
+    training_step,
 )
 from pipeline.backends import load_splits
 
@@ -119,7 +119,7 @@ def run(cfg: Config, probe_batches: int, echo) -> list[dict]:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             views, _ = augment_views(batch, method, aug, generator)
-            loss = optimize(model, method, optimizer, scaler, views, cfg, generator)
+            loss = training_step(model, method, optimizer, scaler, views, cfg, generator)
             total += loss.item() * len(batch.labels)
             seen += len(batch.labels)
         own, fresh = probe_losses(model, method, cfg, probes, fresh_queue(model, method, loader, cfg, epoch, probe_ids))

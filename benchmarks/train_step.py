@@ -39,12 +39,22 @@ from model.backbone import resnet
 from model.config import Config, DataConfig, resolve
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
-from model.training import augment_views, build, loader_spec, loader_views, optimize
-from pipeline.augment import AugmentConfig
+from model.training import augment_config, augment_views, build, loader_spec, loader_views, training_step
 from pipeline.backends import BACKENDS, load_splits, make_loader
 
 PAPER_HOURS = {"mocov2": 68, "leoclr": 81}  # 200 epochs of ImageNet on 3 A100s (LeOCLR paper)
-CONFIG_KEYS = ("data", "arch", "image_size", "batch_size", "amp", "workers", "blur", "bn_splits")
+CONFIG_KEYS = (
+    "data",
+    "arch",
+    "image_size",
+    "batch_size",
+    "amp",
+    "workers",
+    "blur",
+    "color_jitter",
+    "grayscale",
+    "bn_splits",
+)
 NOMINAL_UNITS = {"mocov2": 4, "leoclr": 5}  # forward = 1 unit, backward = 2, per image; the yardstick is 3
 
 
@@ -110,7 +120,7 @@ class Runner(Timed):
             return
         views = loader_views(self.method)
         self.loader = make_loader(loader_spec(cfg, device).but(train=True, seed=cfg.run.seed, views=views), images)
-        self.aug = AugmentConfig(blur_p=0.5 if cfg.method.blur else 0.0)
+        self.aug = augment_config(cfg)
         self.generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
         self.batches = self._forever()
         self.fixed = self._augmented(next(self.batches))  # the compute-only batch
@@ -124,7 +134,7 @@ class Runner(Timed):
 
     def step(self, end_to_end: bool) -> int:
         views = self._augmented(next(self.batches)) if end_to_end else self.fixed
-        optimize(self.model, self.method, self.optimizer, self.scaler, views, self.cfg, self.generator)
+        training_step(self.model, self.method, self.optimizer, self.scaler, views, self.cfg, self.generator)
         return len(views[self.method.views[0]])
 
 
@@ -169,6 +179,9 @@ class Yardstick(Timed):
 @click.option("--amp", type=click.Choice(AMP_CHOICES), default=None, help="[default: train.py's, auto]")
 @click.option("--bn-splits", type=click.IntRange(1), default=None, help="[default: train.py's]")
 @click.option("--train-limit", type=click.IntRange(0), default=None, help="Images to index. [default: train.py's]")
+@click.option("--color-jitter/--no-color-jitter", default=None, help="As train.py's. [default: train.py's, on]")
+@click.option("--grayscale/--no-grayscale", default=None, help="As train.py's. [default: train.py's, on]")
+@click.option("--blur/--no-blur", default=None, help="As train.py's. [default: train.py's, on when S > 64]")
 @click.option(
     "--workers",
     type=click.IntRange(1),

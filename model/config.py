@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import click
 
 from model.methods import method_for
+from model.precision import amp_refusal
 from pipeline.ccrop import alpha_for
 from pipeline.device import resolve_device
 
@@ -119,22 +120,8 @@ class Config:
         CLI option name ("--train-limit", "train-limit"), mixed as they come; settings not given keep their
         defaults. ValueError naming a key that is no setting, or a setting given twice."""
         given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-
-        def put(key: str, value: Any, section: str | None = None) -> None:
-            name = key.lstrip("-").replace("-", "_")
-            where = f"{section}.{key}" if section else key
-            if name not in SECTION_OF:
-                raise ValueError(f"unknown setting {where!r} ({sections_listed()})")
-            if name in given[SECTION_OF[name]]:  # a key in another section than its own is still that setting
-                raise ValueError(f"setting {where!r} given twice")
+        for name, value in flat_settings(values).items():
             given[SECTION_OF[name]][name] = value
-
-        for key, value in values.items():
-            if key in SECTIONS and isinstance(value, Mapping):  # "data" and "method" are settings too: a str there
-                for inner, setting in value.items():
-                    put(inner, setting, key)
-            else:
-                put(key, value)
         return cls(**{name: SECTIONS[name](**settings) for name, settings in given.items()})
 
     def to_dict(self, nested: bool = False) -> dict[str, Any]:
@@ -149,6 +136,26 @@ class Config:
 
 SECTIONS = {f.name: f.default_factory for f in fields(Config)}
 SECTION_OF = {setting.name: name for name, kind in SECTIONS.items() for setting in fields(kind)}
+
+
+def flat_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """{setting name: value} from keys as they come: setting names, CLI option names ("--train-limit",
+    "train-limit"), flat or inside their sections ({"data": {"train_limit": 0}}). ValueError naming a key that is
+    no setting (with the closest setting names) or a setting given twice."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        section = key if key in SECTIONS and isinstance(value, Mapping) else None  # "data" is a setting too
+        for name, setting in value.items() if section else [(key, value)]:
+            setting_name = str(name).lstrip("-").replace("-", "_")
+            where = f"{section}.{name}" if section else name
+            if setting_name not in SECTION_OF:
+                close = difflib.get_close_matches(setting_name, list(SECTION_OF), n=2)
+                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+                raise ValueError(f"unknown setting {where!r}{hint}; {sections_listed()}")
+            if setting_name in flat:  # names are unique: a key in another section than its own is still it
+                raise ValueError(f"setting {where!r} given twice")
+            flat[setting_name] = setting
+    return flat
 
 
 def sections_listed() -> str:
@@ -200,19 +207,10 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} holds no settings (it is empty): give a file of option names and values")
     if not isinstance(values, Mapping):
         raise ValueError(f"{path} must hold a mapping of option names to values, not a {type(values).__name__}")
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        section = key if key in SECTIONS and isinstance(value, Mapping) else None
-        for name, setting in value.items() if section else [(key, value)]:
-            setting_name = str(name).lstrip("-").replace("-", "_")
-            where = f"{section}.{name}" if section else name
-            if setting_name not in SECTION_OF:
-                close = difflib.get_close_matches(setting_name, list(SECTION_OF), n=2)
-                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-                raise ValueError(f"{path}: unknown setting {where!r}{hint}; {sections_listed()}")
-            if setting_name in flat:  # names are unique: a key in another section than its own is still it
-                raise ValueError(f"{path}: setting {where!r} given twice")
-            flat[setting_name] = setting
+    try:
+        flat = flat_settings(values)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     if flat.pop("amp_auto", None):
         flat["amp"] = "auto"
     for name in RESULTS:
@@ -301,8 +299,8 @@ def resolve(options: Mapping[str, Any], timing_only: bool = False, given: Collec
         run.out = f"runs/{method.method}-{data.loader}"
     # Absolute: config.json and the checkpoint find the data and the run again from any directory.
     data.data, run.out, data.val_data = absolute(data.data), absolute(run.out), absolute(data.val_data)
-    if opt.amp == "fp16" and run.device == "cpu":
-        problems.append(("--amp", "fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off"))
+    if (refusal := amp_refusal(opt.amp, run.device)) is not None:
+        problems.append(("--amp", refusal))
     try:
         chosen = method_for(method.method, method.symmetric, method.attract_all)
     except ValueError as error:

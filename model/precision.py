@@ -110,6 +110,13 @@ def choose_amp(device: torch.device, arch: str, image_size: int, backbone: nn.Mo
     return "off", f"bf16 ran {ratio:.1f}x slower than fp32 in {measured}{emulated}: fp32"
 
 
+def amp_refusal(amp: str, device: str) -> str | None:
+    """Why precision `amp` cannot run on `device` ("cpu", "cuda", "cuda:N"), for --amp's error; None when it can."""
+    if amp == "fp16" and not device.startswith("cuda"):
+        return "fp16 autocast needs CUDA; on a CPU use --amp auto, bf16 or off"
+    return None
+
+
 def resolve_amp(
     amp: str, device: torch.device, arch: str, image_size: int, backbone: nn.Module | None = None
 ) -> tuple[str, str | None]:

@@ -6,6 +6,7 @@ epoch log and the run clock."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import random
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -107,16 +109,16 @@ def use_cuda(device: torch.device) -> None:
 class Loaders(NamedTuple):
     """A run's loaders: training; the kNN monitor's un-augmented passes over the bank and val images (None
     without a val split); ContrastiveCrop's localisation pass over every training image (None without
-    --crop ccrop; the bank's loader when that one reads every image)."""
+    --crop ccrop or with --ccrop-boxes forward; the bank's loader when that one reads every image)."""
 
     train: Loader
     bank: Loader | None
-    boxes: Loader | None
+    localize: Loader | None
     val: Loader | None
 
     def close(self) -> None:
         """Release every loader that was built, the shared one once."""
-        for each in (self.train, self.bank, self.boxes if self.boxes is not self.bank else None, self.val):
+        for each in (self.train, self.bank, self.localize if self.localize is not self.bank else None, self.val):
             if each is not None:
                 each.close()
 
@@ -172,7 +174,7 @@ def make_loaders(
     return Loaders(loader, bank_loader, box_loader, val_loader)
 
 
-def optimize(
+def training_step(
     model, method: Method, optimizer, scaler, views: dict, cfg: Config, generator, maps: dict | None = None
 ) -> torch.Tensor:
     """One training step on augmented float views; returns the loss, detached, on the device. With `maps` (a
@@ -522,28 +524,32 @@ def knn_due(cfg: Config, epoch: int) -> bool:
     return epoch % cfg.run.knn_every == 0 or epoch == cfg.optimisation.epochs
 
 
-def box_area(boxes: np.ndarray) -> float:
-    """Mean area of ContrastiveCrop boxes, as a fraction of the image."""
-    return float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+@dataclass(frozen=True)
+class EpochRecord:
+    """One line of metrics.jsonl, after `epoch` epochs (0: before training, kNN only): the epoch's mean loss,
+    the kNN monitor's top-1 (None when not due), images/s over every rank, the last step's lr, the epoch's
+    seconds and ContrastiveCrop's mean box area (None without boxes)."""
+
+    epoch: int
+    loss: float | None = None
+    knn_top1: float | None = None
+    images_per_sec: float | None = None
+    lr: float | None = None
+    epoch_time_s: float | None = None
+    box_area: float | None = None
 
 
-def log_epoch(path: Path | None, epoch, loss, knn, images_per_sec, lr, epoch_time, area) -> dict:
-    """The epoch's record, appended to metrics.jsonl and printed; with no path (ranks > 0) only returned."""
-    record = {
-        "epoch": epoch,
-        "loss": loss,
-        "knn_top1": knn,
-        "images_per_sec": images_per_sec,
-        "lr": lr,
-        "epoch_time_s": epoch_time,
-        "box_area": area,
-    }
+def log_epoch(path: Path | None, record: EpochRecord) -> dict:
+    """The epoch's record as a dict, appended to metrics.jsonl and printed; with no path (ranks > 0) only
+    returned."""
+    values = dataclasses.asdict(record)
     if path is None:
-        return record
-    append_atomic(path, json.dumps(record))
+        return values
+    append_atomic(path, json.dumps(values))
+    knn, loss = record.knn_top1, record.loss
     shown = "n/a" if knn is None else f"{100 * knn:.2f}%"
-    click.echo(f"epoch {epoch}: loss {'-' if loss is None else f'{loss:.4f}'}, kNN top-1 {shown}")
-    return record
+    click.echo(f"epoch {record.epoch}: loss {'-' if loss is None else f'{loss:.4f}'}, kNN top-1 {shown}")
+    return values
 
 
 def append_atomic(path: Path, line: str) -> None:

@@ -51,6 +51,16 @@ def forward_refresh_start(updates: list[int]) -> int | None:
     return max(1, updates[0] - 1) if updates else None
 
 
+def box_areas(boxes: np.ndarray) -> np.ndarray:
+    """(N,) areas of boxes (N, 4) [top, left, bottom, right] in fractions of the image: each a fraction of it."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def mean_box_area(boxes: np.ndarray) -> float:
+    """Mean area of ContrastiveCrop boxes (N, 4), as a fraction of the image."""
+    return float(np.mean(box_areas(boxes)))
+
+
 def whole_image_boxes(n: int) -> np.ndarray:
     """(n, 4) float32 boxes [0, 0, 1, 1]: the reference's boxes before the first update."""
     return np.tile(np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32), (n, 1))

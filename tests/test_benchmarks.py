@@ -113,12 +113,15 @@ def test_train_step_benchmark_writes_both_methods_ratios_and_the_yardstick(tiny_
         "--workers",
         1,
         "--yardstick",
+        "--no-color-jitter",
         "--json",
         out,
     ]
     result = CliRunner().invoke(train_step.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
+    # The steps' augmentation is train.py's (augment_config): without jitter, with grayscale.
+    assert (report["config"]["color_jitter"], report["config"]["grayscale"]) == (False, True)
     for key in (
         "mocov2_images_per_sec",
         "leoclr_images_per_sec",

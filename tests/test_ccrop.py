@@ -13,7 +13,7 @@ from model.config import resolve
 from model.localize import localize
 from pipeline import views
 from pipeline.backends import load_splits
-from pipeline.ccrop import heatmap_boxes, update_epochs
+from pipeline.ccrop import box_areas, heatmap_boxes, mean_box_area, update_epochs
 from pipeline.crop_plan import crop_plan, random_resized_crop
 
 
@@ -219,3 +219,12 @@ def test_views_picture(tiny_data, tmp_path):
     np.save(boxes, np.zeros((5, 4), dtype=np.float32))
     result = CliRunner().invoke(views.main, list(map(str, args)))
     assert result.exit_code == 1 and "same --train-limit" in result.output
+
+
+def test_box_areas_against_a_loop():
+    rng = np.random.default_rng(3)
+    rows, columns = np.sort(rng.uniform(0, 1, (50, 2)), axis=1), np.sort(rng.uniform(0, 1, (50, 2)), axis=1)
+    boxes = np.stack([rows[:, 0], columns[:, 0], rows[:, 1], columns[:, 1]], axis=1)  # [top, left, bottom, right]
+    slow = [(bottom - top) * (right - left) for top, left, bottom, right in boxes.tolist()]
+    assert np.allclose(box_areas(boxes), slow)
+    assert mean_box_area(boxes) == pytest.approx(sum(slow) / len(slow), rel=1e-6)

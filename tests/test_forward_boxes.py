@@ -19,7 +19,7 @@ from model.config import Config
 from model.localize import ForwardBoxes
 from model.methods import method_for
 from model.moco import MomentumContrast
-from model.training import augment_config, augment_views, optimize, optimizer_and_scaler
+from model.training import augment_config, augment_views, optimizer_and_scaler, training_step
 from pipeline.backends import load_splits
 from pipeline.ccrop import heatmap_boxes
 
@@ -48,7 +48,7 @@ def test_a_step_boxes_each_sample_as_heatmap_boxes_of_its_originals_map(tiny_dat
     assert flipped.any() and not flipped.all()  # both kinds in the batch: the mirroring is checked
     boxes = ForwardBoxes(len(images), 32, K, torch.device("cpu"), start=0)
     maps = {}
-    optimize(model, method, optimizer, scaler, views, cfg, generator, maps)
+    training_step(model, method, optimizer, scaler, views, cfg, generator, maps)
     boxes.record(batch.indices, maps["original"], flipped, stamp=7)
 
     # The reference: f_q's map of each original as the step augmented it, in train mode (the step's batch

@@ -259,3 +259,27 @@ def test_exif_orientation_is_not_applied_by_any_backend(backend, exif_data, tmp_
             diff = (view_a.int() - view_b.int()).abs()
             assert diff.float().mean() < mean_tolerance and diff.max() <= max_tolerance
     data.close()
+
+
+def test_a_loader_spec_checks_its_fields_and_varies_by_but():
+    from pipeline.loader import LoaderSpec
+
+    spec = LoaderSpec("torchvision", 16, 8, torch.device("cpu"), train=False, workers=0)
+    training = spec.but(train=True, seed=3, views=2)
+    assert (training.train, training.seed, training.views, training.image_size, training.workers) == (
+        True,
+        3,
+        2,
+        16,
+        0,
+    )
+    assert spec.train is False  # `but` makes a new spec
+    for wrong, message in (
+        ({"views": 4}, "views must be"),
+        ({"eval_view": "side"}, "eval_view must be"),
+        ({"interpolation": "nearest"}, "interpolation must be"),
+        ({"crop_scale": (0.5, 0.2)}, "crop_scale must satisfy"),
+        ({"rank": 2, "world": 2}, "rank 2 is not in a world of 2"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            spec.but(**wrong)

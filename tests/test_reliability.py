@@ -66,14 +66,14 @@ def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    step, calls = training.optimize, []
+    step, calls = training.training_step, []
 
     def poisoned(*args):
         calls.append(1)
         loss = step(*args)
         return loss * float("nan") if len(calls) > 3 else loss  # from the second epoch (3 steps each) on
 
-    monkeypatch.setattr(training, "optimize", poisoned)
+    monkeypatch.setattr(training, "training_step", poisoned)
     args = [*TINY_TRAIN, "--workers", 0, "--method", "mocov2", "--data", tiny_data, "--out", out, "--epochs", 2]
     result = invoke(*args)
     assert result.exit_code == 1 and "the loss became nan in epoch 2" in result.output

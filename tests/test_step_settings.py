@@ -118,7 +118,7 @@ def test_loss_terms_mean_divides_the_loss_and_its_gradient_by_the_methods_terms(
         views = {view: torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i, view in
                  enumerate(("original", "crop1", "crop2"))}  # fmt: skip
         chosen = method_for(name, attract_all=flag == "attract-all")
-        loss = training.optimize(model, chosen, optimizer, scaler, views, cfg, torch.Generator().manual_seed(0))
+        loss = training.training_step(model, chosen, optimizer, scaler, views, cfg, torch.Generator().manual_seed(0))
         results[mode] = loss, [p.grad.clone() for p in model.query_encoder.parameters()]
     assert results["mean"][0] == pytest.approx(results["sum"][0].item() / terms, rel=1e-6)
     for mean, total in zip(results["mean"][1], results["sum"][1], strict=True):

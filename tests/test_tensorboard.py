@@ -35,14 +35,14 @@ def scalars(board, tag):
 
 
 def test_event_files_mirror_the_metrics_and_hold_pictures_of_the_views(tiny_data, tmp_path, monkeypatch):
-    losses, step = [], training.optimize
+    losses, step = [], training.training_step
 
     def recording(*args):
         loss = step(*args)
         losses.append(float(loss))
         return loss
 
-    monkeypatch.setattr(training, "optimize", recording)
+    monkeypatch.setattr(training, "training_step", recording)
     monkeypatch.setattr(training, "CHECK_EVERY", 2)  # polls after steps 2 and 3 of each 3-step epoch
     out = tmp_path / "run"
     args = ["--data", tiny_data, "--out", out, "--epochs", 2, "--method", "mocov2", "--crop", "ccrop"]
