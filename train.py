@@ -90,7 +90,7 @@ def train(
         world_totals,
     )
     from pipeline.ccrop import mean_box_area, update_epochs, whole_image_boxes
-    from pipeline.pairs import read_pairs
+    from pipeline.semantic_pairs import read_pairs
 
     cuda = cfg.run.device.startswith("cuda")
     rank, world, local_rank = distributed.init_from_env(cuda)
@@ -216,7 +216,7 @@ def train(
                 loader.boxes = whole_image_boxes(len(train_images))  # the reference: sampled around whole images
             if board.picture_due(epoch, box_updates) and not skip:
                 drawn = (cfg.data.loader, train_images, cfg.run.seed, epoch, loader.boxes, cfg.method.ccrop_alpha)
-                board.views(*drawn, bad_log.files)
+                board.picture_views(*drawn, bad_log.files)
             # Per rank: its own augmentation draws (the key shuffle over ranks uses rank 0's).
             generator = torch.Generator(device=device).manual_seed(augmentation_seed(cfg.run.seed, epoch, rank))
             model.train()
@@ -242,9 +242,9 @@ def train(
                 lr = learning_rate(cfg, epoch, (step + 1) / len(loader))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                views, flipped = augment_views(batch, method, aug, generator)
+                augmented, flipped = augment_views(batch, method, aug, generator)
                 maps = {} if live_boxes is not None and live_boxes.refreshing(epoch) else None
-                loss = training_step(model, method, optimizer, scaler, views, cfg, generator, maps)
+                loss = training_step(model, method, optimizer, scaler, augmented, cfg, generator, maps)
                 if maps is not None:  # on the device, by sample index: no pass, no host read
                     live_boxes.record(batch.indices, maps["original"], flipped, epoch * len(loader) + step + 1)
                 total_loss += loss * len(batch.labels)  # stays on the device: no sync per step
@@ -579,7 +579,7 @@ def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **op
     from model.training import load_checkpoint
     from pipeline import require_backend
     from pipeline.backends import load_splits
-    from pipeline.pairs import read_pairs
+    from pipeline.semantic_pairs import read_pairs
 
     state, saved = None, {}
     given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}

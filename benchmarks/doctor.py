@@ -204,7 +204,7 @@ def loader_rate(backend: str, images, cfg: Config, workers: int, device, seconds
     views = loader_views(METHODS[cfg.method.method])
     try:
         spec = loader_spec(cfg, device).but(
-            backend=backend, train=True, seed=cfg.run.seed, workers=workers, views=views
+            backend=backend, train=True, seed=cfg.run.seed, workers=workers, view_count=views
         )
         loader = make_loader(spec, images)
     except Exception as error:  # an import or a build failing: the backend does not run here

@@ -192,7 +192,7 @@ def main(data, runs, epochs, image_size, train_limit, val_limit, ccrop_k, amp, k
     method = method_for("leoclr")
     train_images, _ = load_splits(data, cfg.data.loader, train_limit, val_limit, seed)
     passes = LoaderSpec(cfg.data.loader, image_size, cfg.optimisation.batch_size, torch.device("cpu"), train=False)
-    loader = make_loader(passes.but(train=True, seed=seed, views=3), train_images)
+    loader = make_loader(passes.but(train=True, seed=seed, view_count=3), train_images)
     box_loader = make_loader(passes, train_images)
 
     ks = tuple(sorted({0.1, 0.3, 0.5, 0.7, ccrop_k}))

@@ -178,7 +178,7 @@ def ours(cfg: Config, images):
     device = torch.device(cfg.device)
     backend = DECODE_ONLY.get(cfg.loader, cfg.loader)
     views = 0 if cfg.loader in DECODE_ONLY else cfg.views
-    spec = LoaderSpec(backend, cfg.image_size, cfg.batch_size, device, train=True, workers=cfg.workers, views=views)
+    spec = LoaderSpec(backend, cfg.image_size, cfg.batch_size, device, True, workers=cfg.workers, view_count=views)
     loader = make_loader(spec, images)
     if cfg.crop == "ccrop":  # seeded boxes covering 10-100% of each side: ContrastiveCrop's sampling path
         rng = np.random.default_rng(0)

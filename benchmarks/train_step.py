@@ -119,7 +119,7 @@ class Runner(Timed):
             self.batches, self.fixed = None, like.fixed
             return
         views = loader_views(self.method)
-        self.loader = make_loader(loader_spec(cfg, device).but(train=True, seed=cfg.run.seed, views=views), images)
+        self.loader = make_loader(loader_spec(cfg, device).but(train=True, seed=cfg.run.seed, view_count=views), images)
         self.aug = augment_config(cfg)
         self.generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
         self.batches = self._forever()

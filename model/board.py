@@ -77,7 +77,7 @@ class Board:
         """Whether a picture of the views is drawn before `epoch` (0-based) is trained."""
         return self.writer is not None and (epoch % PICTURE_EVERY == 0 or epoch in box_updates)
 
-    def views(
+    def picture_views(
         self,
         backend: str,
         images: ImageList,

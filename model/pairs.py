@@ -31,7 +31,7 @@ from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import select
 from pipeline.device import resolve_device
 from pipeline.loader import LoaderSpec
-from pipeline.pairs import band_pairs, pair_accuracy, sample_fraction
+from pipeline.semantic_pairs import band_pairs, pair_accuracy, sample_fraction
 
 
 def sampler_encoder(state: dict, random_init: bool = False, seed: int = 0) -> Encoder:

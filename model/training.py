@@ -156,7 +156,7 @@ def make_loaders(
     bad_files = BadFiles() if bad_files is None else bad_files
     passes = loader_spec(cfg, device, rank, world)  # the un-augmented passes: file order, the original view
     random_crop = cfg.method.original == "random-crop"
-    training = passes.but(train=True, seed=cfg.run.seed, views=loader_views(method), original_crop=random_crop)
+    training = passes.but(train=True, seed=cfg.run.seed, view_count=loader_views(method), original_crop=random_crop)
     loader = make_loader(training, train_images, pairs, bad_files)
     loader.alpha = cfg.method.ccrop_alpha
     # Un-augmented passes over the training images: the kNN bank (a seeded subset, --knn-bank) and
@@ -175,13 +175,13 @@ def make_loaders(
 
 
 def training_step(
-    model, method: Method, optimizer, scaler, views: dict, cfg: Config, generator, maps: dict | None = None
+    model, method: Method, optimizer, scaler, augmented: dict, cfg: Config, generator, maps: dict | None = None
 ) -> torch.Tensor:
     """One training step on augmented float views; returns the loss, detached, on the device. With `maps` (a
     dict; `Method.original_map` methods only) f_q's map of the original is left in maps["original"]."""
     extra = {} if maps is None else {"maps": maps}
-    with autocast(views[method.views[0]].device, cfg.optimisation.amp):
-        loss, keys = method.step(model, views, cfg.method.temperature, generator, **extra)
+    with autocast(augmented[method.views[0]].device, cfg.optimisation.amp):
+        loss, keys = method.step(model, augmented, cfg.method.temperature, generator, **extra)
         if cfg.method.loss_terms == "mean":
             loss = loss / method.terms
     optimizer.zero_grad(set_to_none=True)
@@ -195,12 +195,12 @@ def training_step(
 def augment_views(batch, method: Method, config: AugmentConfig, generator) -> tuple[dict, torch.Tensor | None]:
     """The method's views of a `Batch` augmented (float32, as `pipeline.augment.augment`, same draws in the same
     order) and the original's flip draws, (N,) bool on the device (None when the method has no original)."""
-    views, flipped = {}, None
+    augmented, flipped = {}, None
     for name in method.views:
-        views[name], params = augment_with_draws(getattr(batch, name), config, generator)
+        augmented[name], params = augment_with_draws(getattr(batch, name), config, generator)
         if name == "original":
             flipped = params.flip
-    return views, flipped
+    return augmented, flipped
 
 
 def forward_boxes(

@@ -5,9 +5,10 @@ module imports none of them.
 
 A training step gets a `Batch`: the original view (whole image resized to S x S, never cropped), crop 1 and
 crop 2 (RandomResizedCrop or ContrastiveCrop windows from the shared crop plan), each uint8 (N, 3, S, S) in
-channels_last memory on the training device, plus labels and sample indices (int64, (N,)). `views` says
-which a training pass makes, and the others are None: 3 = original + both crops (LeOCLR), 2 = both crops
-(MoCo-v2), 1 = crop 1, 0 = none (decode only, for benchmarks). Crop k's window does not depend on `views`.
+channels_last memory on the training device, plus labels and sample indices (int64, (N,)). `view_count`
+(`LoaderSpec`) says which a training pass makes, and the others are None: 3 = original + both crops (LeOCLR),
+2 = both crops (MoCo-v2), 1 = crop 1, 0 = none (decode only, for benchmarks). Crop k's window does not depend
+on it.
 An evaluation pass (`train=False`) yields one view per image, in file order, with nothing dropped: the
 original (`eval_view="original"`), or as crop 1 the center crop ("center") or a random crop of LeOCLR's
 crop test ("random", drawn from the seed and the epoch).
@@ -70,10 +71,11 @@ class LoaderSpec:
     the run's shared `BadFiles`. One spec per run (see model/training.py's `loader_spec`), varied with `but`.
 
     `train`: the training schedule (shuffled, augmented windows, last partial batch dropped) or an evaluation
-    pass; `views` as the module's docstring; `eval_view` what an evaluation pass yields; `crop_fraction` the
-    center crop's side over the shorter side; `original_crop` LeOCLR's Table 8 cropped original; `rank` and
-    `world` this process's share; `crop_scale` RandomResizedCrop's area fractions; `interpolation` how each
-    view is resized to `image_size` x `image_size`."""
+    pass; `view_count` the views of a training batch (the module docstring's: 3, 2, 1 or 0);
+    `eval_view` what an evaluation pass yields; `crop_fraction` the center crop's side over the shorter side;
+    `original_crop` LeOCLR's Table 8 cropped original; `rank` and `world` this process's share; `crop_scale`
+    RandomResizedCrop's area fractions; `interpolation` how each view is resized to `image_size` x
+    `image_size`."""
 
     backend: str
     image_size: int
@@ -82,7 +84,7 @@ class LoaderSpec:
     train: bool = True
     seed: int = 0
     workers: int | None = 2
-    views: int = 3
+    view_count: int = 3
     eval_view: str = "original"
     crop_fraction: float = 0.875
     original_crop: bool = False
@@ -94,8 +96,8 @@ class LoaderSpec:
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world:
             raise ValueError(f"rank {self.rank} is not in a world of {self.world}")
-        if self.views not in (0, 1, 2, 3):
-            raise ValueError(f"views must be 0, 1, 2 or 3, not {self.views}")
+        if self.view_count not in (0, 1, 2, 3):
+            raise ValueError(f"views must be 0, 1, 2 or 3, not {self.view_count}")
         if self.eval_view not in EVAL_VIEWS:
             raise ValueError(f"eval_view must be one of {', '.join(EVAL_VIEWS)}, not {self.eval_view!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -183,7 +185,7 @@ class Loader:
         pairs: np.ndarray | None = None,
         bad_files: BadFiles | None = None,
     ) -> None:
-        train, views = spec.train, spec.views
+        train, views = spec.train, spec.view_count
         if train and len(images) < spec.batch_size * spec.world:
             raise ValueError(
                 f"{len(images)} training images cannot fill one batch of {spec.batch_size} x {spec.world} ranks"

@@ -75,7 +75,7 @@ def data_for(request, tiny_data):
 
 
 def tiny_loader(
-    backend: str, images, train: bool = True, seed: int = 0, size: int = 16, batch: int = 8, views: int = 3, **kwargs
+    backend: str, images, train: bool = True, seed: int = 0, size: int = 16, batch: int = 8, view_count=3, **kwargs
 ):
     """A CPU loader for the tiny test data (torchvision in-process, the others with one worker thread); kwargs:
     `pairs`, `bad_files` and `LoaderSpec` fields."""
@@ -86,7 +86,7 @@ def tiny_loader(
 
     shared = {name: kwargs.pop(name) for name in ("pairs", "bad_files") if name in kwargs}
     workers = 0 if backend == "torchvision" else 1
-    spec = LoaderSpec(backend, size, batch, torch.device("cpu"), train, seed, workers, views, **kwargs)
+    spec = LoaderSpec(backend, size, batch, torch.device("cpu"), train, seed, workers, view_count, **kwargs)
     return make_loader(spec, images, **shared)
 
 

@@ -32,7 +32,7 @@ def test_reader_threads_read_every_scheduled_file_once_ahead_of_its_batch(images
         return read(path)
 
     monkeypatch.setattr(dali_loader, "_read", recorded)
-    data = loader("dali", images, views=2, pairs=pairs, seed=2)
+    data = loader("dali", images, view_count=2, pairs=pairs, seed=2)
     for epoch in (0, 1):
         reads.clear()
         order, _, second = data.schedule(epoch)
@@ -49,7 +49,7 @@ def test_reader_threads_read_every_scheduled_file_once_ahead_of_its_batch(images
 
 def test_a_batch_waits_only_for_its_own_files(images, monkeypatch):
     """Call k of the source submits batches k+1 .. k+READ_AHEAD before it waits for batch k's files."""
-    data = loader("dali", images, views=2)
+    data = loader("dali", images, view_count=2)
     source = data._source
     order, windows, _ = data.schedule(0)
     source.start(order, windows)

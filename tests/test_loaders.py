@@ -50,7 +50,7 @@ def test_fewer_views_give_the_same_crops_and_decode_only_gives_none(backend, spl
     images = split(backend)
     full = next(iter(loader(backend, images, seed=2).epoch(0)))
     for views in (2, 1, 0):
-        batch = next(iter(loader(backend, images, seed=2, views=views).epoch(0)))
+        batch = next(iter(loader(backend, images, seed=2, view_count=views).epoch(0)))
         assert batch.original is None and torch.equal(batch.indices, full.indices)
         assert torch.equal(batch.labels, full.labels)
         for name in ("crop1", "crop2")[:views]:
@@ -142,8 +142,8 @@ PAIRS = np.array([[0, 5], [3, 20], [10, 2], [17, 9]])
 @pytest.mark.parametrize("backend", LOADERS)
 def test_pair_samples_take_crop_2_from_their_second_image(backend, split, images):
     ours = split(backend)
-    data = loader(backend, ours, views=2, pairs=PAIRS, seed=4)
-    reference = loader("torchvision", images, views=2, pairs=PAIRS, seed=4)
+    data = loader(backend, ours, view_count=2, pairs=PAIRS, seed=4)
+    reference = loader("torchvision", images, view_count=2, pairs=PAIRS, seed=4)
     assert len(data) == (len(ours) + len(PAIRS)) // BATCH
     order, windows, second = data.schedule(0)
     paired = second != order
@@ -162,7 +162,7 @@ def test_pair_samples_take_crop_2_from_their_second_image(backend, split, images
 
 
 def test_reference_pair_crop_is_the_second_images_window(images):
-    data = loader("torchvision", images, views=2, pairs=PAIRS, seed=4)
+    data = loader("torchvision", images, view_count=2, pairs=PAIRS, seed=4)
     order, windows, second = data.schedule(0)
     position = int(np.flatnonzero(second != order)[0])
     batch = list(data.epoch(0))[position // BATCH]
@@ -174,11 +174,11 @@ def test_reference_pair_crop_is_the_second_images_window(images):
 
 
 def test_no_pairs_is_the_plain_schedule(images):
-    plain = loader("torchvision", images, views=2, seed=4).schedule(1)
-    empty = loader("torchvision", images, views=2, seed=4, pairs=np.zeros((0, 2), dtype=np.int64)).schedule(1)
+    plain = loader("torchvision", images, view_count=2, seed=4).schedule(1)
+    empty = loader("torchvision", images, view_count=2, seed=4, pairs=np.zeros((0, 2), dtype=np.int64)).schedule(1)
     assert np.array_equal(plain.order, empty.order) and np.array_equal(plain.windows, empty.windows)
     with pytest.raises(ValueError, match="both crops"):
-        loader("torchvision", images, views=1, pairs=PAIRS)
+        loader("torchvision", images, view_count=1, pairs=PAIRS)
 
 
 @pytest.mark.parametrize("backend", LOADERS)
@@ -201,8 +201,8 @@ def test_cropped_original_is_a_window_of_its_own(backend, split, images):
 @pytest.mark.parametrize("backend", LOADERS)
 def test_ranks_share_each_global_batch_with_the_single_process_windows(backend, split):
     ours = split(backend)
-    single = loader(backend, ours, seed=8, batch=8, views=2)
-    ranks = [loader(backend, ours, seed=8, batch=4, views=2, rank=r, world=2) for r in (0, 1)]
+    single = loader(backend, ours, seed=8, batch=8, view_count=2)
+    ranks = [loader(backend, ours, seed=8, batch=4, view_count=2, rank=r, world=2) for r in (0, 1)]
     whole, parts = single.schedule(1), [r.schedule(1) for r in ranks]
     assert len(ranks[0]) == len(ranks[1]) == len(single)
     for step in range(len(single)):  # global batch k = rank 0's batch k, then rank 1's
@@ -265,8 +265,8 @@ def test_a_loader_spec_checks_its_fields_and_varies_by_but():
     from pipeline.loader import LoaderSpec
 
     spec = LoaderSpec("torchvision", 16, 8, torch.device("cpu"), train=False, workers=0)
-    training = spec.but(train=True, seed=3, views=2)
-    assert (training.train, training.seed, training.views, training.image_size, training.workers) == (
+    training = spec.but(train=True, seed=3, view_count=2)
+    assert (training.train, training.seed, training.view_count, training.image_size, training.workers) == (
         True,
         3,
         2,
@@ -275,7 +275,7 @@ def test_a_loader_spec_checks_its_fields_and_varies_by_but():
     )
     assert spec.train is False  # `but` makes a new spec
     for wrong, message in (
-        ({"views": 4}, "views must be"),
+        ({"view_count": 4}, "views must be"),
         ({"eval_view": "side"}, "eval_view must be"),
         ({"interpolation": "nearest"}, "interpolation must be"),
         ({"crop_scale": (0.5, 0.2)}, "crop_scale must satisfy"),

@@ -10,7 +10,7 @@ from conftest import LOADERS, TINY_TRAIN
 import train
 from model.pairs import main, sampler_encoder
 from pipeline.data import scan_split
-from pipeline.pairs import band_pairs, pair_accuracy, read_pairs, sample_fraction
+from pipeline.semantic_pairs import band_pairs, pair_accuracy, read_pairs, sample_fraction
 
 
 def brute_force(embeddings: torch.Tensor, low: float, high: float) -> list[tuple[int, int]]:
