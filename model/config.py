@@ -62,7 +62,7 @@ class MethodConfig:
     original: str = "whole"
     pairs: str | None = None
     temperature: float = 0.1
-    loss_terms: str = "sum"  # sum: the paper's Eq. 3; mean: the method's InfoNCE terms averaged
+    loss_terms: str = "mean"  # the method's InfoNCE terms averaged; sum: the paper's Eq. 3
     crop: str = "random"
     ccrop_k: float = 0.1
     ccrop_alpha: float | None = None  # None: by image size (pipeline/ccrop.py alpha_for), set by `resolve`
@@ -80,7 +80,7 @@ class OptimisationConfig:
 
     epochs: int = 6
     batch_size: int = 64  # global: split over torchrun's processes
-    lr: float = 0.03
+    lr: float = 0.015
     warmup_epochs: float = 0.0
     weight_decay: float = 5e-4
     amp: str = "auto"  # the precision chosen (training settles "auto")

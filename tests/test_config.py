@@ -152,6 +152,7 @@ def test_the_shipped_imagenet_config_is_the_papers_recipe():
     cfg = resolve({**cli_defaults(), **values, "device": "cpu"})
     recipe = dict(arch="resnet50", image_size=224, batch_size=256, lr=0.03, moco_momentum=0.999, queue_size=65536)
     recipe.update(temperature=0.2, weight_decay=1e-4, epochs=200, train_limit=0, val_limit=0, blur=True)
+    recipe.update(loss_terms="sum")  # Eq. 3, at the paper's lr
     assert {k: cfg.to_dict()[k] for k in recipe} == recipe
     assert cfg.data.loader == "dali" and cfg.method.method == "leoclr"
     assert "--config configs/imagenet.yaml" in (ROOT / "README.md").read_text()
