@@ -11,12 +11,12 @@ class folders, or any folder of images without labels) or FFCV .beton files (FFC
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pipeline.data import ImageList
 
 DEFAULT_DATA = Path("data/fashion-mnist")
+NOT_SETTINGS = ("resume", "config_file", "overwrite")  # options that say how to start, not what the run is
 KNN_COST_SAID = 60.0  # seconds: the kNN monitor's passes of a run said when they add up to this much
 
 
@@ -52,10 +53,10 @@ def train(
 
     from model import distributed
     from model.board import Board, tensorboard_missing
-    from model.distributed import sum_arrays
-    from model.localize import localize
+    from model.distributed import gather_objects
+    from model.evaluation import Stopped
     from model.methods import method_for
-    from model.precision import autocast, describe
+    from model.precision import describe
     from model.training import (
         CHECK_EVERY,
         BadFileLog,
@@ -65,6 +66,7 @@ def train(
         augment_config,
         augment_views,
         augmentation_seed,
+        box_pass,
         build_model,
         check_finite,
         checkpoint_state,
@@ -75,6 +77,7 @@ def train(
         learning_rate,
         log_epoch,
         make_loaders,
+        missing_record,
         optimizer_and_scaler,
         pixel_knn,
         poll,
@@ -99,6 +102,8 @@ def train(
         use_cuda(device)
     main_rank = rank == 0  # the only one that prints and writes
     echo = click.echo if main_rank else lambda *args, **kwargs: None
+    if world > 1:  # the folder rank 0 claimed (train.py's main), which may be a fresh one beside the default
+        cfg.run.out = gather_objects(cfg.run.out)[0]
     out = Path(cfg.run.out)
     torch.manual_seed(cfg.run.seed)
     if world > 1:
@@ -154,13 +159,16 @@ def train(
     board = Board(out, len(loader), main_rank and missing is None, purge)
     echo(f"TensorBoard: {'event files in ' + str(out) if missing is None else 'off (' + missing + ')'}")
 
+    checkpoint_path = out / "checkpoint.pt"
+
     def monitor(epoch: int) -> float | None:
-        """kNN top-1 after `epoch` epochs when --knn-every makes it due then (timed for the run's estimate)."""
+        """kNN top-1 after `epoch` epochs when --knn-every makes it due then (timed for the run's estimate); a stop
+        signal cuts its passes short (Stopped, on every rank)."""
         if not knn_due(cfg, epoch):
             return None
         first = clock.knn_s is None
         with clock.timing_knn():
-            knn = knn_monitor(model, loaders.bank, loaders.val, cfg)
+            knn = knn_monitor(model, loaders.bank, loaders.val, cfg, signals)
         bad_log.share()  # what its passes found (every rank calls the monitor)
         passes = sum(knn_due(cfg, e) for e in range(epoch, epochs + 1))
         if first and clock.knn_s * passes >= KNN_COST_SAID:  # the monitor's cost, where it is large
@@ -171,43 +179,77 @@ def train(
             )
         return knn
 
-    pixels = pixel_knn(loaders.bank, loaders.val, cfg)  # once: what "learning" is measured against
-    if resume is not None:
-        restore(resume, model, optimizer, scaler)
-        loader.boxes = resume.get("boxes")
-        where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
-        echo(f"resumed after {where}")
-        saved_world = resume["config"].get("world_size", 1)
-        if saved_world != world:  # the schedule is global: the same global batches and windows go on
-            draws = ", each rank's augmentation drawn from (seed, epoch, step, rank) until the epoch ends"
-            echo(f"  by {world} process(es) (the checkpoint's run had {saved_world}){draws if start_step else ''}")
-        if bad_log.files.reasons:
-            echo(f"  {len(bad_log.files.reasons)} file(s) found undecodable earlier stay out ({bad_log.path})")
-    else:
-        if main_rank:
-            metrics_path.write_text("")
-        knn = monitor(0)
-        history.append(log_epoch(metrics_path if main_rank else None, EpochRecord(0, knn_top1=knn)))
+    def log(record: EpochRecord, knn: float | None) -> None:
+        """The epoch's metrics line (rank 0) and TensorBoard's numbers, with its kNN top-1."""
+        history.append(log_epoch(metrics_path if main_rank else None, dataclasses.replace(record, knn_top1=knn)))
         board.epoch(history[-1])
-    random_network = first_knn(metrics_path) if main_rank else None  # epoch 0: the network before training
-    if pixels is not None:
-        echo(
-            f"  beside it, on the same bank and queries: raw pixels {100 * pixels:.2f}%, the random network "
-            f"{'n/a' if random_network is None else f'{100 * random_network:.2f}%'} (epoch 0)"
-        )
 
-    clock.start_loop()
+    def stop(where: str, state: dict | None = None) -> NoReturn:
+        """End the run on a stop signal (agreed by every rank), `state` written as the checkpoint first (None: the
+        checkpoint there already stands where the run stops)."""
+        if main_rank and state is not None:
+            save_atomic(state, checkpoint_path)
+        echo(
+            f"{signals.name}: checkpoint written {where}; continue with: python train.py --resume {checkpoint_path}",
+            err=True,
+        )
+        loaders.close()
+        board.close()
+        raise SystemExit(128 + signals.number)
+
+    # From here on a stop signal is honoured wherever it comes: in a step, a checkpoint write, a pass.
     with StopSignals() as signals:
+        if resume is not None:
+            restore(resume, model, optimizer, scaler)
+            loader.boxes = resume.get("boxes")
+            where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
+            echo(f"resumed after {where}")
+            saved_world = resume["config"].get("world_size", 1)
+            if saved_world != world:  # the schedule is global: the same global batches and windows go on
+                draws = ", each rank's augmentation drawn from (seed, epoch, step, rank) until the epoch ends"
+                echo(f"  by {world} process(es) (the checkpoint's run had {saved_world}){draws if start_step else ''}")
+            if bad_log.files.reasons:
+                echo(f"  {len(bad_log.files.reasons)} file(s) found undecodable earlier stay out ({bad_log.path})")
+            if main_rank and (not checkpoint_path.exists() or resume["config"] != cfg.to_dict()):
+                # The run directory's checkpoint is where a stop before the next one resumes: this run's settings.
+                save_atomic({**resume, "config": cfg.to_dict()}, checkpoint_path)
+            pending = gather_objects(missing_record(resume, metrics_path) if main_rank else None)[0]
+            resumed_at = (
+                f"at epoch {start_epoch + 1}, step {start_step}/{len(loader)}"
+                if start_step
+                else f"at the end of epoch {start_epoch}"
+            )
+        else:
+            if main_rank:
+                metrics_path.write_text("")
+            pending = EpochRecord(0)  # before training: the kNN only
+        try:
+            pixels = pixel_knn(loaders.bank, loaders.val, cfg, signals)  # once: what "learning" is measured against
+            if pending is not None:  # epoch 0's line, or the line a stop or kill after the checkpoint left out
+                log(pending, monitor(pending.epoch))
+        except Stopped:
+            if resume is not None:
+                stop(resumed_at)
+            first = checkpoint_state(model, optimizer, scaler, cfg, 0, None, bad_log.entries(), metrics=pending)
+            stop("before the first epoch", first)
+        random_network = first_knn(metrics_path) if main_rank else None  # epoch 0: the network before training
+        if pixels is not None:
+            echo(
+                f"  beside it, on the same bank and queries: raw pixels {100 * pixels:.2f}%, the random network "
+                f"{'n/a' if random_network is None else f'{100 * random_network:.2f}%'} (epoch 0)"
+            )
+
+        clock.start_loop()
         for epoch in range(start_epoch, epochs):
             skip = start_step if epoch == start_epoch else 0  # batches an interrupted run already trained on
             if epoch in box_updates and not skip:
                 if live_boxes is not None:  # as the training steps left them (merged at the last epoch's end)
                     loader.boxes = live_boxes.host.copy()
                 else:
-                    context = partial(autocast, device, cfg.optimisation.amp)
-                    # Each rank boxes its part of the images (zeros elsewhere): the sum over ranks is every box.
-                    found = localize(model.query_encoder, loaders.localize, cfg.method.ccrop_k, context)
-                    loader.boxes = sum_arrays(found)
+                    try:
+                        loader.boxes = box_pass(model, loaders.localize, cfg, device, signals)
+                    except Stopped:  # the checkpoint of the epoch before stands: a resume boxes again
+                        stop(f"at the end of epoch {epoch}")
                 if main_rank:
                     np.save(out / "boxes.npy", loader.boxes)
                 area = mean_box_area(loader.boxes)
@@ -259,40 +301,38 @@ def train(
                 passes = box_updates if live_boxes is None else []
                 left = remaining_work(cfg, epoch, step, len(loader), passes, loaders.val is not None)
                 clock.polled(epoch, step + 1, step + 1 == len(loader), left, bar.write)
-                if signals.number and step + 1 < len(loader):
+                if signals.number and step + 1 < len(loader):  # at the last step: the epoch's own checkpoint below
                     bar.close()
                     generators, partials = rank_states(generator, total_loss, seen, device)
                     refreshed = None if live_boxes is None else live_boxes.merge()  # every rank's, on every rank
+                    checkpoint = None
                     if main_rank:  # mid-epoch: where the epoch stands, so a resume replays nothing and skips nothing
                         elapsed = time.perf_counter() - started
                         within = dict(step=step + 1, generators=generators, partials=partials, elapsed=elapsed)
                         checkpoint = checkpoint_state(
                             model, optimizer, scaler, cfg, epoch, loader.boxes, bad_log.entries(), refreshed, **within
                         )
-                        save_atomic(checkpoint, out / "checkpoint.pt")
-                    echo(
-                        f"{signals.name}: checkpoint written at epoch {epoch + 1}, step {step + 1}/{len(loader)}; "
-                        f"continue with: python train.py --resume {out / 'checkpoint.pt'}",
-                        err=True,
-                    )
-                    loaders.close()
-                    board.close()
-                    raise SystemExit(128 + signals.number)
+                    stop(f"at epoch {epoch + 1}, step {step + 1}/{len(loader)}", checkpoint)
             bar.close()  # the epoch's last step checked the loss
             epoch_time = time.perf_counter() - started
             # Every rank's loss sum and images: the epoch's loss and throughput over the whole world.
             total_loss, seen = world_totals(total_loss, seen, device)
             epoch_loss = total_loss / seen
             refreshed = None if live_boxes is None else live_boxes.merge()  # every rank's, on every rank
-            if main_rank:
-                boxes, bad = loader.boxes, bad_log.entries()
-                checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch + 1, boxes, bad, refreshed)
-                save_atomic(checkpoint, out / "checkpoint.pt")
-            knn = monitor(epoch + 1)
             area = None if loader.boxes is None else mean_box_area(loader.boxes)
-            record = EpochRecord(epoch + 1, epoch_loss, knn, seen / epoch_time, lr, epoch_time, area)
-            history.append(log_epoch(metrics_path if main_rank else None, record))
-            board.epoch(history[-1])
+            record = EpochRecord(epoch + 1, epoch_loss, None, seen / epoch_time, lr, epoch_time, area)
+            if main_rank:  # before the kNN pass and the metrics line, with the record a resume would write
+                boxes, bad = loader.boxes, bad_log.entries()
+                checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch + 1, boxes, bad, refreshed, record)
+                save_atomic(checkpoint, checkpoint_path)
+            end = f"at the end of epoch {epoch + 1}"
+            if signals.agree(device):  # came in the epoch's last steps or while its checkpoint was written
+                stop(end)
+            try:
+                log(record, monitor(epoch + 1))
+            except Stopped:
+                stop(f"{end} (its kNN pass cut short: a resume runs it)")
+            # A signal from here on: the next epoch's first poll stops the run.
             clock.epoch_done((epochs - epoch - 1) * len(loader))
     loaders.close()
     board.close()
@@ -379,6 +419,13 @@ def train(
     type=click.Path(path_type=Path),
     default=None,
     help="Run directory (config.json, metrics.jsonl, checkpoint.pt). [default: runs/<method>-<loader>]",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    default=False,
+    help="Replace the run an explicit --out holds (its checkpoint, metrics, config, events); without it such a "
+    "--out is refused, and the default --out moves on to a fresh folder (runs/<method>-<loader>-2, ...).",
 )
 @click.option(
     "--resume",
@@ -574,18 +621,17 @@ def train(
     "paper's ImageNet recipe) or a run's config.json (trains that run again); options given here override them.",
 )
 @click.pass_context
-def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **options) -> None:
+def main(ctx: click.Context, resume: Path | None, config_file: Path | None, overwrite: bool, **options) -> None:
     """Pre-train a ResNet without labels with LeOCLR (original -> query encoder, two crops -> momentum
     encoder), MoCo-v2, SePP-ID, SimCLR or end-to-end LeOCLR, monitoring weighted kNN top-1 on the val split
     before training and after each epoch. Under torchrun, one process per GPU (DDP)."""
     from model.board import tensorboard_missing
-    from model.config import LEGACY, fit_to_images, resolve
-    from model.training import load_checkpoint
+    from model.config import LEGACY, resolve
+    from model.runs import check_resume, claim, run_files
+    from model.training import load_checkpoint, missing_record
     from pipeline import require_backend
-    from pipeline.backends import load_splits
-    from pipeline.semantic_pairs import read_pairs
 
-    state, saved = None, {}
+    state, saved, main_rank = None, {}, os.environ.get("RANK", "0") == "0"
     given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     from_file = {} if config_file is None else read_options(ctx, config_file)
     if resume is not None:
@@ -614,7 +660,18 @@ def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **op
         cfg = resolve(options, given=chosen)
     except ValueError as error:  # a setting this version does not know, in the checkpoint's config
         raise click.ClickException(f"{resume}: {error}" if resume is not None else str(error)) from error
-    if state is not None and state.get("epoch", 0) >= cfg.optimisation.epochs and not state.get("step"):
+    if state is not None:  # before anything is written: what the checkpoint fixes stays, what changes is said
+        notes = check_resume(saved, cfg.to_dict(), given | set(from_file))
+        if notes and main_rank:
+            click.echo(f"resumed with changed settings: {', '.join(notes)}")
+    # A checkpoint of the last epoch whose metrics line a stop or kill left out has that line still to write.
+    unlogged = None if state is None else missing_record(state, Path(cfg.run.out) / "metrics.jsonl")
+    if (
+        state is not None
+        and state.get("epoch", 0) >= cfg.optimisation.epochs
+        and not state.get("step")
+        and not unlogged
+    ):
         done = state.get("epoch", 0)  # nothing left to train: say so, write nothing
         raise click.ClickException(
             f"{resume}: the run is complete ({done} of {cfg.optimisation.epochs} epochs trained); train on with "
@@ -623,6 +680,27 @@ def main(ctx: click.Context, resume: Path | None, config_file: Path | None, **op
     require_backend(cfg.data.loader)  # DALI and FFCV are optional: say how to install one before indexing any data
     if cfg.run.tensorboard and (missing := tensorboard_missing()) is not None:
         raise click.ClickException(f"--tensorboard: {missing}")
+    lock = None
+    if main_rank:  # before any work: a folder of its own, never an earlier run's without --overwrite, writable
+        folder, lock = claim(Path(cfg.run.out), "out" in given | set(from_file), resume, overwrite)
+        cfg.run.out = str(folder)
+    try:
+        prepare_and_train(cfg, state, chosen)
+    except BaseException:
+        if lock is not None and not run_files(Path(cfg.run.out)):
+            lock.abandon()  # stopped before the run wrote anything: nothing left behind
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def prepare_and_train(cfg: Config, state: dict | None, chosen: set[str]) -> None:
+    """Index the data, fit what was not chosen to it, and train (`train`); one-line errors for unusable data."""
+    from model.config import fit_to_images
+    from pipeline.backends import load_splits
+    from pipeline.semantic_pairs import read_pairs
+
     data = cfg.data
     try:
         splits = load_splits(
@@ -670,7 +748,7 @@ def read_options(ctx: click.Context, path: Path) -> dict:
     params = {param.name: param for param in ctx.command.params}
     for name, value in values.items():
         param = params.get(name)
-        if param is None or name in ("resume", "config_file"):
+        if param is None or name in NOT_SETTINGS:
             raise click.ClickException(f"{path}: {name!r} is not a setting (give it on the command line)")
         try:
             values[name] = param.type_cast_value(ctx, value)

@@ -3,7 +3,9 @@ probe (frozen features -> classes), and the query backbone of a training checkpo
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,21 @@ from pipeline.loader import Loader
 BACKBONE_PREFIX = "query_encoder.backbone."
 
 
+class Stopped(Exception):
+    """A pass cut short between two batches because its `stop()` said so (a stop signal: the run ends)."""
+
+
+def batches(loader: Loader, stop: Callable[[], bool] | None = None, **bar) -> Iterator:
+    """An evaluation pass of `loader` (its epoch 0), with a tqdm bar (`bar`: its options) when given; raises
+    `Stopped` after a batch once `stop()` is true, the loader's epoch closed first."""
+    epoch = loader.epoch(0)
+    with contextlib.closing(epoch):
+        for batch in tqdm(epoch, total=len(loader), **bar) if bar else epoch:
+            yield batch
+            if stop is not None and stop():
+                raise Stopped
+
+
 def view_of(batch) -> torch.Tensor:
     """The one view of an evaluation batch: the original, else crop 1 (center or random crop)."""
     return batch.original if batch.original is not None else batch.crop1
@@ -33,21 +50,24 @@ def extract_features(
     desc: str = "features",
     dtype: torch.dtype = torch.float32,
     l2_normalize: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Features (N, D) of `net` (run in eval mode, restored after) on an evaluation pass of `loader`,
     un-augmented and normalised, and their labels (N,) int64, in the loader's file order. The features are
     `dtype` (float32 by default), each batch cast as it comes; `l2_normalize` makes each row unit length first
-    (float16 holds unit vectors, not every raw feature's squared norm)."""
+    (float16 holds unit vectors, not every raw feature's squared norm). `stop` as `batches`."""
     training = net.training
     net.eval()
     features, labels = [], []
-    bar = tqdm(loader.epoch(0), total=len(loader), desc=f"  {desc}", leave=False, unit="batch", disable=not is_main())
-    for batch in bar:
-        with autocast(loader.device, amp):
-            embedded = net(normalize(view_of(batch))).float()
-        features.append((F.normalize(embedded, dim=1) if l2_normalize else embedded).to(dtype))
-        labels.append(batch.labels)
-    net.train(training)
+    bar = dict(desc=f"  {desc}", leave=False, unit="batch", disable=not is_main())
+    try:
+        for batch in batches(loader, stop, **bar):
+            with autocast(loader.device, amp):
+                embedded = net(normalize(view_of(batch))).float()
+            features.append((F.normalize(embedded, dim=1) if l2_normalize else embedded).to(dtype))
+            labels.append(batch.labels)
+    finally:
+        net.train(training)
     return torch.cat(features), torch.cat(labels)
 
 
@@ -55,12 +75,14 @@ PIXELS_MAX = 32  # raw-pixel features of larger views are average-pooled to this
 
 
 @torch.no_grad()
-def pixel_features(loader: Loader, normalised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_features(
+    loader: Loader, normalised: bool = False, stop: Callable[[], bool] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw pixels of an evaluation pass of `loader` as features, (N, 3 * s * s) float32 in [0, 1] (or normalised
     with ImageNet's mean/std), s = min(S, PIXELS_MAX) (larger views average-pooled), and their labels (N,) int64,
-    in the loader's file order: the baseline a learned representation has to beat."""
+    in the loader's file order: the baseline a learned representation has to beat. `stop` as `batches`."""
     features, labels = [], []
-    for batch in loader.epoch(0):
+    for batch in batches(loader, stop):
         view = view_of(batch)
         x = normalize(view) if normalised else view.float() / (255 if view.dtype == torch.uint8 else 1)
         if x.shape[-1] > PIXELS_MAX:

@@ -25,10 +25,10 @@ import torch
 
 from model import distributed
 from model.config import Config, knn_bank, rebased
-from model.distributed import gather, gather_objects, gather_to_main
-from model.evaluation import extract_features, pixel_features
+from model.distributed import gather, gather_objects, gather_to_main, sum_arrays
+from model.evaluation import Stopped, extract_features, pixel_features
 from model.knn import knn_top1
-from model.localize import ForwardBoxes
+from model.localize import ForwardBoxes, localize
 from model.methods import Method
 from model.moco import MomentumContrast
 from model.precision import autocast, resolve_amp
@@ -233,8 +233,10 @@ CHECK_EVERY = 10  # steps between the loop's looks at the stop flag and the loss
 
 class StopSignals:
     """SIGTERM, SIGINT and SIGUSR1 (a preempted job, Ctrl-C, SLURM's warning ahead of the time limit with
-    --signal=USR1@SECONDS) set a flag instead of killing the run; the loop checks it every CHECK_EVERY steps
-    (`poll`) and stops there with a checkpoint. With several ranks all stop at the same step."""
+    --signal=USR1@SECONDS) set a flag instead of killing the run; the loop checks it every CHECK_EVERY steps and
+    at each epoch's last step (`poll`), after each epoch's checkpoint and metrics line (`agree`), and between the
+    batches of the kNN, raw-pixel and box passes (`stoppable_passes`), and stops there with a checkpoint. With
+    several ranks all stop at the same point."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -252,6 +254,13 @@ class StopSignals:
 
     def _note(self, number, frame) -> None:
         self.number = number
+
+    def agree(self, device: torch.device) -> bool:
+        """Whether any rank has a stop signal (the largest number goes to `number` on every rank): one all_gather,
+        none with one process. A collective: every rank calls it at the same point."""
+        if distributed.active():
+            self.number = int(gather(torch.tensor([float(self.number)], device=device)).max())
+        return bool(self.number)
 
     @property
     def name(self) -> str:
@@ -306,11 +315,15 @@ def checkpoint_state(
     boxes: np.ndarray | None,
     bad_files=(),
     forward_boxes: dict | None = None,
+    metrics: EpochRecord | None = None,
     **within,
 ) -> dict:
     """What train.py's checkpoint.pt holds: both encoders and the queue, optimizer, scaler, `epoch` (epochs
     done), the config, the RNG states, ContrastiveCrop's boxes (the loader's; with --ccrop-boxes forward also
-    the refreshed ones, `ForwardBoxes.merge`) and the files found undecodable ([path, reason]).
+    the refreshed ones, `ForwardBoxes.merge`) and the files found undecodable ([path, reason]). A checkpoint
+    written at an epoch's end holds that epoch's `metrics` record (`log_epoch`'s, kNN not yet known): written
+    before the kNN pass and the metrics line, it lets a resumed run write the line a stop or a kill left out
+    (`missing_record`).
     A checkpoint written within an epoch adds `within`: step (steps done of the next epoch), generators and
     partials (`rank_states`), elapsed (seconds)."""
     return {
@@ -323,6 +336,7 @@ def checkpoint_state(
         "rng": rng_states(),
         "boxes": boxes,
         "forward_boxes": forward_boxes,
+        "metrics": None if metrics is None else dataclasses.asdict(metrics),
         **within,
     }
 
@@ -483,9 +497,10 @@ def verify_splits(
     return verified[0], verified[1]
 
 
-def knn_monitor(model, bank_loader, val_loader, cfg: Config) -> float | None:
+def knn_monitor(model, bank_loader, val_loader, cfg: Config, signals: StopSignals | None = None) -> float | None:
     """Weighted kNN top-1 of the query backbone: the bank subset's features vote for each val image. Computed on
-    rank 0 (None on the others, and without a val split); on CUDA the bank is unit-length float16."""
+    rank 0 (None on the others, and without a val split); on CUDA the bank is unit-length float16. With `signals`
+    a stop signal cuts the passes short: `Stopped` on every rank (`stoppable_passes`)."""
     if val_loader is None:
         return None
     net = model.query_encoder.backbone
@@ -497,26 +512,64 @@ def knn_monitor(model, bank_loader, val_loader, cfg: Config) -> float | None:
         dtype=torch.float16 if half else torch.float32,
         l2_normalize=half,
     )
+    bank, val = stoppable_passes(
+        signals,
+        bank_loader.device,
+        lambda stop: embed(bank_loader, desc="kNN bank", stop=stop),
+        lambda stop: embed(val_loader, desc="kNN val", stop=stop),
+    )
     # Each rank embeds its part of the files; gathered in rank order on rank 0 they are the files in order.
-    bank, bank_labels = map(gather_to_main, embed(bank_loader, desc="kNN bank"))
-    val, val_labels = map(gather_to_main, embed(val_loader, desc="kNN val"))
+    (bank, bank_labels), (val, val_labels) = map(gather_to_main, bank), map(gather_to_main, val)
     if bank is None:
         return None
     classes = len(bank_loader.images.classes)
     return knn_top1(bank, bank_labels, val, val_labels, classes, cfg.run.knn_k, cfg.run.knn_temperature)
 
 
-def pixel_knn(bank_loader, val_loader, cfg: Config) -> float | None:
+def pixel_knn(bank_loader, val_loader, cfg: Config, signals: StopSignals | None = None) -> float | None:
     """The kNN monitor's score (its k, T, bank and queries) of raw pixels (`pixel_features`): what the trained
-    features are measured against. On rank 0 (None on the others, and without a val split)."""
+    features are measured against. On rank 0 (None on the others, and without a val split). `signals` as
+    `knn_monitor`."""
     if val_loader is None:
         return None
-    bank, bank_labels = map(gather_to_main, pixel_features(bank_loader))
-    val, val_labels = map(gather_to_main, pixel_features(val_loader))
+    bank, val = stoppable_passes(
+        signals,
+        bank_loader.device,
+        lambda stop: pixel_features(bank_loader, stop=stop),
+        lambda stop: pixel_features(val_loader, stop=stop),
+    )
+    (bank, bank_labels), (val, val_labels) = map(gather_to_main, bank), map(gather_to_main, val)
     if bank is None:
         return None
     classes = len(bank_loader.images.classes)
     return knn_top1(bank, bank_labels, val, val_labels, classes, cfg.run.knn_k, cfg.run.knn_temperature)
+
+
+def stoppable_passes(signals: StopSignals | None, device: torch.device, *passes) -> list:
+    """Run `passes` (each a function of a `stop` predicate, returning its result) one after the other; with
+    `signals`, a stop signal cuts them short between two batches, and then every rank raises `Stopped`: the ranks
+    agree after the passes (one collective; the passes themselves have none), so a rank whose pass was cut short
+    never leaves another waiting in a collective."""
+    if signals is None:
+        return [run(None) for run in passes]
+    results = []
+    with contextlib.suppress(Stopped):
+        for run in passes:
+            results.append(run(lambda: bool(signals.number)))
+    if signals.agree(device):
+        raise Stopped
+    return results
+
+
+def box_pass(model, loader, cfg: Config, device: torch.device, signals: StopSignals | None = None) -> np.ndarray:
+    """ContrastiveCrop's reference localisation pass: every training image's box (N, 4) float32 from the query
+    encoder, each rank boxing its part of the images (zeros elsewhere: the sum over ranks is every box).
+    `signals` as `knn_monitor`."""
+    context = partial(autocast, device, cfg.optimisation.amp)
+    [boxes] = stoppable_passes(
+        signals, device, lambda stop: localize(model.query_encoder, loader, cfg.method.ccrop_k, context, stop)
+    )
+    return sum_arrays(boxes)
 
 
 def knn_due(cfg: Config, epoch: int) -> bool:
@@ -550,6 +603,19 @@ def log_epoch(path: Path | None, record: EpochRecord) -> dict:
     shown = "n/a" if knn is None else f"{100 * knn:.2f}%"
     click.echo(f"epoch {record.epoch}: loss {'-' if loss is None else f'{loss:.4f}'}, kNN top-1 {shown}")
     return values
+
+
+def logged_epochs(path: Path) -> set[int]:
+    """The epochs metrics.jsonl at `path` has a line for (none for a missing file)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {json.loads(line)["epoch"] for line in lines if line.strip()}
+
+
+def missing_record(state: dict, path: Path) -> EpochRecord | None:
+    """The metrics record of the epoch a checkpoint ended (see `checkpoint_state`) when metrics.jsonl at `path`
+    lacks its line, else None: a stop or kill between the checkpoint and the line left it out."""
+    record = state.get("metrics")
+    return None if record is None or record["epoch"] in logged_epochs(path) else EpochRecord(**record)
 
 
 def append_atomic(path: Path, line: str) -> None:

@@ -164,10 +164,10 @@ def one_torch_thread():
 
 
 def cli_defaults() -> dict:
-    """train.py's settings as its options default them (not --resume, --config or --help), by setting name."""
+    """train.py's settings as its options default them (not --resume, --config, --overwrite or --help), by name."""
     import train
 
-    return {p.name: p.default for p in train.main.params if p.name not in ("resume", "config_file", "help")}
+    return {p.name: p.default for p in train.main.params if p.name not in train.NOT_SETTINGS + ("help",)}
 
 
 def signalled_after_first_epoch(command: list, run: Path, signal_number: int, env: dict | None = None):

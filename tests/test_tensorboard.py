@@ -80,7 +80,7 @@ def test_a_resumed_run_and_a_rerun_leave_one_value_per_step(tiny_data, tmp_path)
     logged = scalars(events(out), "epoch/knn_top1")
     assert logged == [(r["epoch"] * 3, pytest.approx(r["knn_top1"])) for r in records]
     # A fresh run into the same directory: its own values only (the earlier files' events are purged).
-    assert invoke(*common, "--epochs", 1, "--seed", 1).exit_code == 0
+    assert invoke(*common, "--epochs", 1, "--seed", 1, "--overwrite").exit_code == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert scalars(events(out), "epoch/loss") == [(3, pytest.approx(records[1]["loss"]))]
 
