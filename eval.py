@@ -338,7 +338,7 @@ def train_probe(
         features, labels = setup.features(net, setup.train, "center", "train features")
         return fit_linear(features, labels, setup.classes, epochs, lr, batch_size, weight_decay, setup.options["seed"])
     batch_size = min(batch_size, len(setup.train))
-    loader = setup.loader(setup.train, train=True, batch_size=batch_size, views=1, crop_scale=(crop_min, 1.0))
+    loader = setup.loader(setup.train, train=True, batch_size=batch_size, view_count=1, crop_scale=(crop_min, 1.0))
     probe = LinearProbe(dim, setup.classes).to(setup.device)
     optimizer = CosineSGD(probe.parameters(), lr, weight_decay, epochs * len(loader))
     generator = torch.Generator(device=setup.device).manual_seed(setup.options["seed"])
@@ -465,7 +465,7 @@ def finetune(
     net, dim = setup.backbone()
     model = nn.Sequential(net, nn.Linear(dim, setup.classes)).to(setup.device, memory_format=torch.channels_last)
     batch_size = min(setup.options["batch_size"], len(labelled))
-    loader = setup.loader(labelled, train=True, batch_size=batch_size, views=1, crop_scale=(crop_min, 1.0))
+    loader = setup.loader(labelled, train=True, batch_size=batch_size, view_count=1, crop_scale=(crop_min, 1.0))
     fp16 = setup.options["amp"] == "fp16"
     optimizer = CosineSGD(
         model.parameters(),
