@@ -153,6 +153,17 @@ def data_key(cfg: Config) -> dict:
     )  # fmt: skip
 
 
+def comparable_settings(cfg: Config) -> dict:
+    """A run's settings as compared across the seeds of a configuration: seed and out aside, the data folder as a
+    resolved path and the kNN bank as the number of images it holds (train.py versions record these as given or
+    as resolved)."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out")}
+    settings["data"] = str((ROOT / settings["data"]).resolve())
+    limits = [n for n in (settings["knn_bank"], settings["train_limit"]) if n]
+    settings["knn_bank"] = min(limits) if limits else 0
+    return settings
+
+
 def evaluate_run(run: Path, evaluation: Evaluation) -> dict:
     """The run's final checkpoint scored (cached in RUN/eval.json), with its monitor's kNN per epoch."""
     cached = run / "eval.json"
@@ -329,7 +340,7 @@ def main(out: Path, configs: tuple[str, ...], common: str, seeds: str, probe_epo
                 argv = [*shared, *options, "--seed", str(seed)]
                 trained = train_run(out, name, seed, argv, click.echo)
                 cfg = Config.from_dict(read_file(trained["dir"] / "config.json"))
-                settled = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out")}
+                settled = comparable_settings(cfg)
                 if settings.setdefault(name, settled) != settled:  # e.g. train.py's defaults changed in between
                     changed = sorted(k for k in settled if settled[k] != settings[name].get(k))
                     raise click.ClickException(

@@ -140,3 +140,14 @@ def test_probe_losses_agree_when_the_fresh_queue_is_the_own_queue():
     own_again, other_loss = queue_staleness.probe_losses(model, method_for("leoclr"), cfg, views, other)
     assert own_again == own and other_loss != own
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # state restored
+
+
+def test_settings_compare_as_resolved_across_train_py_versions():
+    from model.config import Config
+
+    given = Config.from_dict({"data": "data/fashion-mnist", "knn_bank": 131072, "train_limit": 2000, "seed": 0})
+    resolved = Config.from_dict(
+        {"data": str(quality.ROOT / "data" / "fashion-mnist"), "knn_bank": 2000, "train_limit": 2000, "seed": 1}
+    )
+    assert quality.comparable_settings(given) == quality.comparable_settings(resolved)
+    assert quality.comparable_settings(given) != quality.comparable_settings(given.replace(lr=0.01))
