@@ -143,7 +143,7 @@ def test_sigusr1_mid_epoch_to_two_processes_then_one_go_on_with_the_same_schedul
     run, record = tmp_path / "run", tmp_path / "run-record"
     env = {"SCHEDULE_RECORD": str(record), "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
     command = torchrun_command(*common, "--out", run, script=RECORDER)
-    done = signalled_after_first_epoch(command, run, signal.SIGUSR1, env)
+    done = signalled_after_first_epoch(command, run, signal.SIGUSR1, {**ENV, **env})  # PYTHONPATH: this checkout
     out, err = done.stdout, done.stderr
     assert "SIGUSR1: checkpoint written" in out + err, err[-3000:]
     assert (out + err).count(f"undecodable {bad}: ") == 1  # rank 1 found it
