@@ -77,6 +77,8 @@ def train_run(out: Path, name: str, seed: int, argv: list[str], echo) -> dict:
     checkpoint = run / "checkpoint.pt"
     command = [sys.executable, str(ROOT / "train.py")]
     command += ["--resume", str(checkpoint)] if checkpoint.exists() else [*argv, "--out", str(run)]
+    if not checkpoint.exists() and any(run.glob("*.json*")):  # a try stopped before its first checkpoint
+        command.append("--overwrite")  # the sweep's own directory (sweep.json matched): start it again
     if checkpoint.exists() and trained_out(checkpoint):  # stopped after its last epoch, before done.json
         echo(f"{run.name}: trained earlier (its checkpoint holds every epoch), reused")
         wall = float(wall_path.read_text()) if wall_path.exists() else 0.0

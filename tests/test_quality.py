@@ -63,10 +63,11 @@ def test_interrupted_sweep_resumes_without_redoing_finished_runs(swept, tiny_dat
     out = tmp_path / "sweep"
     shutil.copytree(swept[0], out)
     before = json.loads((out / "results.json").read_text())
-    # mocov2 seed 0 stopped after its last checkpoint (not marked done); leoclr seed 1 never started
+    # mocov2 seed 0 stopped after its last checkpoint (not marked done); leoclr seed 1 before its first one
     (out / "mocov2-s0" / "done.json").unlink()
     (out / "mocov2-s0" / "eval.json").unlink()
-    shutil.rmtree(out / "leoclr-s1")
+    for name in ("checkpoint.pt", "done.json", "eval.json"):
+        (out / "leoclr-s1" / name).unlink()
     kept = {run: (out / run / "checkpoint.pt").stat().st_mtime_ns for run in ("leoclr-s0", "mocov2-s0", "mocov2-s1")}
     result = sweep(out, tiny_data)
     assert result.exit_code == 0, result.output
