@@ -222,9 +222,9 @@ def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
 
     from model.config import from_checkpoint
     from model.precision import amp_refusal, describe, resolve_amp
-    from model.training import load_checkpoint
     from pipeline.backends import load_splits
     from pipeline.device import resolve_device
+    from run.state import load_checkpoint
 
     try:
         state = load_checkpoint(checkpoint)
@@ -517,7 +517,7 @@ def export(checkpoint: Path, out: Path) -> None:
 
     from model.config import from_checkpoint
     from model.evaluation import backbone_weights
-    from model.training import load_checkpoint
+    from run.state import load_checkpoint
 
     try:
         state = load_checkpoint(checkpoint)

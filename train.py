@@ -46,7 +46,7 @@ def train(
     are left out (RUN_DIR/bad_files.txt). Returns the metrics records. The kNN monitor scores `val_images` against
     a bank from `bank_images` (--val-data's train split) or the training images; without `val_images` it is off,
     `knn_off` saying why."""
-    # Imported here, not at the top: --help and the one-line refusals need no torch (tests patch model.training).
+    # Imported here, not at the top: --help and the one-line refusals need no torch (tests patch run/'s modules).
     import numpy as np
     import torch
     from tqdm import tqdm
@@ -57,43 +57,16 @@ def train(
     from model.evaluation import Stopped
     from model.methods import method_for
     from model.precision import describe
-    from model.training import (
-        CHECK_EVERY,
-        BadFileLog,
-        EpochRecord,
-        RunClock,
-        StopSignals,
-        augment_config,
-        augment_views,
-        augmentation_seed,
-        box_pass,
-        build_model,
-        check_finite,
-        checkpoint_state,
-        duration,
-        forward_boxes,
-        knn_due,
-        knn_monitor,
-        learning_rate,
-        log_epoch,
-        make_loaders,
-        missing_record,
-        optimizer_and_scaler,
-        pixel_knn,
-        poll,
-        rank_partial,
-        rank_states,
-        remaining_work,
-        restore,
-        save_atomic,
-        settle_amp,
-        training_step,
-        use_cuda,
-        verify_splits,
-        world_totals,
-    )
     from pipeline.ccrop import mean_box_area, update_epochs, whole_image_boxes
     from pipeline.semantic_pairs import read_pairs
+    from run.bad_files import BadFileLog, verify_splits
+    from run.boxes import box_pass, forward_boxes
+    from run.monitor import knn_due, knn_monitor, pixel_knn
+    from run.parts import augment_config, build_model, make_loaders, optimizer_and_scaler, settle_amp, use_cuda
+    from run.report import EpochRecord, RunClock, duration, log_epoch, missing_record, remaining_work
+    from run.state import augmentation_seed, checkpoint_state, rank_partial, rank_states, restore, save_atomic
+    from run.step import augment_views, learning_rate, training_step
+    from run.stop import CHECK_EVERY, StopSignals, check_finite, poll, world_totals
 
     cuda = cfg.run.device.startswith("cuda")
     rank, world, local_rank = distributed.init_from_env(cuda)
@@ -627,9 +600,10 @@ def main(ctx: click.Context, resume: Path | None, config_file: Path | None, over
     before training and after each epoch. Under torchrun, one process per GPU (DDP)."""
     from model.board import tensorboard_missing
     from model.config import LEGACY, resolve
-    from model.runs import check_resume, claim, run_files
-    from model.training import load_checkpoint, missing_record
     from pipeline import require_backend
+    from run.directory import check_resume, claim, run_files
+    from run.report import missing_record
+    from run.state import load_checkpoint
 
     state, saved, main_rank = None, {}, os.environ.get("RANK", "0") == "0"
     given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}

@@ -43,11 +43,11 @@ from model.backbone import ARCHS
 from model.config import Config, resolve
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, resolve_amp
-from model.training import augment_config, loader_spec, loader_views
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import ImageList
 from pipeline.device import resolve_device
 from pipeline.loader import Loader, machine_workers
+from run.parts import augment_config, loader_spec, loader_views
 
 # train.py's settings per machine: the paper's ImageNet recipe on a GPU, train.py's own defaults on a CPU. The
 # precision is always explicit (bf16 is what a recent GPU trains in; fp32 is safe on any CPU).

@@ -31,17 +31,12 @@ import torch
 from model.config import from_checkpoint
 from model.localize import ForwardBoxes, localize
 from model.methods import method_for
-from model.training import (
-    augment_config,
-    augment_views,
-    build_model,
-    optimizer_and_scaler,
-    training_step,
-)
 from pipeline.augment import normalize
 from pipeline.backends import load_splits, make_loader
 from pipeline.ccrop import box_areas, heatmap_boxes, mean_box_area
 from pipeline.loader import LoaderSpec
+from run.parts import augment_config, build_model, optimizer_and_scaler
+from run.step import augment_views, training_step
 
 RUNS = {
     "rrc": ["--crop", "random"],

@@ -39,9 +39,9 @@ from model.backbone import resnet
 from model.config import Config, read_file
 from model.evaluation import extract_features, fit_linear, load_backbone, pixel_features, topk_accuracy
 from model.knn import knn_top1
-from model.training import load_checkpoint
 from pipeline.backends import load_splits, make_loader
 from pipeline.loader import LoaderSpec
+from run.state import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ("leoclr=", "mocov2=--method mocov2")

@@ -27,18 +27,10 @@ import torch
 from model.config import Config, resolve
 from model.methods import method_for
 from model.precision import autocast
-from model.training import (
-    augment_config,
-    augment_views,
-    augmentation_seed,
-    build_model,
-    learning_rate,
-    make_loaders,
-    optimizer_and_scaler,
-    settle_amp,
-    training_step,
-)
 from pipeline.backends import load_splits
+from run.parts import augment_config, build_model, make_loaders, optimizer_and_scaler, settle_amp
+from run.state import augmentation_seed
+from run.step import augment_views, learning_rate, training_step
 
 PROBE_EPOCH, FRESH_EPOCH = 1_000_000, 2_000_000  # loader epochs no training run reaches: their own orders and crops
 

@@ -39,8 +39,9 @@ from model.backbone import resnet
 from model.config import Config, DataConfig, resolve
 from model.methods import METHODS
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
-from model.training import augment_config, augment_views, build, loader_spec, loader_views, training_step
 from pipeline.backends import BACKENDS, load_splits, make_loader
+from run.parts import augment_config, build, loader_spec, loader_views
+from run.step import augment_views, training_step
 
 PAPER_HOURS = {"mocov2": 68, "leoclr": 81}  # 200 epochs of ImageNet on 3 A100s (LeOCLR paper)
 CONFIG_KEYS = (

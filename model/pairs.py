@@ -25,13 +25,13 @@ from tqdm import tqdm
 from model.config import from_checkpoint
 from model.moco import Encoder
 from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
-from model.training import load_checkpoint
 from pipeline.augment import normalize
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import select
 from pipeline.device import resolve_device
 from pipeline.loader import LoaderSpec
 from pipeline.semantic_pairs import band_pairs, pair_accuracy, sample_fraction
+from run.state import load_checkpoint
 
 
 def sampler_encoder(state: dict, random_init: bool = False, seed: int = 0) -> Encoder:

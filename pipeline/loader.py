@@ -68,7 +68,7 @@ def machine_workers() -> int:
 @dataclass(frozen=True)
 class LoaderSpec:
     """How a loader serves a split, by which backend: everything `Loader` takes but the images, the pairs and
-    the run's shared `BadFiles`. One spec per run (see model/training.py's `loader_spec`), varied with `but`.
+    the run's shared `BadFiles`. One spec per run (see run/parts.py's `loader_spec`), varied with `but`.
 
     `train`: the training schedule (shuffled, augmented windows, last partial batch dropped) or an evaluation
     pass; `view_count` the views of a training batch (the module docstring's: 3, 2, 1 or 0);

@@ -14,8 +14,9 @@ from conftest import TINY_TRAIN
 
 import eval as evaluation
 import train
-from model import training
 from model.config import fit_to_images, resolve
+from run import report as run_report
+from run import state as run_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,11 +224,11 @@ def test_a_run_started_elsewhere_evaluates_and_resumes_from_anywhere(
     assert state["epoch"] == 2 and state["config"]["out"] == str(checkpoint.parent)
     # A checkpoint written before paths were stored absolute: its relative paths, from where it ran.
     torch.save({**state, "config": {**state["config"], "data": "mydata", "out": "runs/x"}}, checkpoint)
-    rebased = training.load_checkpoint(checkpoint)["config"]
+    rebased = run_state.load_checkpoint(checkpoint)["config"]
     assert (rebased["data"], rebased["out"]) == (str(work / "mydata"), str(work / "runs" / "x"))
     moved = tmp_path / "moved.pt"
     checkpoint.rename(moved)  # out of its run directory: nothing to rebase from, the paths stay as they were
-    assert training.load_checkpoint(moved)["config"]["data"] == "mydata"
+    assert run_state.load_checkpoint(moved)["config"]["data"] == "mydata"
 
 
 class FakeTime:
@@ -240,8 +241,8 @@ class FakeTime:
 
 def test_the_run_clock_estimates_at_the_first_poll_and_again_past_the_start_up(monkeypatch):
     now, lines = FakeTime(), []
-    monkeypatch.setattr(training.time, "perf_counter", now)
-    clock = training.RunClock(lines.append)
+    monkeypatch.setattr(run_report.time, "perf_counter", now)
+    clock = run_report.RunClock(lines.append)
     clock.start_loop()
     clock.start_epoch(0, 0)
     now.now = 10.0  # 10 steps in 10 s, a slow start among them
@@ -260,15 +261,15 @@ def test_the_run_clock_estimates_at_the_first_poll_and_again_past_the_start_up(m
 
 def test_a_resumed_run_clock_counts_its_own_steps_and_says_nothing_with_none_left(monkeypatch):
     now, lines = FakeTime(), []
-    monkeypatch.setattr(training.time, "perf_counter", now)
-    clock = training.RunClock(lines.append)
+    monkeypatch.setattr(run_report.time, "perf_counter", now)
+    clock = run_report.RunClock(lines.append)
     clock.start_loop()
     clock.start_epoch(3, 28)  # resumed at step 28 of a 31-step last epoch
     now.now = 2.0
     clock.polled(3, 30, False, {"steps": 1, "knn": 1, "boxes": 0}, lines.append)
     assert lines == ["estimated time to the end of the run: about 1 s (1 steps at 1.00 s)"]  # 2 steps in 2 s
     now.now = 0.0
-    clock = training.RunClock(lines.append)
+    clock = run_report.RunClock(lines.append)
     clock.start_loop()
     clock.start_epoch(3, 30)
     now.now = 3.0
@@ -276,7 +277,7 @@ def test_a_resumed_run_clock_counts_its_own_steps_and_says_nothing_with_none_lef
     assert len(lines) == 1  # no "about 1 s (0 steps ...)" at the very end
     clock.epoch_done(0)
     assert lines[-1] == "  3 s so far"
-    clock = training.RunClock(lines.append)
+    clock = run_report.RunClock(lines.append)
     clock.start_loop()
     clock.start_epoch(1, 20)  # 10 of 30 steps of epoch 2 left, then epoch 3
     now.now = 13.0

@@ -14,14 +14,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pipeline.augment
 import train
-from model import training
 from model.config import Config
 from model.localize import ForwardBoxes
 from model.methods import method_for
 from model.moco import MomentumContrast
-from model.training import augment_config, augment_views, optimizer_and_scaler, training_step
 from pipeline.backends import load_splits
 from pipeline.ccrop import heatmap_boxes
+from run import step as run_step
+from run import stop as run_stop
+from run.parts import augment_config, optimizer_and_scaler
+from run.step import augment_views, training_step
 
 
 def invoke(*args):
@@ -93,7 +95,7 @@ FORWARD = ["--crop", "ccrop", "--ccrop-boxes", "forward", "--ccrop-warmup", 1, "
 
 def test_steps_that_refresh_boxes_read_nothing_back(tiny_data, tmp_path, monkeypatch, one_torch_thread):
     reads, marks, records = HostReads(), [], []
-    learning_rate, record = training.learning_rate, ForwardBoxes.record
+    learning_rate, record = run_step.learning_rate, ForwardBoxes.record
 
     def step_starts(*args):
         marks.append(reads.total)
@@ -104,9 +106,9 @@ def test_steps_that_refresh_boxes_read_nothing_back(tiny_data, tmp_path, monkeyp
         return record(self, *args, **kwargs)
 
     monkeypatch.setattr(pipeline.augment, "apply", pipeline.augment.apply_batched)  # CUDA's path, on the CPU
-    monkeypatch.setattr(training, "learning_rate", step_starts)
+    monkeypatch.setattr(run_step, "learning_rate", step_starts)
     monkeypatch.setattr(ForwardBoxes, "record", counted_record)
-    monkeypatch.setattr(training, "CHECK_EVERY", 3)
+    monkeypatch.setattr(run_stop, "CHECK_EVERY", 3)
     # DALI: the torchvision backend reads its CPU batches' failure flags on the host (not the step's doing)
     args = [*TINY_TRAIN, "--loader", "dali", "--workers", 1, "--batch-size", 4, "--queue-size", 16, "--epochs", 2]
     args += FORWARD

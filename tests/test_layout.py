@@ -1,6 +1,6 @@
 """The import rules of the layout (README, "Layout"), read from every project module's imports with ast:
-pipeline/ <- model/ <- the training machinery and tools <- the scripts (train.py, eval.py, benchmarks/); no cycle;
-backends reached only through the factory; the batch contract imports no backend."""
+pipeline/ <- model/ <- the training machinery (run/) and tools <- the scripts (train.py, eval.py, benchmarks/);
+no cycle; backends reached only through the factory; the batch contract imports no backend."""
 
 import ast
 from pathlib import Path
@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "model", "benchmarks")
+PACKAGES = ("pipeline", "model", "run", "benchmarks")
 FACTORY = "pipeline.backends"
 BACKENDS = {"pipeline.backends.dali", "pipeline.backends.ffcv", "pipeline.backends.torchvision"}
 # What a backend may import: the package (its optional-library checks), the contract, the crop plan, the
 # augmentation and data reading.
 BACKEND_MAY_IMPORT = {"pipeline", "pipeline.loader", "pipeline.crop_plan", "pipeline.augment", "pipeline.data"}
-TOOLS = {"model.training", "model.pairs"}  # the training machinery and a CLI that runs a model
+TOOLS = {"model.pairs"}  # a CLI that runs a model: beside the training machinery, run/
 SCRIPTS = {"train", "eval"}
 
 
@@ -54,12 +54,12 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[st
 
 
 def level(name: str) -> int:
-    """0 pipeline/, 1 model/, 2 the training machinery and tools, 3 the scripts and benchmarks/."""
+    """0 pipeline/, 1 model/, 2 the training machinery (run/) and tools, 3 the scripts and benchmarks/."""
     if name in SCRIPTS or name.split(".")[0] == "benchmarks":
         return 3
     if name in TOOLS:
         return 2
-    return {"pipeline": 0, "model": 1}[name.split(".")[0]]
+    return {"pipeline": 0, "model": 1, "run": 2}[name.split(".")[0]]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def where(name: str, line: int) -> str:
 def test_the_graph_is_read():
     """The rules below check something: the scanner sees the layout's known imports."""
     modules = project_modules()
-    assert {"pipeline.loader", "pipeline.backends", "model.training", "train", "benchmarks.doctor"} <= set(modules)
+    assert {"pipeline.loader", "pipeline.backends", "run.state", "train", "benchmarks.doctor"} <= set(modules)
     edges = {
         name: {target for target, _ in found}
         for name, found in ((n, imports_of(n, p, modules)) for n, p in modules.items())
@@ -83,7 +83,7 @@ def test_the_graph_is_read():
     assert "pipeline.backends.ffcv" in edges["pipeline.backends"]  # the lazy `from pipeline.backends.ffcv import`
     assert {"pipeline.loader", "pipeline"} <= edges["pipeline.backends.dali"]
     assert {"pipeline.loader", "pipeline.data"} <= edges["pipeline.backends.ffcv"]
-    assert "model.training" in edges["train"] and "model.training" in edges["benchmarks.train_step"]
+    assert "run.step" in edges["train"] and "run.step" in edges["benchmarks.train_step"]
 
 
 def test_imports_run_one_way(graph):

@@ -128,7 +128,7 @@ def test_probe_losses_agree_when_the_fresh_queue_is_the_own_queue():
     from benchmarks import queue_staleness
     from model.config import resolve
     from model.methods import method_for
-    from model.training import build_model
+    from run.parts import build_model
 
     cfg = resolve({"batch_size": 8, "bn_splits": 2, "queue_size": 16, "amp": "off", "device": "cpu"})
     torch.manual_seed(0)

@@ -22,11 +22,14 @@ from conftest import (
 from PIL import Image
 
 import train
-from model import training
 from pipeline import convert, missing_backend
 from pipeline.backends import load_splits, make_loader
 from pipeline.data import BadImage, check_image, scan_split
 from pipeline.loader import LoaderSpec
+from run import report as run_report
+from run import state as run_state
+from run import step as run_step
+from run import stop as run_stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,14 +69,14 @@ def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    step, calls = training.training_step, []
+    step, calls = run_step.training_step, []
 
     def poisoned(*args):
         calls.append(1)
         loss = step(*args)
         return loss * float("nan") if len(calls) > 3 else loss  # from the second epoch (3 steps each) on
 
-    monkeypatch.setattr(training, "training_step", poisoned)
+    monkeypatch.setattr(run_step, "training_step", poisoned)
     args = [*TINY_TRAIN, "--workers", 0, "--method", "mocov2", "--data", tiny_data, "--out", out, "--epochs", 2]
     result = invoke(*args)
     assert result.exit_code == 1 and "the loss became nan in epoch 2" in result.output
@@ -85,7 +88,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp
 def test_metrics_lines_are_written_whole(tmp_path):
     path = tmp_path / "metrics.jsonl"
     for i in range(3):
-        training.append_atomic(path, json.dumps({"epoch": i}))
+        run_report.append_atomic(path, json.dumps({"epoch": i}))
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1, 2]
     assert not (tmp_path / "metrics.tmp").exists()
 
@@ -243,7 +246,7 @@ def test_other_stop_signals_set_the_flag_as_sigterm_does(signal_number):
     (the loop then stops the same way); the previous handler comes back afterwards (torchrun's forwarding of
     SIGUSR1: tests/test_distributed.py)."""
     before = signal.getsignal(signal_number)
-    with training.StopSignals() as signals:
+    with run_stop.StopSignals() as signals:
         os.kill(os.getpid(), signal_number)
         assert signals.number == signal_number and signals.name == signal.Signals(signal_number).name
     assert signal.getsignal(signal_number) == before
@@ -275,11 +278,11 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_stops(tiny_data, t
 def test_a_checkpoint_into_a_read_only_folder_is_a_one_line_error(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    training.save_atomic({"epoch": 1}, folder / "checkpoint.pt")
+    run_state.save_atomic({"epoch": 1}, folder / "checkpoint.pt")
     folder.chmod(0o555)
     try:
-        with pytest.raises(training.CheckpointNotWritten) as error:
-            training.save_atomic({"epoch": 2}, folder / "checkpoint.pt")
+        with pytest.raises(run_state.CheckpointNotWritten) as error:
+            run_state.save_atomic({"epoch": 2}, folder / "checkpoint.pt")
     finally:
         folder.chmod(0o755)
     assert str(folder / "checkpoint.pt") in error.value.message and "\n" not in error.value.message
@@ -290,10 +293,10 @@ def test_a_checkpoint_into_a_read_only_folder_is_a_one_line_error(tmp_path):
 def test_a_real_failed_write_through_dev_full_is_a_one_line_error(tmp_path):
     """torch's own writer hitting a full disk (its temporary file is a link to /dev/full: ENOSPC on write)."""
     path = tmp_path / "checkpoint.pt"
-    training.save_atomic({"epoch": 1}, path)
+    run_state.save_atomic({"epoch": 1}, path)
     (tmp_path / "checkpoint.tmp").symlink_to("/dev/full")
-    with pytest.raises(training.CheckpointNotWritten) as error:
-        training.save_atomic({"epoch": 2, "weights": torch.zeros(1000)}, path)
+    with pytest.raises(run_state.CheckpointNotWritten) as error:
+        run_state.save_atomic({"epoch": 2, "weights": torch.zeros(1000)}, path)
     assert error.value.message == (
         f"cannot write the checkpoint {path} (No space left on device); the previous checkpoint there is unchanged. "
         "Stopped."

@@ -16,8 +16,9 @@ from click.testing import CliRunner
 from conftest import TINY_TRAIN
 
 import train
-from model import runs, training
 from pipeline import backends
+from run import directory as runs
+from run import monitor as run_monitor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def test_an_out_holding_a_run_is_refused_unless_overwrite(tiny_data, tmp_path, o
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process holding the folder's run lock (as a run does for its life), until it is killed."""
     code = (
-        "import sys; from pathlib import Path; from model.runs import RunLock\n"
+        "import sys; from pathlib import Path; from run.directory import RunLock\n"
         f"lock = RunLock(Path({str(folder)!r})); lock.acquire(); print('held', flush=True); sys.stdin.read()"
     )
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -98,8 +99,8 @@ def test_a_folder_in_use_is_refused_and_a_killed_runs_lock_does_not_block(
         other.wait()
     assert (out / runs.LOCK).exists()  # left by the killed process: no longer held
     held = []
-    knn = training.knn_monitor
-    monkeypatch.setattr(training, "knn_monitor", lambda *args: held.append(runs.locked(out)) or knn(*args))
+    knn = run_monitor.knn_monitor
+    monkeypatch.setattr(run_monitor, "knn_monitor", lambda *args: held.append(runs.locked(out)) or knn(*args))
     result = invoke(*TINY_TRAIN, "--data", tiny_data, "--out", out)
     assert result.exit_code == 0, result.output
     assert held == [True, True] and not runs.locked(out)  # held while the run lives, released at its end

@@ -10,10 +10,11 @@ from conftest import TINY_TRAIN, cli_defaults
 
 import train
 from benchmarks import train_step
-from model import training
 from model.backbone import SplitBatchNorm
 from model.config import resolve
 from model.methods import method_for
+from run import parts as run_parts
+from run import step as run_step
 
 
 def defaults(**overrides) -> dict:
@@ -71,8 +72,8 @@ def test_train_refuses_and_the_step_benchmark_times_plain_bn_in_one_process(tiny
 
 def test_compile_wraps_both_encoders_in_place():
     cfg = defaults(arch="resnet18", image_size=16, queue_size=64, batch_size=8)
-    plain, _, _ = training.build(cfg, torch.device("cpu"))
-    compiled, _, _ = training.build(cfg.replace(compile=True), torch.device("cpu"))
+    plain, _, _ = run_parts.build(cfg, torch.device("cpu"))
+    compiled, _, _ = run_parts.build(cfg.replace(compile=True), torch.device("cpu"))
     assert list(compiled.state_dict()) == list(plain.state_dict())  # checkpoints keep their keys
     for encoder in (compiled.query_encoder, compiled.key_encoder):
         assert encoder._compiled_call_impl is not None
@@ -114,11 +115,11 @@ def test_loss_terms_mean_divides_the_loss_and_its_gradient_by_the_methods_terms(
         )
         cfg.optimisation.amp = "off"
         torch.manual_seed(0)
-        model, optimizer, scaler = training.build(cfg, torch.device("cpu"))
+        model, optimizer, scaler = run_parts.build(cfg, torch.device("cpu"))
         views = {view: torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i, view in
                  enumerate(("original", "crop1", "crop2"))}  # fmt: skip
         chosen = method_for(name, attract_all=flag == "attract-all")
-        loss = training.training_step(model, chosen, optimizer, scaler, views, cfg, torch.Generator().manual_seed(0))
+        loss = run_step.training_step(model, chosen, optimizer, scaler, views, cfg, torch.Generator().manual_seed(0))
         results[mode] = loss, [p.grad.clone() for p in model.query_encoder.parameters()]
     assert results["mean"][0] == pytest.approx(results["sum"][0].item() / terms, rel=1e-6)
     for mean, total in zip(results["mean"][1], results["sum"][1], strict=True):

@@ -17,7 +17,13 @@ from click.testing import CliRunner
 from conftest import TINY_TRAIN
 
 import train
-from model import evaluation, training
+from model import evaluation
+from run import boxes as run_boxes
+from run import monitor as run_monitor
+from run import report as run_report
+from run import state as run_state
+from run import step as run_step
+from run import stop as run_stop
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [*TINY_TRAIN, "--epochs", "2", "--method", "mocov2"]  # 24 images in batches of 8: 3 steps per epoch
@@ -79,14 +85,14 @@ def signal_at(monkeypatch, module, name: str, call: int, after: bool = False) ->
 # its checkpoint was written, the epochs metrics.jsonl holds when it stops). Between epochs the next poll stops:
 # with 3 steps per epoch, the next epoch's last step.
 WHERE = {
-    "mid-epoch": (training, "training_step", 2, True, "at epoch 1, step 2/3", [0]),  # polled every step (CHECK_EVERY 1)
-    "last-step": (training, "training_step", 3, True, "at the end of epoch 1", [0]),
-    "checkpoint-write": (training, "save_atomic", 1, False, "at the end of epoch 1", [0]),
-    "knn-pass": (training, "extract_features", 3, False, "at the end of epoch 1 (its kNN pass cut short", [0]),
-    "between-epochs": (training, "log_epoch", 2, True, "at the end of epoch 2", [0, 1]),
-    "first-knn-pass": (training, "extract_features", 1, False, "before the first epoch", []),
-    "pixel-pass": (training, "pixel_features", 2, False, "before the first epoch", []),
-    "last-epoch-tail": (training, "training_step", 6, True, "at the end of epoch 2", [0, 1]),
+    "mid-epoch": (run_step, "training_step", 2, True, "at epoch 1, step 2/3", [0]),  # polled every step (CHECK_EVERY 1)
+    "last-step": (run_step, "training_step", 3, True, "at the end of epoch 1", [0]),
+    "checkpoint-write": (run_state, "save_atomic", 1, False, "at the end of epoch 1", [0]),
+    "knn-pass": (run_monitor, "extract_features", 3, False, "at the end of epoch 1 (its kNN pass cut short", [0]),
+    "between-epochs": (run_report, "log_epoch", 2, True, "at the end of epoch 2", [0, 1]),
+    "first-knn-pass": (run_monitor, "extract_features", 1, False, "before the first epoch", []),
+    "pixel-pass": (run_monitor, "pixel_features", 2, False, "before the first epoch", []),
+    "last-epoch-tail": (run_step, "training_step", 6, True, "at the end of epoch 2", [0, 1]),
 }
 
 
@@ -99,7 +105,7 @@ def test_a_signal_anywhere_stops_the_run_and_the_resume_ends_as_the_straight_run
     with monkeypatch.context() as patch:
         signal_at(patch, module, name, call, after)
         if where == "mid-epoch":
-            patch.setattr(training, "CHECK_EVERY", 1)
+            patch.setattr(run_stop, "CHECK_EVERY", 1)
         result = invoke(*RUN, "--data", tiny_data, "--out", out)
     assert not guard, "the run did not handle SIGTERM"
     assert result.exit_code == 128 + signal.SIGTERM, result.output
@@ -128,7 +134,7 @@ def test_a_signal_in_the_box_pass_stops_the_run_and_the_resume_boxes_again(
     weights = straight_run(tiny_data, tmp_path / "straight", *ccrop)
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
-        signal_at(patch, training, "localize", 1)
+        signal_at(patch, run_boxes, "localize", 1)
         result = invoke(*RUN, *ccrop, "--data", tiny_data, "--out", out)
     assert not guard and result.exit_code == 128 + signal.SIGTERM, result.output
     assert "SIGTERM: checkpoint written at the end of epoch 1; continue with" in result.output
@@ -148,13 +154,13 @@ def test_a_kill_between_the_checkpoint_and_the_metrics_line_loses_no_line(tiny_d
     out = tmp_path / "run"
     patch = (
         "import os, signal\n"
-        "from model import training\n"
-        "embed, calls = training.extract_features, []\n"
+        "from run import monitor\n"
+        "embed, calls = monitor.extract_features, []\n"
         "def dying(*args, **kwargs):\n"
         "    calls.append(1)\n"
         "    if len(calls) == 3: os.kill(os.getpid(), signal.SIGKILL)  # epoch 1's kNN bank pass\n"
         "    return embed(*args, **kwargs)\n"
-        "training.extract_features = dying\n"
+        "monitor.extract_features = dying\n"
     )
     argv = [*RUN, "--data", str(tiny_data), "--out", str(out)]
     code = f"{patch}import sys, train\nsys.argv[1:] = {argv!r}\ntrain.main()"

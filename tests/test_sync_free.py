@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pipeline.augment
 import train
-from model import training
+from run import step as run_step
+from run import stop as run_stop
 
 SYNCS = ("_local_scalar_dense", "nonzero")
 
@@ -33,7 +34,7 @@ class HostReads(TorchDispatchMode):
 
 def test_only_every_kth_step_reads_from_the_device(tiny_data, tmp_path, monkeypatch):
     reads, marks, looks, gathers = HostReads(), [], [], []
-    learning_rate, poll, gather = training.learning_rate, training.poll, training.gather
+    learning_rate, poll, gather = run_step.learning_rate, run_stop.poll, run_stop.gather
 
     def step_starts(*args):  # called once at the start of every step
         marks.append(reads.total)
@@ -48,10 +49,10 @@ def test_only_every_kth_step_reads_from_the_device(tiny_data, tmp_path, monkeypa
         return gather(x)
 
     monkeypatch.setattr(pipeline.augment, "apply", pipeline.augment.apply_batched)  # CUDA's path, on the CPU
-    monkeypatch.setattr(training, "learning_rate", step_starts)
-    monkeypatch.setattr(training, "poll", counted_poll)
-    monkeypatch.setattr(training, "gather", counted_gather)
-    monkeypatch.setattr(training, "CHECK_EVERY", 3)
+    monkeypatch.setattr(run_step, "learning_rate", step_starts)
+    monkeypatch.setattr(run_stop, "poll", counted_poll)
+    monkeypatch.setattr(run_stop, "gather", counted_gather)
+    monkeypatch.setattr(run_stop, "CHECK_EVERY", 3)
     args = [
         *TINY_TRAIN,
         "--batch-size",

@@ -12,7 +12,8 @@ from conftest import TINY_TRAIN
 from PIL import Image
 
 import train
-from model import training
+from run import step as run_step
+from run import stop as run_stop
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -35,15 +36,15 @@ def scalars(board, tag):
 
 
 def test_event_files_mirror_the_metrics_and_hold_pictures_of_the_views(tiny_data, tmp_path, monkeypatch):
-    losses, step = [], training.training_step
+    losses, step = [], run_step.training_step
 
     def recording(*args):
         loss = step(*args)
         losses.append(float(loss))
         return loss
 
-    monkeypatch.setattr(training, "training_step", recording)
-    monkeypatch.setattr(training, "CHECK_EVERY", 2)  # polls after steps 2 and 3 of each 3-step epoch
+    monkeypatch.setattr(run_step, "training_step", recording)
+    monkeypatch.setattr(run_stop, "CHECK_EVERY", 2)  # polls after steps 2 and 3 of each 3-step epoch
     out = tmp_path / "run"
     args = ["--data", tiny_data, "--out", out, "--epochs", 2, "--method", "mocov2", "--crop", "ccrop"]
     result = invoke(*args, "--ccrop-warmup", 1, "--ccrop-interval", 1)

@@ -10,11 +10,13 @@ from conftest import LOADERS, TINY_BASE
 from PIL import Image
 
 import train
-from model import training
 from model.config import Config
 from model.evaluation import pixel_features
 from pipeline.backends import load_splits, make_loader
 from pipeline.loader import LoaderSpec
+from run import monitor as run_monitor
+from run import parts as run_parts
+from run import step as run_step
 
 TINY = [*TINY_BASE, "--workers", "1"]
 
@@ -79,19 +81,19 @@ def test_help_documents_the_paper_recipe():
 def schedule(cfg: Config, steps: int) -> list[float]:
     """The learning rate of every step of a run with `steps` steps per epoch, in order."""
     return [
-        training.learning_rate(cfg, e, (k + 1) / steps) for e in range(cfg.optimisation.epochs) for k in range(steps)
+        run_step.learning_rate(cfg, e, (k + 1) / steps) for e in range(cfg.optimisation.epochs) for k in range(steps)
     ]
 
 
 def test_learning_rate_warms_up_then_follows_cosine():
     cfg = Config.from_dict({"lr": 0.1, "epochs": 4, "warmup_epochs": 1.0})
-    assert training.learning_rate(cfg, 0, 0.25) == pytest.approx(0.025)
-    assert training.learning_rate(cfg, 0, 1.0) == pytest.approx(0.1)
+    assert run_step.learning_rate(cfg, 0, 0.25) == pytest.approx(0.025)
+    assert run_step.learning_rate(cfg, 0, 1.0) == pytest.approx(0.1)
     # Cosine over the 3 epochs after the warm-up: at epoch 2, a third of the way.
-    assert training.learning_rate(cfg, 2, 0.5) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 3)))
+    assert run_step.learning_rate(cfg, 2, 0.5) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 3)))
     cfg.optimisation.warmup_epochs = 0.0  # no warm-up: MoCo's cosine stepped per epoch, unchanged
-    assert training.learning_rate(cfg, 0, 0.1) == pytest.approx(0.1)
-    assert training.learning_rate(cfg, 3, 0.9) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    assert run_step.learning_rate(cfg, 0, 0.1) == pytest.approx(0.1)
+    assert run_step.learning_rate(cfg, 3, 0.9) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
 
 
 @pytest.mark.parametrize("warmup", [1.0, 2.5, 10.0, 40.0])
@@ -146,18 +148,18 @@ def test_variant_flags_only_where_they_apply(tmp_path):
 
 def test_augmentation_removal_reaches_the_augment_config():
     cfg = Config.from_dict({"color_jitter": False, "grayscale": True, "blur": False})
-    config = training.augment_config(cfg)
+    config = run_parts.augment_config(cfg)
     assert config.jitter_p == 0 and config.grayscale_p == 0.2 and config.blur_p == 0
 
 
 def test_knn_monitor_every_n_epochs_and_the_last_on_a_bank_subset(tiny_data, tmp_path, monkeypatch):
-    banks, vote = [], training.knn_top1
+    banks, vote = [], run_monitor.knn_top1
 
     def recording(bank, *args):
         banks.append(tuple(bank.shape))
         return vote(bank, *args)
 
-    monkeypatch.setattr(training, "knn_top1", recording)
+    monkeypatch.setattr(run_monitor, "knn_top1", recording)
     out = tmp_path / "run"
     output = run(
         "--loader",
@@ -183,8 +185,8 @@ def test_knn_monitor_every_n_epochs_and_the_last_on_a_bank_subset(tiny_data, tmp
     config = json.loads((out / "config.json").read_text())
     assert config["knn_every"] == 2 and config["knn_bank"] == 10
     every5 = Config.from_dict({"knn_every": 5, "epochs": 12})
-    assert training.knn_due(every5, 0) and training.knn_due(every5, 12)
-    assert not training.knn_due(every5, 4)
+    assert run_monitor.knn_due(every5, 0) and run_monitor.knn_due(every5, 12)
+    assert not run_monitor.knn_due(every5, 4)
 
 
 def test_the_run_prints_raw_pixels_and_the_random_network_beside_its_knn(tmp_path):
