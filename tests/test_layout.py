@@ -1,4 +1,4 @@
-"""The import rules of the layout (README, "Layout"), read from every project module's imports with ast:
+"""The import rules of the layout (docs/architecture.md, "Layout"), read from every project module's imports with ast:
 pipeline/ <- model/ <- the training machinery (run/) and tools <- the scripts (train.py, eval.py, benchmarks/);
 no cycle; backends reached only through the factory; the batch contract imports no backend."""
 
