@@ -84,12 +84,27 @@ def test_a_broken_link_or_anchor_is_found(tmp_path):
     assert [b.split(": ")[1] for b in broken] == expected
 
 
+def choices(command: click.Command, option: str) -> list[str]:
+    (param,) = [p for p in command.params if option in p.opts]
+    return list(param.type.choices)
+
+
 def test_the_readme_tables_name_every_method_and_loader():
-    from model.options import METHOD_NAMES
-    from pipeline.backends import BACKENDS
+    import train
 
     rows = re.findall(r"^\| `([\w-]+)`", (ROOT / "README.md").read_text(), flags=re.M)
-    assert set(METHOD_NAMES) <= set(rows) and set(BACKENDS) <= set(rows)
+    methods, loaders = choices(train.main, "--method"), choices(train.main, "--loader")
+    assert len(methods) >= 5 and len(loaders) >= 3 and set(methods + loaders) <= set(rows)
+
+
+def test_the_layout_names_every_module():
+    """docs/architecture.md's layout block names every file of pipeline/, model/ and run/ (as NAME.py)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    files = [p for package in ("pipeline", "model", "run") for p in sorted((ROOT / package).rglob("*.py"))]
+    named = set(re.findall(r"(?<![\w/])(\w+\.py)\b", block))
+    unnamed = [str(p.relative_to(ROOT)) for p in files if p.name != "__init__.py" and p.name not in named]
+    assert len(files) > 30 and not unnamed, unnamed
 
 
 def commands() -> list[tuple[Path, list[str]]]:
