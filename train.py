@@ -11,12 +11,9 @@ class folders, or any folder of images without labels) or FFCV .beton files (FFC
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import click
 
@@ -30,7 +27,6 @@ if TYPE_CHECKING:
 
 DEFAULT_DATA = Path("data/fashion-mnist")
 NOT_SETTINGS = ("resume", "config_file", "overwrite")  # options that say how to start, not what the run is
-KNN_COST_SAID = 60.0  # seconds: the kNN monitor's passes of a run said when they add up to this much
 
 
 def train(
@@ -45,282 +41,41 @@ def train(
     updates and metrics; stops with a checkpoint on SIGTERM/SIGINT/SIGUSR1. Files that fail to decode mid-run
     are left out (RUN_DIR/bad_files.txt). Returns the metrics records. The kNN monitor scores `val_images` against
     a bank from `bank_images` (--val-data's train split) or the training images; without `val_images` it is off,
-    `knn_off` saying why."""
+    `knn_off` saying why. The parts and what happens between the steps are `run.setup.Run`'s."""
     # Imported here, not at the top: --help and the one-line refusals need no torch (tests patch run/'s modules).
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from model import distributed
-    from model.board import Board, tensorboard_missing
-    from model.distributed import gather_objects
-    from model.evaluation import Stopped
-    from model.methods import method_for
-    from model.precision import describe
-    from pipeline.ccrop import mean_box_area, update_epochs, whole_image_boxes
-    from pipeline.semantic_pairs import read_pairs
-    from run.bad_files import BadFileLog, verify_splits
-    from run.boxes import box_pass, forward_boxes
-    from run.monitor import knn_due, knn_monitor, pixel_knn
-    from run.parts import augment_config, build_model, make_loaders, optimizer_and_scaler, settle_amp, use_cuda
-    from run.report import EpochRecord, RunClock, duration, log_epoch, missing_record, remaining_work
-    from run.state import augmentation_seed, checkpoint_state, rank_partial, rank_states, restore, save_atomic
+    from run.setup import set_up
     from run.step import augment_views, learning_rate, training_step
-    from run.stop import CHECK_EVERY, StopSignals, check_finite, poll, world_totals
+    from run.stop import CHECK_EVERY, check_finite, poll
 
-    cuda = cfg.run.device.startswith("cuda")
-    rank, world, local_rank = distributed.init_from_env(cuda)
-    device = torch.device("cuda", local_rank) if cuda and world > 1 else torch.device(cfg.run.device)
-    if cuda:
-        use_cuda(device)
-    main_rank = rank == 0  # the only one that prints and writes
-    echo = click.echo if main_rank else lambda *args, **kwargs: None
-    if world > 1:  # the folder rank 0 claimed (train.py's main), which may be a fresh one beside the default
-        cfg.run.out = gather_objects(cfg.run.out)[0]
-    out = Path(cfg.run.out)
-    torch.manual_seed(cfg.run.seed)
-    if world > 1:
-        per_rank = cfg.optimisation.batch_size // world
-        echo(f"{world} processes ({'nccl' if cuda else 'gloo'}), {per_rank} images per rank and step")
-    if cfg.data.verify:
-        train_images, val_images = verify_splits(cfg, (train_images, val_images), rank, world, echo)
-    labels = f"{len(train_images.classes)} classes" if train_images.labelled else "no labels"
-    labels += f" (--labels {cfg.data.labels})" if cfg.data.loader != "ffcv" else ""
-    echo(f"data {cfg.data.data}: {len(train_images)} train images, {labels}; device {device}, loader {cfg.data.loader}")
-    method = method_for(cfg.method.method, cfg.method.symmetric, cfg.method.attract_all)
-    pairs = read_pairs(cfg.method.pairs, len(train_images)) if method.pairs else None
-    if pairs is not None:
-        echo(f"SePP-ID: {len(pairs)} semantic pairs from {cfg.method.pairs} added to the {len(train_images)} images")
-    bad_log = BadFileLog(out, resume, main_rank)  # files found undecodable: shared by every loader of the run
-    loaders = make_loaders(
-        cfg, method, pairs, train_images, val_images, device, rank, world, bad_log.files, bank_images
-    )
-    loader = loaders.train
-    if val_images:
-        source, pool = (
-            ("training", train_images) if bank_images is None else (f"{cfg.data.val_data} train", bank_images)
-        )
-        echo(
-            f"kNN monitor: a bank of {len(loaders.bank.images)} of the {len(pool)} {source} "
-            f"images (--knn-bank), {'float16' if device.type == 'cuda' else 'float32'} on {device}, after every "
-            f"{cfg.run.knn_every} epoch(s) and the last; {len(val_images)} val images as queries"
-        )
-    else:
-        echo(f"kNN monitor off: {knn_off}")
-    ccrop, epochs = cfg.method.crop == "ccrop", cfg.optimisation.epochs
-    box_updates = update_epochs(epochs, cfg.method.ccrop_warmup, cfg.method.ccrop_interval) if ccrop else []
-    live_boxes = forward_boxes(cfg, len(train_images), device, box_updates, resume)  # None: the reference pass
-
-    model = build_model(cfg, device)
-    settle_amp(cfg, device, model.query_encoder.backbone)
-    echo(describe(cfg.optimisation.amp, cfg.optimisation.amp_auto))
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    optimizer, scaler = optimizer_and_scaler(cfg, model, device)
-    if world > 1:
-        model.distribute([local_rank] if cuda else None)
-    aug = augment_config(cfg)
-    metrics_path = out / "metrics.jsonl"
-    history: list[dict] = []
-
-    start_epoch, start_step = (resume["epoch"], resume.get("step", 0)) if resume is not None else (0, 0)
-    clock = RunClock(echo)
-    missing = tensorboard_missing() if cfg.run.tensorboard is not False else "--no-tensorboard"
-    # A resumed run drops the events an interrupted one wrote after its checkpoint; a fresh one all earlier events.
-    purge = 0 if resume is None else start_epoch * len(loader) + start_step + 1
-    board = Board(out, len(loader), main_rank and missing is None, purge)
-    echo(f"TensorBoard: {'event files in ' + str(out) if missing is None else 'off (' + missing + ')'}")
-
-    checkpoint_path = out / "checkpoint.pt"
-
-    def monitor(epoch: int) -> float | None:
-        """kNN top-1 after `epoch` epochs when --knn-every makes it due then (timed for the run's estimate); a stop
-        signal cuts its passes short (Stopped, on every rank)."""
-        if not knn_due(cfg, epoch):
-            return None
-        first = clock.knn_s is None
-        with clock.timing_knn():
-            knn = knn_monitor(model, loaders.bank, loaders.val, cfg, signals)
-        bad_log.share()  # what its passes found (every rank calls the monitor)
-        passes = sum(knn_due(cfg, e) for e in range(epoch, epochs + 1))
-        if first and clock.knn_s * passes >= KNN_COST_SAID:  # the monitor's cost, where it is large
-            images = f"{len(loaders.bank.images)} bank + {len(loaders.val.images)} query images"
-            echo(
-                f"  kNN monitor: {duration(clock.knn_s)} a pass ({images}), {passes} passes in this run: about "
-                f"{duration(clock.knn_s * passes)}; --knn-every, --knn-bank or --val-limit spend less"
-            )
-        return knn
-
-    def log(record: EpochRecord, knn: float | None) -> None:
-        """The epoch's metrics line (rank 0) and TensorBoard's numbers, with its kNN top-1."""
-        history.append(log_epoch(metrics_path if main_rank else None, dataclasses.replace(record, knn_top1=knn)))
-        board.epoch(history[-1])
-
-    def stop(where: str, state: dict | None = None) -> NoReturn:
-        """End the run on a stop signal (agreed by every rank), `state` written as the checkpoint first (None: the
-        checkpoint there already stands where the run stops)."""
-        if main_rank and state is not None:
-            save_atomic(state, checkpoint_path)
-        echo(
-            f"{signals.name}: checkpoint written {where}; continue with: python train.py --resume {checkpoint_path}",
-            err=True,
-        )
-        loaders.close()
-        board.close()
-        raise SystemExit(128 + signals.number)
-
+    run = set_up(cfg, resume, train_images, val_images, bank_images, knn_off)
+    model, method, optimizer, scaler = run.model, run.method, run.optimizer, run.scaler
+    crop, report = run.crop, run.report  # ContrastiveCrop's boxes; the console, bar, metrics.jsonl, TensorBoard
+    loader, steps = run.loaders.train, len(run.loaders.train)
     # From here on a stop signal is honoured wherever it comes: in a step, a checkpoint write, a pass.
-    with StopSignals() as signals:
-        if resume is not None:
-            restore(resume, model, optimizer, scaler)
-            loader.boxes = resume.get("boxes")
-            where = f"epoch {start_epoch}" + (f", step {start_step} of epoch {start_epoch + 1}" if start_step else "")
-            echo(f"resumed after {where}")
-            saved_world = resume["config"].get("world_size", 1)
-            if saved_world != world:  # the schedule is global: the same global batches and windows go on
-                draws = ", each rank's augmentation drawn from (seed, epoch, step, rank) until the epoch ends"
-                echo(f"  by {world} process(es) (the checkpoint's run had {saved_world}){draws if start_step else ''}")
-            if bad_log.files.reasons:
-                echo(f"  {len(bad_log.files.reasons)} file(s) found undecodable earlier stay out ({bad_log.path})")
-            if main_rank and (not checkpoint_path.exists() or resume["config"] != cfg.to_dict()):
-                # The run directory's checkpoint is where a stop before the next one resumes: this run's settings.
-                save_atomic({**resume, "config": cfg.to_dict()}, checkpoint_path)
-            pending = gather_objects(missing_record(resume, metrics_path) if main_rank else None)[0]
-            resumed_at = (
-                f"at epoch {start_epoch + 1}, step {start_step}/{len(loader)}"
-                if start_step
-                else f"at the end of epoch {start_epoch}"
-            )
-        else:
-            if main_rank:
-                metrics_path.write_text("")
-            pending = EpochRecord(0)  # before training: the kNN only
-        try:
-            pixels = pixel_knn(loaders.bank, loaders.val, cfg, signals)  # once: what "learning" is measured against
-            if pending is not None:  # epoch 0's line, or the line a stop or kill after the checkpoint left out
-                log(pending, monitor(pending.epoch))
-        except Stopped:
-            if resume is not None:
-                stop(resumed_at)
-            first = checkpoint_state(model, optimizer, scaler, cfg, 0, None, bad_log.entries(), metrics=pending)
-            stop("before the first epoch", first)
-        random_network = first_knn(metrics_path) if main_rank else None  # epoch 0: the network before training
-        if pixels is not None:
-            echo(
-                f"  beside it, on the same bank and queries: raw pixels {100 * pixels:.2f}%, the random network "
-                f"{'n/a' if random_network is None else f'{100 * random_network:.2f}%'} (epoch 0)"
-            )
-
-        clock.start_loop()
-        for epoch in range(start_epoch, epochs):
+    with run.signals as signals:
+        start_epoch, start_step = run.begin()
+        for epoch in range(start_epoch, cfg.optimisation.epochs):
             skip = start_step if epoch == start_epoch else 0  # batches an interrupted run already trained on
-            if epoch in box_updates and not skip:
-                if live_boxes is not None:  # as the training steps left them (merged at the last epoch's end)
-                    loader.boxes = live_boxes.host.copy()
-                else:
-                    try:
-                        loader.boxes = box_pass(model, loaders.localize, cfg, device, signals)
-                    except Stopped:  # the checkpoint of the epoch before stands: a resume boxes again
-                        stop(f"at the end of epoch {epoch}")
-                if main_rank:
-                    np.save(out / "boxes.npy", loader.boxes)
-                area = mean_box_area(loader.boxes)
-                echo(f"ContrastiveCrop boxes updated before epoch {epoch + 1}: mean area {area:.3f}")
-            elif ccrop and epoch >= cfg.method.ccrop_warmup and loader.boxes is None:
-                loader.boxes = whole_image_boxes(len(train_images))  # the reference: sampled around whole images
-            if board.picture_due(epoch, box_updates) and not skip:
-                drawn = (cfg.data.loader, train_images, cfg.run.seed, epoch, loader.boxes, cfg.method.ccrop_alpha)
-                board.picture_views(*drawn, bad_log.files)
-            # Per rank: its own augmentation draws (the key shuffle over ranks uses rank 0's).
-            generator = torch.Generator(device=device).manual_seed(augmentation_seed(cfg.run.seed, epoch, rank))
-            model.train()
-            total_loss, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
-            clock.start_epoch(epoch, skip)
-            if skip:  # this rank's own draws and sums where the interrupted run stopped
-                state, loss_sum, seen, elapsed = rank_partial(resume, rank, world)
-                if state is None:  # written by another number of processes: no stream of this rank to continue
-                    generator.manual_seed(augmentation_seed(cfg.run.seed, epoch, rank, skip))
-                else:
-                    generator.set_state(state)  # a CPU ByteTensor, for a CUDA generator too
-                total_loss += loss_sum
-                started -= elapsed
-            bar = tqdm(
-                loader.epoch(epoch, skip),
-                total=len(loader),
-                initial=skip,
-                unit="batch",
-                desc=f"epoch {epoch + 1}/{epochs}",
-                disable=not main_rank,
-            )
-            for step, batch in enumerate(bar, start=skip):
-                lr = learning_rate(cfg, epoch, (step + 1) / len(loader))
+            run.before_epoch(epoch, skip)
+            progress = run.start_epoch(epoch, skip)
+            for step, batch in enumerate(report.progress_bar(loader.epoch(epoch, skip), epoch, skip), start=skip):
+                lr = learning_rate(cfg, epoch, (step + 1) / steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                augmented, flipped = augment_views(batch, method, aug, generator)
-                maps = {} if live_boxes is not None and live_boxes.refreshing(epoch) else None
-                loss = training_step(model, method, optimizer, scaler, augmented, cfg, generator, maps)
-                if maps is not None:  # on the device, by sample index: no pass, no host read
-                    live_boxes.record(batch.indices, maps["original"], flipped, epoch * len(loader) + step + 1)
-                total_loss += loss * len(batch.labels)  # stays on the device: no sync per step
-                seen += len(batch.labels)
-                if (step + 1) % CHECK_EVERY and step + 1 < len(loader):
+                augmented, flipped = augment_views(batch, method, run.aug, progress.generator)
+                maps = crop.maps(epoch)  # {}: the step leaves f_q's map of the original there for the boxes
+                loss = training_step(model, method, optimizer, scaler, augmented, cfg, progress.generator, maps)
+                crop.record(batch.indices, maps, flipped, epoch * steps + step + 1)
+                progress.add(loss, len(batch.labels))  # stays on the device: no sync per step
+                if (step + 1) % CHECK_EVERY and step + 1 < steps:
                     continue  # nothing read back: the host queues the next steps while the device computes
-                loss_sum = poll(signals, total_loss, bad_log)
-                check_finite(loss_sum, epoch, step, out)
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(loss=f"{loss_sum / (seen * world):.3f}", img_s=f"{seen / elapsed:.0f}")
-                board.poll(epoch, step + 1, loss_sum, seen * world, lr, elapsed)
-                passes = box_updates if live_boxes is None else []
-                left = remaining_work(cfg, epoch, step, len(loader), passes, loaders.val is not None)
-                clock.polled(epoch, step + 1, step + 1 == len(loader), left, bar.write)
-                if signals.number and step + 1 < len(loader):  # at the last step: the epoch's own checkpoint below
-                    bar.close()
-                    generators, partials = rank_states(generator, total_loss, seen, device)
-                    refreshed = None if live_boxes is None else live_boxes.merge()  # every rank's, on every rank
-                    checkpoint = None
-                    if main_rank:  # mid-epoch: where the epoch stands, so a resume replays nothing and skips nothing
-                        elapsed = time.perf_counter() - started
-                        within = dict(step=step + 1, generators=generators, partials=partials, elapsed=elapsed)
-                        checkpoint = checkpoint_state(
-                            model, optimizer, scaler, cfg, epoch, loader.boxes, bad_log.entries(), refreshed, **within
-                        )
-                    stop(f"at epoch {epoch + 1}, step {step + 1}/{len(loader)}", checkpoint)
-            bar.close()  # the epoch's last step checked the loss
-            epoch_time = time.perf_counter() - started
-            # Every rank's loss sum and images: the epoch's loss and throughput over the whole world.
-            total_loss, seen = world_totals(total_loss, seen, device)
-            epoch_loss = total_loss / seen
-            refreshed = None if live_boxes is None else live_boxes.merge()  # every rank's, on every rank
-            area = None if loader.boxes is None else mean_box_area(loader.boxes)
-            record = EpochRecord(epoch + 1, epoch_loss, None, seen / epoch_time, lr, epoch_time, area)
-            if main_rank:  # before the kNN pass and the metrics line, with the record a resume would write
-                boxes, bad = loader.boxes, bad_log.entries()
-                checkpoint = checkpoint_state(model, optimizer, scaler, cfg, epoch + 1, boxes, bad, refreshed, record)
-                save_atomic(checkpoint, checkpoint_path)
-            end = f"at the end of epoch {epoch + 1}"
-            if signals.agree(device):  # came in the epoch's last steps or while its checkpoint was written
-                stop(end)
-            try:
-                log(record, monitor(epoch + 1))
-            except Stopped:
-                stop(f"{end} (its kNN pass cut short: a resume runs it)")
-            # A signal from here on: the next epoch's first poll stops the run.
-            clock.epoch_done((epochs - epoch - 1) * len(loader))
-    loaders.close()
-    board.close()
-    if pixels is not None and history and history[-1]["knn_top1"] is not None:
-        gain = history[-1]["knn_top1"] - pixels
-        against = "level with" if gain == 0 else f"{100 * abs(gain):.2f} points {'above' if gain > 0 else 'below'}"
-        echo(
-            f"kNN top-1 {100 * history[-1]['knn_top1']:.2f}% after {epochs} epoch{'s' * (epochs != 1)}: {against} "
-            f"raw pixels ({100 * pixels:.2f}%); the random network "
-            f"{'n/a' if random_network is None else f'{100 * random_network:.2f}%'}"
-        )
-    if world > 1:
-        torch.distributed.barrier()  # rank 0's checkpoint is complete before anyone leaves
-        torch.distributed.destroy_process_group()
-    return history
+                loss_sum = poll(signals, progress.loss_sum, run.bad_log)
+                check_finite(loss_sum, epoch, step, run.out)
+                report.polled(epoch, step, loss_sum, progress.seen, progress.seconds(), lr, crop.passes())
+                if signals.number and step + 1 < steps:  # at the last step: the epoch's own checkpoint below
+                    run.stop_within(epoch, step, progress)
+            run.end_epoch(epoch, progress, lr)
+    return run.finish()
 
 
 @click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -700,13 +455,6 @@ def prepare_and_train(cfg: Config, state: dict | None, chosen: set[str]) -> None
     final = history[-1]["knn_top1"] if history else None
     if final is not None and os.environ.get("RANK", "0") == "0":
         click.echo(f"final kNN top-1: {100 * final:.2f}% (run directory {cfg.run.out})")
-
-
-def first_knn(metrics_path: Path) -> float | None:
-    """The kNN top-1 of a run's epoch 0 (before training) from its metrics.jsonl; None where there is none."""
-    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-    record = json.loads(lines[0]) if lines else {}
-    return record.get("knn_top1") if record.get("epoch") == 0 else None
 
 
 def read_options(ctx: click.Context, path: Path) -> dict:

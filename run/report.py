@@ -1,19 +1,20 @@
-"""What a run tells: the epoch's record (metrics.jsonl and the console line), the work left and the run
-clock's estimates."""
+"""What a run tells: the epoch's record (metrics.jsonl and the console line), the work left, and `Report`, the
+one place a run's numbers go (console, progress bar, metrics.jsonl, TensorBoard, the run clock)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
+from model.board import Board, tensorboard_missing
 from model.config import Config
+from run.clock import RunClock
 from run.monitor import knn_due
 
 
@@ -77,83 +78,78 @@ def remaining_work(cfg: Config, epoch: int, step: int, steps: int, box_updates: 
     }
 
 
-def duration(seconds: float) -> str:
-    """Seconds in words: 42 s, 3 min 05 s, 2 h 10 min."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+def first_knn(metrics_path: Path) -> float | None:
+    """The kNN top-1 of a run's epoch 0 (before training) from its metrics.jsonl; None where there is none."""
+    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+    record = json.loads(lines[0]) if lines else {}
+    return record.get("knn_top1") if record.get("epoch") == 0 else None
 
 
-class RunClock:
-    """The run's time for the user: an estimate of what is left at the run's first poll (where the loss is read
-    back, so the device has caught up: after CHECK_EVERY steps, or at the end of a shorter epoch), from the time
-    per step since this process's first step of the epoch and the measured kNN pass; said again once, at the
-    next poll of that epoch, when the steps between the two polls (past the loader's start and the warm-up) put
-    it more than `CORRECT_BY` off. A resumed run counts its own steps only, and with no step left nothing is
-    estimated. After each epoch: the time so far and, at this process's time per step, what is left."""
+class Report:
+    """Where a run's numbers go: the console (`echo`: rank 0's), the epoch's progress bar, metrics.jsonl
+    (`log_epoch`, rank 0), TensorBoard's event files (`board`: per poll and per epoch) and the run clock's
+    estimates (`clock`). `history` holds the epoch records logged, as dicts. `steps`: steps per epoch; `knn`:
+    whether the kNN monitor is on (for the estimates)."""
 
-    CORRECT_BY = 0.2  # a second estimate when the first is off by more than this fraction
+    def __init__(
+        self, cfg: Config, out: Path, steps: int, resume: dict | None, main: bool, world: int, knn: bool, echo
+    ) -> None:
+        self.cfg, self.steps, self.main, self.world, self.knn, self.echo = cfg, steps, main, world, knn, echo
+        self.metrics_path = out / "metrics.jsonl"
+        self.history: list[dict] = []
+        self.bar: tqdm | None = None
+        self.clock = RunClock(echo)
+        missing = tensorboard_missing() if cfg.run.tensorboard is not False else "--no-tensorboard"
+        # A resumed run drops the events an interrupted one wrote after its checkpoint; a fresh one all earlier events.
+        purge = 0 if resume is None else resume["epoch"] * steps + resume.get("step", 0) + 1
+        self.board = Board(out, steps, main and missing is None, purge)
+        echo(f"TensorBoard: {'event files in ' + str(out) if missing is None else 'off (' + missing + ')'}")
 
-    def __init__(self, echo) -> None:
-        self.echo, self.started = echo, time.perf_counter()
-        self.knn_s: float | None = None
-        self.loop_started = 0.0
-        self.epoch: tuple[int, float, int] = (-1, 0.0, 0)  # (epoch, time, steps done before) at its first step
-        self.first: tuple[int, float, int, float] | None = None  # (epoch, time, steps, estimate) at the first poll
-        self.done = False  # estimated (and checked) already
-        self.trained = self.this_epoch = 0  # steps this process trained: in earlier epochs, in this one
+    def start_fresh(self) -> None:
+        """A fresh run's metrics.jsonl: empty (rank 0)."""
+        if self.main:
+            self.metrics_path.write_text("")
 
-    @contextmanager
-    def timing_knn(self):
-        started = time.perf_counter()
-        yield
-        self.knn_s = time.perf_counter() - started
+    def missing_record(self, resume: dict) -> EpochRecord | None:
+        """Rank 0: the line of the checkpoint's epoch that metrics.jsonl lacks (`missing_record`); None elsewhere."""
+        return missing_record(resume, self.metrics_path) if self.main else None
 
-    def start_loop(self) -> None:
-        self.loop_started = time.perf_counter()
+    def first_knn(self) -> float | None:
+        """Rank 0: epoch 0's kNN top-1 from metrics.jsonl (the network before training); None elsewhere."""
+        return first_knn(self.metrics_path) if self.main else None
 
-    def start_epoch(self, epoch: int, skip: int) -> None:
-        """Before this process's first step of `epoch`, of which `skip` steps were trained before (a resume)."""
-        self.epoch, self.this_epoch = (epoch, time.perf_counter(), skip), 0
+    def epoch(self, record: EpochRecord, knn: float | None) -> None:
+        """The epoch's metrics line (rank 0) and TensorBoard's numbers, with its kNN top-1."""
+        self.history.append(
+            log_epoch(self.metrics_path if self.main else None, dataclasses.replace(record, knn_top1=knn))
+        )
+        self.board.epoch(self.history[-1])
 
-    def polled(self, epoch: int, steps: int, last: bool, remaining: dict, write) -> None:
-        """At a poll after `steps` steps of `epoch` (`last` = its last step), `remaining` as `remaining_work`."""
-        now = time.perf_counter()
-        self.this_epoch = steps - self.epoch[2]
-        if self.done or self.epoch[0] != epoch:
-            return
-        if not remaining["steps"]:  # the run's last step: nothing left to estimate
-            self.done = True
-        elif self.first is None:
-            step_s = (now - self.epoch[1]) / self.this_epoch
-            self.first = (epoch, now, steps, self.estimate(step_s, remaining, write))
-            self.done = last  # the next poll comes after a kNN pass, in another epoch: no clean window
-        else:
-            self.done = True
-            step_s = (now - self.first[1]) / (steps - self.first[2])
-            if abs(self.total(step_s, remaining) - self.first[3]) > self.CORRECT_BY * self.first[3]:
-                self.estimate(step_s, remaining, write, again=True)
+    def progress_bar(self, batches, epoch: int, skip: int) -> tqdm:
+        """The epoch's progress bar (rank 0's shows) over `batches`, `skip` of its steps trained before."""
+        epochs = self.cfg.optimisation.epochs
+        self.bar = tqdm(
+            batches,
+            total=self.steps,
+            initial=skip,
+            unit="batch",
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=not self.main,
+        )
+        return self.bar
 
-    def total(self, step_s: float, remaining: dict) -> float:
-        return step_s * remaining["steps"] + (self.knn_s or 0) * (remaining["knn"] + remaining["boxes"])
+    def close_bar(self) -> None:
+        self.bar.close()
 
-    def estimate(self, step_s: float, remaining: dict, write, again: bool = False) -> float:
-        """Write the time left at `step_s` seconds per step (and the passes at the measured kNN pass's time)."""
-        total, passes = self.total(step_s, remaining), remaining["knn"] + remaining["boxes"]
-        parts = f"{remaining['steps']} steps at {step_s:.2f} s"
-        if passes and self.knn_s is not None:
-            parts += f" + {passes} evaluation passes of {duration(self.knn_s)}"
-        again = ", measured again past the start-up" if again else ""
-        write(f"estimated time to the end of the run{again}: about {duration(total)} ({parts})")
-        return total
+    def polled(
+        self, epoch: int, step: int, loss_sum: float, seen: int, seconds: float, lr: float, box_passes: list[int]
+    ) -> None:
+        """At a poll after `step` (0-based) of `epoch`: `loss_sum` over every rank, `seen` images of this rank and
+        `seconds` since the epoch began; `box_passes` the ContrastiveCrop passes of the run (for the estimate)."""
+        self.bar.set_postfix(loss=f"{loss_sum / (seen * self.world):.3f}", img_s=f"{seen / seconds:.0f}")
+        self.board.poll(epoch, step + 1, loss_sum, seen * self.world, lr, seconds)
+        left = remaining_work(self.cfg, epoch, step, self.steps, box_passes, self.knn)
+        self.clock.polled(epoch, step + 1, step + 1 == self.steps, left, self.bar.write)
 
-    def epoch_done(self, steps_left: int) -> None:
-        """After an epoch (its last step polled), with `steps_left` training steps to go."""
-        now = time.perf_counter()
-        self.trained += self.this_epoch
-        per_step = (now - self.loop_started) / max(1, self.trained)  # this process's steps, their passes included
-        left = f", about {duration(per_step * steps_left)} left" if steps_left else ""
-        self.echo(f"  {duration(now - self.started)} so far{left}")
+    def close(self) -> None:
+        self.board.close()

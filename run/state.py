@@ -1,5 +1,6 @@
-"""A run's state on disk: the one checkpoint dict train.py writes (epoch end and mid-epoch), saving it
-atomically, loading and restoring it, the RNG states and each rank's augmentation stream."""
+"""A run's state: the one checkpoint dict train.py writes (epoch end and mid-epoch) and `Checkpoints`, the run's
+checkpoint.pt; saving it atomically, loading and restoring it, the RNG states, and each rank's augmentation
+stream and running sums through an epoch (`EpochProgress`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import time
 from pathlib import Path
 
 import click
@@ -15,6 +17,7 @@ import torch
 
 from model.config import Config, rebased
 from model.distributed import gather
+from run.bad_files import BadFileLog
 from run.report import EpochRecord
 
 
@@ -51,6 +54,39 @@ def checkpoint_state(
         "metrics": None if metrics is None else dataclasses.asdict(metrics),
         **within,
     }
+
+
+class Checkpoints:
+    """The run's RUN_DIR/checkpoint.pt: `state` is the one constructor of its content (`checkpoint_state`, at an
+    epoch's end, within an epoch, before the first), `write` saves it atomically. Only rank 0 writes: on the
+    other ranks `state` is None and `write` does nothing."""
+
+    def __init__(self, out: Path, model, optimizer, scaler, cfg: Config, bad_log: BadFileLog, main: bool) -> None:
+        self.path, self.main = out / "checkpoint.pt", main
+        self.model, self.optimizer, self.scaler, self.cfg, self.bad_log = model, optimizer, scaler, cfg, bad_log
+
+    def state(
+        self,
+        epoch: int,
+        boxes: np.ndarray | None,
+        forward_boxes: dict | None = None,
+        metrics: EpochRecord | None = None,
+        **within,
+    ) -> dict | None:
+        """`checkpoint_state` of the run after `epoch` epochs (and `within`'s steps of the next) on rank 0."""
+        if not self.main:
+            return None
+        parts = (self.model, self.optimizer, self.scaler, self.cfg)
+        return checkpoint_state(*parts, epoch, boxes, self.bad_log.entries(), forward_boxes, metrics, **within)
+
+    def write(self, state: dict | None) -> None:
+        if state is not None:
+            save_atomic(state, self.path)
+
+    def adopt(self, resume: dict) -> None:
+        """A resumed run's checkpoint: where a stop before the next one resumes, with this run's settings."""
+        if self.main and (not self.path.exists() or resume["config"] != self.cfg.to_dict()):
+            save_atomic({**resume, "config": self.cfg.to_dict()}, self.path)
 
 
 def restore(state: dict, model, optimizer, scaler) -> None:
@@ -143,3 +179,39 @@ def augmentation_seed(seed: int, epoch: int, rank: int, step: int = 0) -> int:
     if step == 0:
         return seed * 1_000_003 + epoch + 7_919 * rank
     return int(np.random.SeedSequence([seed % 2**63, epoch, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class EpochProgress:
+    """This rank's way through epoch `epoch`: its augmentation generator (seeded by `augmentation_seed`), its
+    running loss sum (a scalar tensor on the device: nothing read back per step), its images and its clock.
+    Resumed `skip` steps in, it goes on with the mid-epoch checkpoint's stream, sums and seconds
+    (`rank_partial`)."""
+
+    def __init__(
+        self, cfg: Config, epoch: int, skip: int, resume: dict | None, rank: int, world: int, device: torch.device
+    ) -> None:
+        # Per rank: its own augmentation draws (the key shuffle over ranks uses rank 0's).
+        self.generator = torch.Generator(device=device).manual_seed(augmentation_seed(cfg.run.seed, epoch, rank))
+        self.loss_sum, self.seen, self.started = torch.zeros((), device=device), 0, time.perf_counter()
+        self.device = device
+        if skip:  # this rank's own draws and sums where the interrupted run stopped
+            state, loss_sum, self.seen, elapsed = rank_partial(resume, rank, world)
+            if state is None:  # written by another number of processes: no stream of this rank to continue
+                self.generator.manual_seed(augmentation_seed(cfg.run.seed, epoch, rank, skip))
+            else:
+                self.generator.set_state(state)  # a CPU ByteTensor, for a CUDA generator too
+            self.loss_sum += loss_sum
+            self.started -= elapsed
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        """A step's mean loss (a scalar tensor on the device) over its `images`: summed on the device, no sync."""
+        self.loss_sum += loss * images
+        self.seen += images
+
+    def seconds(self) -> float:
+        """Seconds into the epoch (a resumed epoch's earlier seconds included)."""
+        return time.perf_counter() - self.started
+
+    def rank_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's generator state and sums (`rank_states`, a collective) for a mid-epoch checkpoint."""
+        return rank_states(self.generator, self.loss_sum, self.seen, self.device)

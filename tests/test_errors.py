@@ -15,7 +15,8 @@ from conftest import TINY_TRAIN
 import eval as evaluation
 import train
 from model.config import fit_to_images, resolve
-from run import report as run_report
+from run import clock as run_clock
+from run import monitor as run_monitor
 from run import state as run_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,8 +242,8 @@ class FakeTime:
 
 def test_the_run_clock_estimates_at_the_first_poll_and_again_past_the_start_up(monkeypatch):
     now, lines = FakeTime(), []
-    monkeypatch.setattr(run_report.time, "perf_counter", now)
-    clock = run_report.RunClock(lines.append)
+    monkeypatch.setattr(run_clock.time, "perf_counter", now)
+    clock = run_clock.RunClock(lines.append)
     clock.start_loop()
     clock.start_epoch(0, 0)
     now.now = 10.0  # 10 steps in 10 s, a slow start among them
@@ -261,15 +262,15 @@ def test_the_run_clock_estimates_at_the_first_poll_and_again_past_the_start_up(m
 
 def test_a_resumed_run_clock_counts_its_own_steps_and_says_nothing_with_none_left(monkeypatch):
     now, lines = FakeTime(), []
-    monkeypatch.setattr(run_report.time, "perf_counter", now)
-    clock = run_report.RunClock(lines.append)
+    monkeypatch.setattr(run_clock.time, "perf_counter", now)
+    clock = run_clock.RunClock(lines.append)
     clock.start_loop()
     clock.start_epoch(3, 28)  # resumed at step 28 of a 31-step last epoch
     now.now = 2.0
     clock.polled(3, 30, False, {"steps": 1, "knn": 1, "boxes": 0}, lines.append)
     assert lines == ["estimated time to the end of the run: about 1 s (1 steps at 1.00 s)"]  # 2 steps in 2 s
     now.now = 0.0
-    clock = run_report.RunClock(lines.append)
+    clock = run_clock.RunClock(lines.append)
     clock.start_loop()
     clock.start_epoch(3, 30)
     now.now = 3.0
@@ -277,7 +278,7 @@ def test_a_resumed_run_clock_counts_its_own_steps_and_says_nothing_with_none_lef
     assert len(lines) == 1  # no "about 1 s (0 steps ...)" at the very end
     clock.epoch_done(0)
     assert lines[-1] == "  3 s so far"
-    clock = run_report.RunClock(lines.append)
+    clock = run_clock.RunClock(lines.append)
     clock.start_loop()
     clock.start_epoch(1, 20)  # 10 of 30 steps of epoch 2 left, then epoch 3
     now.now = 13.0
@@ -292,7 +293,7 @@ def test_a_small_folder_with_val_data_monitors_on_a_bank_fitted_to_the_run(
     """README: --data ~/photos --val-data data/fashion-mnist. The bank is as many images as the run trains on, at
     least 2,000 (not all 60,000 of Fashion-MNIST's train split, before training and after every epoch), and the
     monitor's cost is said where it is large (here made so)."""
-    monkeypatch.setattr(train, "KNN_COST_SAID", 0.0)
+    monkeypatch.setattr(run_monitor, "KNN_COST_SAID", 0.0)
     out = tmp_path / "run"
     args = [*without(TINY_TRAIN, "--batch-size", "--bn-splits", "--queue-size"), "--data", small_folder]
     result = CliRunner().invoke(train.main, [str(a) for a in [*args, "--val-data", tiny_data, "--out", out]])
