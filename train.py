@@ -17,15 +17,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from model.options import AMP_CHOICES, ARCHS, METHOD_NAMES, Command, Count, Integer, Real
-from pipeline.backends import BACKENDS
-from pipeline.data import LABELS
+from model.config import DataConfig, options
+from model.options import Command
 
 if TYPE_CHECKING:
     from model.config import Config
     from pipeline.data import ImageList
 
-DEFAULT_DATA = Path("data/fashion-mnist")
+DEFAULT_DATA = Path(DataConfig.data)
 NOT_SETTINGS = ("resume", "config_file", "overwrite")  # options that say how to start, not what the run is
 
 
@@ -79,75 +78,7 @@ def train(
 
 
 @click.command(cls=Command, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option(
-    "--loader",
-    type=click.Choice(BACKENDS),
-    default="dali",
-    help="Data loading backend: dali (JPEG folder; GPU decode on CUDA), ffcv (.beton files) or torchvision "
-    "(the PIL reference).",
-)
-@click.option(
-    "--method",
-    type=click.Choice(sorted(METHOD_NAMES)),
-    default="leoclr",
-    help="Training objective: leoclr, mocov2, sepp (MoCo-v2 on the images plus SePP-ID's semantic pairs, --pairs), "
-    "simclr (end to end, in-batch negatives) or leoclr-e2e (LeOCLR end to end, Table 5).",
-)
-@click.option(
-    "--symmetric",
-    is_flag=True,
-    default=False,
-    help="mocov2/sepp: both directions, l(q1, k2) + l(q2, k1), both keys enqueued.",
-)
-@click.option(
-    "--attract-all",
-    is_flag=True,
-    default=False,
-    help="leoclr, Table 8 ablation: also pull crop 1 toward crop 2 (every pair of the three views attracted).",
-)
-@click.option(
-    "--original",
-    type=click.Choice(["whole", "random-crop"]),
-    default="whole",
-    help="The original view: the whole image resized, or (Table 8 ablation) a RandomResizedCrop of its own.",
-)
-@click.option(
-    "--pairs",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Semantic positive pairs for --method sepp, from python -m model.pairs (same data, --train-limit, --seed).",
-)
-@click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_DATA,
-    help="A folder of JPEG, PNG or WebP images: DATA/train/ (+ optional DATA/val/, the kNN monitor's queries) when "
-    "DATA has a train/ folder, else all of DATA, at any depth; ImageNet's DATA/train/<class>/*.JPEG or any "
-    "unlabelled collection (see --labels). For --loader ffcv a folder with train.beton (+ optional val.beton) or one "
-    ".beton file, made by python -m pipeline.convert.",
-)
-@click.option(
-    "--labels",
-    type=click.Choice(LABELS),
-    default="auto",
-    help="Labels of --data's folders (training needs none; the kNN monitor on DATA/val does): folders = the first "
-    "folder under a split is the class; none = no labels (subfolders mean nothing); auto = folders when every image "
-    "sits exactly one folder down (SPLIT/<class>/<image>), none for flat folders and mixed depths.",
-)
-@click.option(
-    "--val-data",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="A labelled folder for the kNN monitor instead of --data's val split (for unlabelled --data): the bank "
-    "from VAL_DATA/train/<class>/ (--knn-bank), the queries VAL_DATA/val/<class>/ (--val-limit); for --loader ffcv "
-    "a folder with train.beton and val.beton. Without it and a labelled DATA/val the monitor is off (the run says so).",
-)
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Run directory (config.json, metrics.jsonl, checkpoint.pt). [default: runs/<method>-<loader>]",
-)
+@options()  # every setting of model/config.py, declared there with its type, default and help
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -161,184 +92,6 @@ def train(
     default=None,
     help="Continue from RUN_DIR/checkpoint.pt with its options; options given here override them.",
 )
-@click.option("--arch", type=click.Choice(ARCHS), default="resnet18")
-@click.option(
-    "--image-size",
-    type=Integer(min=8),
-    default=16,
-    help="Training resolution S; S <= 64 uses the small-image stem. The defaults (16 px, 2,000 images, 6 epochs) "
-    "size a run for minutes on a 2-core CPU; README: the full recipe.",
-)
-@click.option("--epochs", type=Count(), default=6)
-@click.option(
-    "--batch-size",
-    type=Count(),
-    default=64,
-    help="Global batch (split over torchrun's processes): a multiple of the processes, each one's part a multiple "
-    "of --bn-splits, at most the training images. Not given, a folder of fewer images gets the largest batch that "
-    "fits it (and the run says so).",
-)
-@click.option(
-    "--lr",
-    type=Real(min=0, min_open=True),
-    default=0.015,
-    help="Base learning rate (cosine decay per epoch). 0.015 with --loss-terms mean: the best LeOCLR kNN measured "
-    "at the default run's size (6 epochs, 16 px, 2,000 images, 3 seeds; docs/RESULTS.md), the only setting there "
-    "whose features end above raw pixels; the papers' 0.03 for batch 256 (and --loss-terms sum) is "
-    "configs/imagenet.yaml.",
-)
-@click.option("--warmup-epochs", type=Real(min=0), default=0.0, help="Linear learning-rate warm-up, in epochs.")
-@click.option("--weight-decay", type=Real(min=0), default=5e-4)
-@click.option("--moco-momentum", type=Real(0, 1), default=0.99, help="Key-encoder momentum m.")
-@click.option(
-    "--queue-size",
-    type=Count(),
-    default=1024,
-    help="Number of negative keys K: a multiple of --batch-size (MoCo's queue turns over in whole batches). Not "
-    "given, the multiple of the batch nearest 1024 and at most the training images (older keys of the same images "
-    "would be negatives).",
-)
-@click.option("--temperature", type=Real(min=0, min_open=True), default=0.1, help="InfoNCE temperature T.")
-@click.option(
-    "--loss-terms",
-    type=click.Choice(["sum", "mean"]),
-    default="mean",
-    help="How a method with several InfoNCE terms (leoclr: l(u, v1) + l(u, v2); --attract-all: 3; --symmetric, "
-    "leoclr-e2e: 2) combines them: mean = their average (the default), so a step at a given --lr moves as far as a "
-    "one-term method's (MoCo-v2's) and one lr suits every method; sum = the papers' equations (configs/imagenet.yaml), "
-    "the mean at twice the lr, weight decay aside. Measured at the default run's size, LeOCLR at lr 0.03: kNN 62.9 "
-    "summed, 66.8 averaged (seed 0; docs/RESULTS.md).",
-)
-@click.option(
-    "--bn-splits",
-    type=Count(),
-    default=None,
-    help="Split batch norm groups (1 = plain BN); each process's batch must divide into them. [default: 8 with one "
-    "process, where split BN stands in for shuffle BN (fewer where 8 do not divide the batch, or leave a group under "
-    "2 images); 1 under torchrun, where keys are shuffled across the ranks as in MoCo] One process refuses 1 for "
-    "the momentum-encoder methods: each query and its key would share batch statistics.",
-)
-@click.option(
-    "--crop",
-    type=click.Choice(["random", "ccrop"]),
-    default="random",
-    help="Crops of the two augmented views: RandomResizedCrop, or ContrastiveCrop (centres sampled around a "
-    "box per image found from the model's own heatmap; the LeOCLR original is never cropped).",
-)
-@click.option("--ccrop-k", type=Real(0, 1), default=0.1, help="ContrastiveCrop heatmap threshold k.")
-@click.option(
-    "--ccrop-alpha",
-    type=Real(min=0, min_open=True),
-    default=None,
-    help="ContrastiveCrop Beta(alpha, alpha) for crop centres. [default: by --image-size, as the reference "
-    "configs: 0.1 up to 96 px (CIFAR, Tiny ImageNet, STL-10), 0.6 above (ImageNet)]",
-)
-@click.option(
-    "--ccrop-warmup",
-    type=Integer(min=0),
-    default=None,
-    help="Epochs of RandomResizedCrop before crops are sampled around boxes. As in the reference code, the boxes "
-    "are recomputed once e epochs are done where e >= this, e is a multiple of --ccrop-interval and epochs remain, "
-    "and are whole images until then: a warm-up of 0 never boxes with random weights. [default: 20% of --epochs]",
-)
-@click.option(
-    "--ccrop-interval",
-    type=Count(),
-    default=None,
-    help="Epochs between box updates. [default: 20% of --epochs]",
-)
-@click.option(
-    "--ccrop-boxes",
-    type=click.Choice(["pass", "forward"]),
-    default="pass",
-    help="Where ContrastiveCrop's boxes come from: pass = the reference's localisation pass over every training "
-    "image at each update; forward = LeOCLR's training forward (--method leoclr: f_q's map of each sample's whole "
-    "original refreshes its box at every step, no extra pass). README: how the two compare.",
-)
-@click.option("--blur/--no-blur", default=None, help="Gaussian blur p=0.5. [default: on when S > 64]")
-@click.option("--color-jitter/--no-color-jitter", default=True, help="Colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8.")
-@click.option(
-    "--grayscale/--no-grayscale",
-    default=True,
-    help="Random grayscale p=0.2. Without jitter, grayscale and blur: only random crop (+ flip), Figure 4.",
-)
-@click.option(
-    "--train-limit",
-    type=Integer(min=0),
-    default=2000,
-    help="Use a seeded random subset of this many train images (0 = all).",
-)
-@click.option(
-    "--val-limit",
-    type=Integer(min=0),
-    default=2000,
-    help="Same for the val split used by the kNN monitor (0 = all).",
-)
-@click.option(
-    "--skip-bad",
-    is_flag=True,
-    default=False,
-    help="Leave out images no loader can decode (listed) instead of stopping before training with their list.",
-)
-@click.option(
-    "--verify",
-    is_flag=True,
-    default=False,
-    help="Decode every image fully before training (in parallel; cached by path, size and mtime in "
-    "$LEOCLR_CACHE, default ~/.cache/leoclr) and stop on those that fail, or leave them out with --skip-bad.",
-)
-@click.option("--knn-k", type=Count(), default=200)
-@click.option("--knn-temperature", type=Real(min=0, min_open=True), default=0.1)
-@click.option(
-    "--knn-every",
-    type=Count(),
-    default=1,
-    help="Epochs between kNN monitor evaluations (before training, every N epochs, and always after the last).",
-)
-@click.option(
-    "--knn-bank",
-    type=Integer(min=0),
-    default=None,
-    help="kNN monitor bank: a seeded subset of this many images of the bank's source, --data's training images or "
-    "--val-data's train split (0 = all). [default: as many as the run trains on, at least 2,000 (a bank for a small "
-    "folder's --val-data monitor) and at most 131,072 (ImageNet's bank pass near a tenth of an epoch; 1.28M x 2048 "
-    "in float16, 5 GB on rank 0, would fit a 40 GB GPU too)]",
-)
-@click.option(
-    "--amp",
-    type=click.Choice(AMP_CHOICES),
-    default="auto",
-    help="Precision: auto = bf16 on a GPU that supports it (else fp16 with a gradient scaler); on a CPU bf16 only "
-    "where a short probe of the model finds it faster than fp32 (CPUs without native bf16 emulate it, ~7x slower), "
-    "else fp32. bf16/fp16 force autocast (fp16 only on CUDA), off = fp32. The choice and reason go to config.json.",
-)
-@click.option(
-    "--workers",
-    type=Integer(min=0),
-    default=None,
-    help="Loader threads (DALI, FFCV) or processes (torchvision). [default: this process's share of the CPU "
-    "cores, less one for the trainer]",
-)
-@click.option(
-    "--device",
-    default="auto",
-    help="auto = cuda where torch can use a GPU, else cpu (stops, saying what to install, where an NVIDIA GPU is "
-    "here that torch cannot use); cpu, cuda or cuda:N.",
-)
-@click.option(
-    "--compile",
-    is_flag=True,
-    default=False,
-    help="torch.compile the query and key encoders (minutes of compiling first). Off by default: measured "
-    "faster only where benchmarks/train_step.py --compile says so (see README).",
-)
-@click.option(
-    "--tensorboard/--no-tensorboard",
-    default=None,
-    help="TensorBoard event files in the run directory: per-step loss, lr and img/s, per-epoch metrics, pictures of "
-    "the views (metrics.jsonl stays the record). [default: on when the tensorboard package is installed]",
-)
-@click.option("--seed", type=Integer(), default=0)
 @click.option(
     "--config",
     "config_file",

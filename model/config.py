@@ -1,10 +1,14 @@
 """A run's settings as one typed object, `Config`, in sections: data, model, method, optimisation, run.
 
-Every field is named as train.py's option (`--train-limit` -> `cfg.data.train_limit`) and defaults to that
-option's default (tests/test_config.py checks they agree). config.json and a checkpoint's "config" hold
-`to_dict()`, flat; `Config.from_dict` reads that back, a sectioned dict, or CLI option names ("--train-limit",
-"train-limit"), and stops at an unknown key, naming it. `resolve` fills the automatic defaults and checks the
-combinations of a run's options. `read_file` reads a YAML settings file or a run's config.json (train.py --config).
+Every setting is declared once, here: its field carries its option's type, choices, default and help
+(`model.options.setting`), and train.py's options are built from the fields (`options`), named as them
+(`--train-limit` -> `cfg.data.train_limit`); eval.py, model.pairs and the benchmarks take the flags they share
+with train.py from here too (`option`, `inherited`). No torch at import: --help needs none.
+
+config.json and a checkpoint's "config" hold `to_dict()`, flat; `Config.from_dict` reads that back, a sectioned
+dict, or CLI option names ("--train-limit", "train-limit"), and stops at an unknown key, naming it. `resolve`
+fills the automatic defaults and checks the combinations of a run's options. `read_file` reads a YAML settings
+file or a run's config.json (train.py --config).
 """
 
 from __future__ import annotations
@@ -12,78 +16,220 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import click
 
-from model.methods import method_for
-from model.precision import amp_refusal
-from pipeline.ccrop import alpha_for
-from pipeline.device import resolve_device
+from model.options import AMP_CHOICES, ARCHS, METHOD_NAMES, Count, Integer, Real, apply, option_of, setting
+from pipeline.backends import BACKENDS
+from pipeline.data import LABELS
 
 
 @dataclass
 class DataConfig:
     """What is read, by which loader backend, at which resolution S."""
 
-    data: str = "data/fashion-mnist"
-    labels: str = "auto"  # class folders, none, or auto (class folders when every image is one folder down)
-    val_data: str | None = None  # a labelled folder for the kNN monitor: VAL_DATA/train the bank, VAL_DATA/val queries
-    loader: str = "dali"
-    train_limit: int = 2000
-    val_limit: int = 2000
-    skip_bad: bool = False
-    verify: bool = False  # a full decode of every image before training (cached)
-    workers: int | None = None  # None: this process's share of the cores, less one
-    image_size: int = 16
+    data: str = setting(
+        "data/fashion-mnist",
+        "A folder of JPEG, PNG or WebP images: DATA/train/ (+ optional DATA/val/, the kNN monitor's queries) "
+        "when DATA has a train/ folder, else all of DATA, at any depth; ImageNet's DATA/train/<class>/*.JPEG or "
+        "any unlabelled collection (see --labels). For --loader ffcv a folder with train.beton (+ optional "
+        "val.beton) or one .beton file, made by python -m pipeline.convert.",
+        type=click.Path(path_type=Path),
+    )
+    labels: str = setting(
+        "auto",
+        "Labels of --data's folders (training needs none; the kNN monitor on DATA/val does): folders = the first "
+        "folder under a split is the class; none = no labels (subfolders mean nothing); auto = folders when "
+        "every image sits exactly one folder down (SPLIT/<class>/<image>), none for flat folders and mixed "
+        "depths.",
+        type=click.Choice(LABELS),
+    )
+    val_data: str | None = setting(
+        None,
+        "A labelled folder for the kNN monitor instead of --data's val split (for unlabelled --data): the bank "
+        "from VAL_DATA/train/<class>/ (--knn-bank), the queries VAL_DATA/val/<class>/ (--val-limit); for "
+        "--loader ffcv a folder with train.beton and val.beton. Without it and a labelled DATA/val the monitor "
+        "is off (the run says so).",
+        type=click.Path(exists=True, path_type=Path),
+    )
+    loader: str = setting(
+        "dali",
+        "Data loading backend: dali (JPEG folder; GPU decode on CUDA), ffcv (.beton files) or torchvision (the "
+        "PIL reference).",
+        type=click.Choice(BACKENDS),
+    )
+    train_limit: int = setting(
+        2000,
+        "Use a seeded random subset of this many train images (0 = all).",
+        type=Integer(min=0),
+    )
+    val_limit: int = setting(2000, "Same for the val split used by the kNN monitor (0 = all).", type=Integer(min=0))
+    skip_bad: bool = setting(
+        False,
+        "Leave out images no loader can decode (listed) instead of stopping before training with their list.",
+        is_flag=True,
+    )
+    verify: bool = setting(
+        False,
+        "Decode every image fully before training (in parallel; cached by path, size and mtime in $LEOCLR_CACHE, "
+        "default ~/.cache/leoclr) and stop on those that fail, or leave them out with --skip-bad.",
+        is_flag=True,
+    )
+    workers: int | None = setting(
+        None,
+        "Loader threads (DALI, FFCV) or processes (torchvision). [default: this process's share of the CPU "
+        "cores, less one for the trainer]",
+        type=Integer(min=0),
+    )
+    image_size: int = setting(
+        16,
+        "Training resolution S; S <= 64 uses the small-image stem. The defaults (16 px, 2,000 images, 6 epochs) "
+        "size a run for minutes on a 2-core CPU; README: the full recipe.",
+        type=Integer(min=8),
+    )
 
 
 @dataclass
 class ModelConfig:
     """The encoders, the momentum and the queue."""
 
-    arch: str = "resnet18"
-    bn_splits: int | None = None  # None: by topology, set by `resolve`
-    queue_size: int = 1024
-    moco_momentum: float = 0.99
-    compile: bool = False
+    arch: str = setting("resnet18", type=click.Choice(ARCHS))
+    bn_splits: int | None = setting(
+        None,
+        "Split batch norm groups (1 = plain BN); each process's batch must divide into them. [default: 8 with "
+        "one process, where split BN stands in for shuffle BN (fewer where 8 do not divide the batch, or leave a "
+        "group under 2 images); 1 under torchrun, where keys are shuffled across the ranks as in MoCo] One "
+        "process refuses 1 for the momentum-encoder methods: each query and its key would share batch statistics.",
+        type=Count(),
+    )
+    queue_size: int = setting(
+        1024,
+        "Number of negative keys K: a multiple of --batch-size (MoCo's queue turns over in whole batches). Not "
+        "given, the multiple of the batch nearest 1024 and at most the training images (older keys of the same "
+        "images would be negatives).",
+        type=Count(),
+    )
+    moco_momentum: float = setting(0.99, "Key-encoder momentum m.", type=Real(0, 1))
+    compile: bool = setting(
+        False,
+        "torch.compile the query and key encoders (minutes of compiling first). Off by default: measured faster "
+        "only where benchmarks/train_step.py --compile says so (see README).",
+        is_flag=True,
+    )
 
 
 @dataclass
 class MethodConfig:
     """The objective and its variants, the crops and the augmentation."""
 
-    method: str = "leoclr"
-    symmetric: bool = False
-    attract_all: bool = False
-    original: str = "whole"
-    pairs: str | None = None
-    temperature: float = 0.1
-    loss_terms: str = "mean"  # the method's InfoNCE terms averaged; sum: the paper's Eq. 3
-    crop: str = "random"
-    ccrop_k: float = 0.1
-    ccrop_alpha: float | None = None  # None: by image size (pipeline/ccrop.py alpha_for), set by `resolve`
-    ccrop_warmup: int | None = None  # None: 20% of the epochs, set by `resolve`
-    ccrop_interval: int | None = None
-    ccrop_boxes: str = "pass"  # pass: the reference's localisation pass; forward: from LeOCLR's training forward
-    blur: bool | None = None  # None: on when S > 64, set by `resolve`
-    color_jitter: bool = True
-    grayscale: bool = True
+    method: str = setting(
+        "leoclr",
+        "Training objective: leoclr, mocov2, sepp (MoCo-v2 on the images plus SePP-ID's semantic pairs, "
+        "--pairs), simclr (end to end, in-batch negatives) or leoclr-e2e (LeOCLR end to end, Table 5).",
+        type=click.Choice(sorted(METHOD_NAMES)),
+    )
+    symmetric: bool = setting(
+        False,
+        "mocov2/sepp: both directions, l(q1, k2) + l(q2, k1), both keys enqueued.",
+        is_flag=True,
+    )
+    attract_all: bool = setting(
+        False,
+        "leoclr, Table 8 ablation: also pull crop 1 toward crop 2 (every pair of the three views attracted).",
+        is_flag=True,
+    )
+    original: str = setting(
+        "whole",
+        "The original view: the whole image resized, or (Table 8 ablation) a RandomResizedCrop of its own.",
+        type=click.Choice(["whole", "random-crop"]),
+    )
+    pairs: str | None = setting(
+        None,
+        "Semantic positive pairs for --method sepp, from python -m model.pairs (same data, --train-limit, --seed).",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    )
+    temperature: float = setting(0.1, "InfoNCE temperature T.", type=Real(min=0, min_open=True))
+    loss_terms: str = setting(
+        "mean",
+        "How a method with several InfoNCE terms (leoclr: l(u, v1) + l(u, v2); --attract-all: 3; --symmetric, "
+        "leoclr-e2e: 2) combines them: mean = their average (the default), so a step at a given --lr moves as "
+        "far as a one-term method's (MoCo-v2's) and one lr suits every method; sum = the papers' equations "
+        "(configs/imagenet.yaml), the mean at twice the lr, weight decay aside. Measured at the default run's "
+        "size, LeOCLR at lr 0.03: kNN 62.9 summed, 66.8 averaged (seed 0; docs/RESULTS.md).",
+        type=click.Choice(["sum", "mean"]),
+    )
+    crop: str = setting(
+        "random",
+        "Crops of the two augmented views: RandomResizedCrop, or ContrastiveCrop (centres sampled around a box "
+        "per image found from the model's own heatmap; the LeOCLR original is never cropped).",
+        type=click.Choice(["random", "ccrop"]),
+    )
+    ccrop_k: float = setting(0.1, "ContrastiveCrop heatmap threshold k.", type=Real(0, 1))
+    ccrop_alpha: float | None = setting(
+        None,
+        "ContrastiveCrop Beta(alpha, alpha) for crop centres. [default: by --image-size, as the reference "
+        "configs: 0.1 up to 96 px (CIFAR, Tiny ImageNet, STL-10), 0.6 above (ImageNet)]",
+        type=Real(min=0, min_open=True),
+    )
+    ccrop_warmup: int | None = setting(
+        None,
+        "Epochs of RandomResizedCrop before crops are sampled around boxes. As in the reference code, the boxes "
+        "are recomputed once e epochs are done where e >= this, e is a multiple of --ccrop-interval and epochs "
+        "remain, and are whole images until then: a warm-up of 0 never boxes with random weights. [default: 20% "
+        "of --epochs]",
+        type=Integer(min=0),
+    )
+    ccrop_interval: int | None = setting(None, "Epochs between box updates. [default: 20% of --epochs]", type=Count())
+    ccrop_boxes: str = setting(
+        "pass",
+        "Where ContrastiveCrop's boxes come from: pass = the reference's localisation pass over every training "
+        "image at each update; forward = LeOCLR's training forward (--method leoclr: f_q's map of each sample's "
+        "whole original refreshes its box at every step, no extra pass). README: how the two compare.",
+        type=click.Choice(["pass", "forward"]),
+    )
+    blur: bool | None = setting(None, "Gaussian blur p=0.5. [default: on when S > 64]", switch=True)
+    color_jitter: bool = setting(True, "Colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8.", switch=True)
+    grayscale: bool = setting(
+        True,
+        "Random grayscale p=0.2. Without jitter, grayscale and blur: only random crop (+ flip), Figure 4.",
+        switch=True,
+    )
 
 
 @dataclass
 class OptimisationConfig:
     """Epochs, batch, SGD and precision."""
 
-    epochs: int = 6
-    batch_size: int = 64  # global: split over torchrun's processes
-    lr: float = 0.015
-    warmup_epochs: float = 0.0
-    weight_decay: float = 5e-4
-    amp: str = "auto"  # the precision chosen (training settles "auto")
+    epochs: int = setting(6, type=Count())
+    batch_size: int = setting(
+        64,
+        "Global batch (split over torchrun's processes): a multiple of the processes, each one's part a multiple "
+        "of --bn-splits, at most the training images. Not given, a folder of fewer images gets the largest batch "
+        "that fits it (and the run says so).",
+        type=Count(),
+    )
+    lr: float = setting(
+        0.015,
+        "Base learning rate (cosine decay per epoch). 0.015 with --loss-terms mean: the best LeOCLR kNN measured "
+        "at the default run's size (6 epochs, 16 px, 2,000 images, 3 seeds; docs/RESULTS.md), the only setting "
+        "there whose features end above raw pixels; the papers' 0.03 for batch 256 (and --loss-terms sum) is "
+        "configs/imagenet.yaml.",
+        type=Real(min=0, min_open=True),
+    )
+    warmup_epochs: float = setting(0.0, "Linear learning-rate warm-up, in epochs.", type=Real(min=0))
+    weight_decay: float = setting(5e-4, type=Real(min=0))
+    amp: str = setting(
+        "auto",
+        "Precision: auto = bf16 on a GPU that supports it (else fp16 with a gradient scaler); on a CPU bf16 only "
+        "where a short probe of the model finds it faster than fp32 (CPUs without native bf16 emulate it, ~7x "
+        "slower), else fp32. bf16/fp16 force autocast (fp16 only on CUDA), off = fp32. The choice and reason go "
+        "to config.json.",
+        type=click.Choice(AMP_CHOICES),
+    )
     amp_auto: str | None = None  # why "auto" chose it; None when --amp forced it
 
 
@@ -91,15 +237,39 @@ class OptimisationConfig:
 class RunConfig:
     """Where the run writes, on which device, its seed and processes, and the kNN monitor."""
 
-    out: str | None = None  # None: runs/<method>-<loader>, set by `resolve`
-    device: str = "auto"
-    seed: int = 0
+    out: str | None = setting(
+        None,
+        "Run directory (config.json, metrics.jsonl, checkpoint.pt). [default: runs/<method>-<loader>]",
+        type=click.Path(path_type=Path),
+    )
+    device: str = setting(
+        "auto",
+        "auto = cuda where torch can use a GPU, else cpu (stops, saying what to install, where an NVIDIA GPU is "
+        "here that torch cannot use); cpu, cuda or cuda:N.",
+    )
+    seed: int = setting(0, type=Integer())
     world_size: int = 1  # torchrun's processes, set by `resolve`
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    knn_every: int = 1
-    knn_bank: int | None = None  # None: fitted to the run's training images, set by `fit_to_images`
-    tensorboard: bool | None = None  # None: on when the tensorboard package imports
+    knn_k: int = setting(200, type=Count())
+    knn_temperature: float = setting(0.1, type=Real(min=0, min_open=True))
+    knn_every: int = setting(
+        1,
+        "Epochs between kNN monitor evaluations (before training, every N epochs, and always after the last).",
+        type=Count(),
+    )
+    knn_bank: int | None = setting(
+        None,
+        "kNN monitor bank: a seeded subset of this many images of the bank's source, --data's training images or "
+        "--val-data's train split (0 = all). [default: as many as the run trains on, at least 2,000 (a bank for "
+        "a small folder's --val-data monitor) and at most 131,072 (ImageNet's bank pass near a tenth of an "
+        "epoch; 1.28M x 2048 in float16, 5 GB on rank 0, would fit a 40 GB GPU too)]",
+        type=Integer(min=0),
+    )
+    tensorboard: bool | None = setting(
+        None,
+        "TensorBoard event files in the run directory: per-step loss, lr and img/s, per-epoch metrics, pictures "
+        "of the views (metrics.jsonl stays the record). [default: on when the tensorboard package is installed]",
+        switch=True,
+    )
 
 
 @dataclass
@@ -136,6 +306,26 @@ class Config:
 
 SECTIONS = {f.name: f.default_factory for f in fields(Config)}
 SECTION_OF = {setting.name: name for name, kind in SECTIONS.items() for setting in fields(kind)}
+# The settings given as options (all but the results `RESULTS` lists), in their sections' order.
+OPTIONS = {f.name: f for kind in SECTIONS.values() for f in fields(kind) if "option" in f.metadata}
+
+
+def option(name: str, **changes: Any) -> Callable:
+    """The click option of setting `name` as train.py declares it (type, choices, default, help), or with
+    `changes` where a script's meaning differs: `option("loader", default=None, help="[default: the
+    checkpoint's]")` keeps the name and choices."""
+    return option_of(OPTIONS[name], **changes)
+
+
+def inherited(name: str, help: str = "", source: str = "the checkpoint's") -> Callable:
+    """Setting `name`'s option for a script whose default is a run's value (None until it reads the run: eval.py's
+    the checkpoint's, a benchmark's train.py's): train.py's type and choices, `help` + "[default: `source`]"."""
+    return option(name, default=None, help=f"{help} [default: {source}]".lstrip())
+
+
+def options(*names: str) -> Callable:
+    """One decorator adding the options of the settings `names` (every setting when none), in that order."""
+    return apply([option(name) for name in names or OPTIONS])
 
 
 def flat_settings(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,7 +335,7 @@ def flat_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
         section = key if key in SECTIONS and isinstance(value, Mapping) else None  # "data" is a setting too
-        for name, setting in value.items() if section else [(key, value)]:
+        for name, given in value.items() if section else [(key, value)]:
             setting_name = str(name).lstrip("-").replace("-", "_")
             where = f"{section}.{name}" if section else name
             if setting_name not in SECTION_OF:
@@ -154,7 +344,7 @@ def flat_settings(values: Mapping[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"unknown setting {where!r}{hint}; {sections_listed()}")
             if setting_name in flat:  # names are unique: a key in another section than its own is still it
                 raise ValueError(f"setting {where!r} given twice")
-            flat[setting_name] = setting
+            flat[setting_name] = given
     return flat
 
 
@@ -282,6 +472,12 @@ def resolve(options: Mapping[str, Any], timing_only: bool = False, given: Collec
     (`Config.fitted` says how). None: all given, nothing fitted.
     `timing_only` (benchmarks/train_step.py, which times steps and trains nothing worth keeping) lets one
     process use plain batch norm with a momentum-encoder method, as a reference point; training refuses it."""
+    # Imported here: the settings and their options (train.py --help) need no torch.
+    from model.methods import method_for
+    from model.precision import amp_refusal
+    from pipeline.ccrop import alpha_for
+    from pipeline.device import resolve_device
+
     cfg = Config.from_dict({k: v for k, v in options.items() if k != "amp_auto"})  # settled again by training
     data, method, opt, run = cfg.data, cfg.method, cfg.optimisation, cfg.run
     given = set(SECTION_OF) if given is None else set(given)

@@ -1,4 +1,5 @@
-"""Option types of the command lines (train.py, eval.py) and of the --config files read through them.
+"""Option types of the command lines (train.py, eval.py, the tools and benchmarks) and of the --config files read
+through them, and how a setting declares its option (`setting`, built into a click option by `option_of`).
 
 click's INT turns 1.7 into 1 and True into 1, and its FLOAT lets NaN and infinity through every range check
 (NaN compares False with any bound). These refuse them in one line naming the option: `Integer` takes whole
@@ -9,6 +10,10 @@ purpose: click only, so that --help and the one-line refusals need no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import MISSING, Field, field
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -88,3 +93,40 @@ class Command(OneLineErrors, click.Command):
 
 class Group(OneLineErrors, click.Group):
     """A click group whose (and whose subcommands') usage errors are one line."""
+
+
+def setting(default: Any, help: str | None = None, *, switch: bool = False, **option: Any) -> Any:
+    """A field of the run's settings (model/config.py) with its command-line option declared beside it: the
+    `default`, the `help` and click's option arguments (`type`, `is_flag`, ...); `switch`: a --name/--no-name
+    pair. `option_of` builds the option, named as the field (`train_limit` -> --train-limit)."""
+    return field(default=default, metadata={"option": {"help": help, "switch": switch, **option}})
+
+
+def option_of(setting: Field, **changes: Any) -> Callable:
+    """The click option declared by a `setting` field, as train.py takes it; `changes` (default, help, type, ...)
+    for a script whose meaning of it differs (eval.py's defaults are the checkpoint's)."""
+    declared = {"default": setting.default, **setting.metadata["option"], **changes}
+    flag = "--" + setting.name.replace("_", "-")
+    if declared.pop("switch"):
+        flag = f"{flag}/--no-{flag[2:]}"
+    if declared["default"] is MISSING:
+        del declared["default"]
+    return click.option(flag, setting.name, **declared)
+
+
+def apply(decorators: list[Callable]) -> Callable:
+    """One decorator applying `decorators` in their order: the first is the first option in --help."""
+
+    def decorate(command: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return decorate
+
+
+def checkpoint_option(help: str = "A train.py checkpoint (RUN_DIR/checkpoint.pt).") -> Callable:
+    """--checkpoint, required: the train.py checkpoint eval.py's protocols and model.pairs read."""
+    return click.option(
+        "--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help=help
+    )

@@ -165,3 +165,45 @@ def test_the_training_page_lists_each_sections_settings():
     for name, kind in SECTIONS.items():
         settings = ", ".join(f.name for f in fields(kind) if f.name not in RESULTS)
         assert f"| `{name}` | {settings} |" in text, name
+
+
+# Flags named as a setting whose meaning in that script differs from train.py's (their own type or choices).
+OWN_MEANING = {
+    ("eval export", "out"),  # a file each
+    ("pairs", "out"),
+    ("quality", "out"),
+    ("loaders", "device"),  # auto, cpu or cuda
+    ("doctor", "data"),  # an ImageNet-layout folder to sample
+    ("doctor", "method"),  # the two it diagnoses
+    ("doctor", "workers"),
+    ("loaders", "data"),
+    ("loaders", "workers"),
+    ("train_step", "data"),  # must exist
+    ("train_step", "workers"),
+    ("queue_staleness", "amp"),  # the precisions it compares
+    ("forward_boxes", "amp"),
+    ("forward_boxes", "knn_every"),  # 0: only after the last epoch
+}
+
+
+def test_the_scripts_take_the_flags_they_share_with_train_py_from_its_settings():
+    """A flag of eval.py, model.pairs or a benchmark named as one of train.py's settings has that setting's flags,
+    type and choices (model/config.py builds both), unless its meaning there differs (listed)."""
+    import eval
+    from benchmarks import doctor, forward_boxes, loaders, quality, queue_staleness, train_step
+    from model import pairs
+
+    commands = {f"eval {name}": command for name, command in eval.main.commands.items()}
+    for module in (pairs, doctor, forward_boxes, loaders, quality, queue_staleness, train_step):
+        commands[module.__name__.rpartition(".")[2]] = module.main
+    trains = {param.name: param for param in train.main.params if param.name not in train.NOT_SETTINGS}
+    shared = 0
+    for label, command in commands.items():
+        for param in command.params:
+            if param.name in trains and (label, param.name) not in OWN_MEANING:
+                declared = trains[param.name]
+                assert (param.opts, param.secondary_opts) == (declared.opts, declared.secondary_opts), label
+                assert type(param.type) is type(declared.type), (label, param.name)
+                assert vars(param.type) == vars(declared.type), (label, param.name)
+                shared += 1
+    assert shared >= 50  # eval's eleven in each of four protocols, model.pairs' and the benchmarks'
