@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from model.options import AMP_CHOICES, Count, Group, Integer, Real
-from pipeline.backends import BACKENDS
+from model.config import inherited, option
+from model.options import Count, Group, Real, apply, checkpoint_option
 from pipeline.crop_plan import SUPERVISED_SCALE
 
 if TYPE_CHECKING:  # torch and the machinery are imported where used: --help and the option refusals need none
@@ -116,69 +116,42 @@ class Setup:
         }
 
 
+# The options every protocol shares: train.py's settings (model/config.py) defaulting to the checkpoint's run.
+COMMON_OPTIONS = {
+    "data": inherited(
+        "data",
+        "As train.py --data; must hold labelled train and val splits.",
+        "the checkpoint's --val-data when it had one, else its --data",
+    ),
+    "loader": inherited("loader", "Loader backend, as in training."),
+    "train_limit": inherited("train_limit", "Seeded subset of the train split (0 = all)."),
+    "val_limit": inherited("val_limit", "Seeded subset of the val split (0 = all)."),
+    "image_size": inherited("image_size", "Evaluation resolution."),
+    "crop_fraction": click.option(
+        "--crop-fraction",
+        type=Real(0, 1, min_open=True),
+        default=0.875,
+        help="Center crop side / shorter image side (224/256 as on ImageNet).",
+    ),
+    "batch_size": inherited("batch_size"),
+    "workers": option("workers", default=2, help="Loader threads/processes."),
+    "amp": option("amp", help="Precision of the backbone, as train.py's --amp (auto: picked by the hardware)."),
+    "device": option("device", help="auto = cuda where torch can use a GPU, else cpu (as train.py)."),
+    "seed": inherited("seed", "Subsets, crops, shuffles."),
+}
+COMMON = tuple(COMMON_OPTIONS)
+JSON_OPTION = click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the result as a JSON object here.",
+)
+
+
 def common_options(command):
-    """The options every protocol shares, then: load the checkpoint and the splits, run, print, write JSON."""
-    options = [
-        click.option(
-            "--checkpoint",
-            type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            required=True,
-            help="A train.py checkpoint (RUN_DIR/checkpoint.pt).",
-        ),
-        click.option(
-            "--data",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="As train.py --data; must hold labelled train and val splits. [default: the checkpoint's --val-data "
-            "when it had one, else its --data]",
-        ),
-        click.option(
-            "--loader",
-            type=click.Choice(BACKENDS),
-            default=None,
-            help="Loader backend, as in training. [default: the checkpoint's]",
-        ),
-        click.option(
-            "--train-limit",
-            type=Integer(min=0),
-            default=None,
-            help="Seeded subset of the train split (0 = all). [default: the checkpoint's]",
-        ),
-        click.option(
-            "--val-limit",
-            type=Integer(min=0),
-            default=None,
-            help="Seeded subset of the val split (0 = all). [default: the checkpoint's]",
-        ),
-        click.option(
-            "--image-size", type=Integer(min=8), default=None, help="Evaluation resolution. [default: the checkpoint's]"
-        ),
-        click.option(
-            "--crop-fraction",
-            type=Real(0, 1, min_open=True),
-            default=0.875,
-            help="Center crop side / shorter image side (224/256 as on ImageNet).",
-        ),
-        click.option("--batch-size", type=Count(), default=None, help="[default: the checkpoint's]"),
-        click.option("--workers", type=Integer(min=0), default=2, help="Loader threads/processes."),
-        click.option(
-            "--amp",
-            type=click.Choice(AMP_CHOICES),
-            default="auto",
-            help="Precision of the backbone, as train.py's --amp (auto: picked by the hardware).",
-        ),
-        click.option("--device", default="auto", help="auto = cuda where torch can use a GPU, else cpu (as train.py)."),
-        click.option(
-            "--seed", type=Integer(), default=None, help="Subsets, crops, shuffles. [default: the checkpoint's]"
-        ),
-        click.option(
-            "--json",
-            "json_out",
-            type=click.Path(dir_okay=False, path_type=Path),
-            default=None,
-            help="Write the result as a JSON object here.",
-        ),
-    ]
+    """The options every protocol shares (`COMMON_OPTIONS`, --checkpoint, --json), then: load the checkpoint and
+    the splits, run, print, write JSON."""
 
     @wraps(command)
     def run(checkpoint: Path, json_out: Path | None, **kwargs):
@@ -197,24 +170,7 @@ def common_options(command):
             click.echo(f"wrote {json_out}")
         return result
 
-    for option in reversed(options):
-        run = option(run)
-    return run
-
-
-COMMON = (
-    "data",
-    "loader",
-    "train_limit",
-    "val_limit",
-    "image_size",
-    "crop_fraction",
-    "batch_size",
-    "workers",
-    "amp",
-    "device",
-    "seed",
-)
+    return apply([checkpoint_option(), *COMMON_OPTIONS.values(), JSON_OPTION])(run)
 
 
 def prepare(checkpoint: Path, options: dict, extra: dict) -> Setup:
@@ -289,18 +245,16 @@ def knn(setup: Setup, started: float, k: int, temperature: float) -> dict:
     return setup.record("knn", top1, top5, started, k=k, temperature=temperature)
 
 
-def crop_min_option(command):
-    return click.option(
-        "--crop-min",
-        type=Real(0, 1, min_open=True),
-        default=CROP_MIN,
-        help="Smallest area fraction of the RandomResizedCrop training images (scale (crop-min, 1)): 0.08 as MoCo's "
-        "main_lincls (torchvision's default); 0.2 gives the pre-training crops.",
-    )(command)
-
-
-def linear_options(command):
-    options = [
+crop_min_option = click.option(
+    "--crop-min",
+    type=Real(0, 1, min_open=True),
+    default=CROP_MIN,
+    help="Smallest area fraction of the RandomResizedCrop training images (scale (crop-min, 1)): 0.08 as MoCo's "
+    "main_lincls (torchvision's default); 0.2 gives the pre-training crops.",
+)
+# The linear classifier's options (linear, crop-test).
+linear_options = apply(
+    [
         click.option("--epochs", type=Count(), default=100, help="Classifier training epochs (the papers: 100)."),
         click.option(
             "--lr", type=Real(min=0, min_open=True), default=0.1, help="SGD learning rate (momentum 0.9, cosine to 0)."
@@ -315,9 +269,7 @@ def linear_options(command):
         ),
         crop_min_option,
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+)
 
 
 def train_probe(
@@ -504,12 +456,7 @@ def finetune(
 
 
 @main.command()
-@click.option(
-    "--checkpoint",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
-    help="A train.py checkpoint (RUN_DIR/checkpoint.pt).",
-)
+@checkpoint_option()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .pth file.")
 def export(checkpoint: Path, out: Path) -> None:
     """Write the query backbone as a plain torchvision ResNet state_dict (every key but fc)."""
