@@ -28,9 +28,10 @@ import click
 import numpy as np
 import torch
 
-from model.config import from_checkpoint
+from model.config import from_checkpoint, option
 from model.localize import ForwardBoxes, localize
 from model.methods import method_for
+from model.options import Integer
 from pipeline.augment import normalize
 from pipeline.backends import load_splits, make_loader
 from pipeline.ccrop import box_areas, heatmap_boxes, mean_box_area
@@ -152,16 +153,16 @@ def timing(model, cfg, loader, box_loader, method, rounds: int, steps: int) -> d
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--data", type=click.Path(path_type=Path), default=Path("data/scattered"))
+@option("data", default=Path("data/scattered"), help=None)
 @click.option("--runs", type=click.Path(path_type=Path), default=Path("runs"), help="Where the three runs go.")
-@click.option("--epochs", type=int, default=4)
-@click.option("--image-size", type=int, default=32)
-@click.option("--train-limit", type=int, default=512)
-@click.option("--val-limit", type=int, default=500)
-@click.option("--ccrop-k", type=float, default=0.1, help="train.py's --ccrop-k for the ccrop runs.")
-@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", help="train.py's --amp for the runs.")
-@click.option("--knn-every", type=int, default=0, help="train.py's --knn-every (0 = only after the last epoch).")
-@click.option("--seed", type=int, default=0, help="train.py's --seed for every run (and the analysis').")
+@option("epochs", default=4)
+@option("image_size", default=32, help=None)
+@option("train_limit", default=512, help=None)
+@option("val_limit", default=500, help=None)
+@option("ccrop_k", help="train.py's --ccrop-k for the ccrop runs.")
+@option("amp", type=click.Choice(["off", "bf16", "fp16"]), default="off", help="train.py's --amp for the runs.")
+@option("knn_every", type=Integer(min=0), default=0, help="train.py's --knn-every (0 = only after the last epoch).")
+@option("seed", help="train.py's --seed for every run (and the analysis').")
 @click.option("--rounds", type=int, default=2, help="Timing rounds (pass, steps with, steps without).")
 @click.option("--steps", type=int, default=3, help="Training steps per timing round and variant.")
 def main(data, runs, epochs, image_size, train_limit, val_limit, ccrop_k, amp, knn_every, seed, rounds, steps) -> None:

@@ -26,6 +26,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from model.config import option
+
 LOADERS = (
     "decode-only-dali",
     "decode-only-ffcv",
@@ -372,9 +374,9 @@ def report(results: list[dict]) -> list[str]:
     help="ccrop = ContrastiveCrop sampling with seeded random boxes (our loaders only).",
 )
 @click.option("--augment/--no-augment", default=True, help="aug+ colour, grayscale, blur, flip (normalise always).")
-@click.option("--image-size", type=click.IntRange(8), default=224)
-@click.option("--batch-size", type=click.IntRange(1), default=64)
-@click.option("--workers", type=click.IntRange(1), default=2, help="Loader threads/processes.")
+@option("image_size", default=224, help=None)
+@option("batch_size", default=64, help=None)
+@option("workers", type=click.IntRange(1), default=2, help="Loader threads/processes.")
 @click.option("--passes", type=click.IntRange(1), default=5, help="Timed passes over the images after the warm-up.")
 @click.option("--limit", type=click.IntRange(0), default=1000, help="Images per pass (0 = all).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")

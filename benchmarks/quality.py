@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from model.backbone import resnet
-from model.config import Config, read_file
+from model.config import Config, option, read_file
 from model.evaluation import extract_features, fit_linear, load_backbone, pixel_features, topk_accuracy
 from model.knn import knn_top1
 from pipeline.backends import load_splits, make_loader
@@ -318,7 +318,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
 @click.option("--common", default="", help="train.py options shared by every configuration (before its own).")
 @click.option("--seeds", default="0,1,2", help="Comma-separated seeds: each configuration trains once per seed.")
 @click.option("--probe-epochs", type=click.IntRange(min=1), default=100, help="Linear probe epochs (cached features).")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Evaluation loader workers.")
+@option("workers", help="Evaluation loader workers.")
 def main(out: Path, configs: tuple[str, ...], common: str, seeds: str, probe_epochs: int, workers: int | None):
     """Train every configuration at every seed with train.py, score each final checkpoint the same way (kNN k 20
     and k 200, linear probe on cached features) beside raw pixels and a random network, and write OUT/results.json,

@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 import torch
 
-from model.config import Config, resolve
+from model.config import Config, inherited, option, resolve
 from model.methods import method_for
 from model.precision import autocast
 from pipeline.backends import load_splits
@@ -126,21 +126,21 @@ def run(cfg: Config, probe_batches: int, echo) -> list[dict]:
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--data", default="data/fashion-mnist", help="As train.py --data.")
-@click.option("--loader", type=click.Choice(["dali", "ffcv", "torchvision"]), default="dali")
-@click.option("--method", default="leoclr", help="A momentum-encoder method of train.py (leoclr, mocov2, ...).")
-@click.option("--epochs", type=click.IntRange(min=1), default=30)
-@click.option("--lr", type=float, default=None, help="[default: train.py's]")
-@click.option("--loss-terms", type=click.Choice(["sum", "mean"]), default=None, help="[default: train.py's]")
-@click.option("--moco-momentum", type=float, default=None, help="[default: train.py's]")
-@click.option("--queue-size", type=int, default=None, help="[default: train.py's]")
-@click.option("--image-size", type=int, default=None, help="[default: train.py's]")
-@click.option("--train-limit", type=int, default=None, help="[default: train.py's]")
-@click.option("--batch-size", type=int, default=None, help="[default: train.py's]")
-@click.option("--bn-splits", type=int, default=None, help="[default: train.py's]")
-@click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto")
-@click.option("--workers", type=click.IntRange(min=0), default=None)
-@click.option("--seed", type=int, default=0)
+@option("data", help="As train.py --data.")
+@option("loader", help=None)
+@option("method", help="A momentum-encoder method of train.py (leoclr, mocov2, ...).")
+@option("epochs", default=30)
+@inherited("lr", source="train.py's")
+@inherited("loss_terms", source="train.py's")
+@inherited("moco_momentum", source="train.py's")
+@inherited("queue_size", source="train.py's")
+@inherited("image_size", source="train.py's")
+@inherited("train_limit", source="train.py's")
+@inherited("batch_size", source="train.py's")
+@inherited("bn_splits", source="train.py's")
+@option("amp", type=click.Choice(["auto", "bf16", "off"]), help=None)
+@option("workers", help=None)
+@option("seed")
 @click.option("--probe-batches", type=click.IntRange(min=1), default=4, help="Training batches in the probe set.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def main(probe_batches: int, json_out: Path | None, **options) -> None:

@@ -36,10 +36,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.backbone import resnet
-from model.config import Config, DataConfig, resolve
+from model.config import Config, DataConfig, inherited, option, resolve
 from model.methods import METHODS
-from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
-from pipeline.backends import BACKENDS, load_splits, make_loader
+from model.precision import autocast, describe, resolve_amp
+from pipeline.backends import load_splits, make_loader
 from run.parts import augment_config, build, loader_spec, loader_views
 from run.step import augment_views, training_step
 
@@ -167,29 +167,29 @@ class Yardstick(Timed):
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--loader", type=click.Choice(BACKENDS), default="dali")
-@click.option(
-    "--data",
+@option("loader", help=None)
+@option(
+    "data",
     type=click.Path(exists=True, path_type=Path),
     default=Path(DataConfig.data),
     help="As train.py's --data (a .beton folder or file for --loader ffcv).",
 )
-@click.option("--arch", default=None, help="[default: train.py's]")
-@click.option("--image-size", type=click.IntRange(8), default=None, help="[default: train.py's]")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: train.py's]")
-@click.option("--amp", type=click.Choice(AMP_CHOICES), default=None, help="[default: train.py's, auto]")
-@click.option("--bn-splits", type=click.IntRange(1), default=None, help="[default: train.py's]")
-@click.option("--train-limit", type=click.IntRange(0), default=None, help="Images to index. [default: train.py's]")
-@click.option("--color-jitter/--no-color-jitter", default=None, help="As train.py's. [default: train.py's, on]")
-@click.option("--grayscale/--no-grayscale", default=None, help="As train.py's. [default: train.py's, on]")
-@click.option("--blur/--no-blur", default=None, help="As train.py's. [default: train.py's, on when S > 64]")
-@click.option(
-    "--workers",
+@inherited("arch", source="train.py's")
+@inherited("image_size", source="train.py's")
+@inherited("batch_size", source="train.py's")
+@inherited("amp", source="train.py's, auto")
+@inherited("bn_splits", source="train.py's")
+@inherited("train_limit", "Images to index.", "train.py's")
+@inherited("color_jitter", "As train.py's.", "train.py's, on")
+@inherited("grayscale", "As train.py's.", "train.py's, on")
+@inherited("blur", "As train.py's.", "train.py's, on when S > 64")
+@option(
+    "workers",
     type=click.IntRange(1),
     default=None,
     help="[default: DALI: from the machine's cores; others: train.py's]",
 )
-@click.option("--device", default="auto")
+@option("device", help=None)
 @click.option("--steps", type=click.IntRange(1), default=20, help="Timed steps per configuration and round.")
 @click.option("--warmup", type=click.IntRange(0), default=3, help="Untimed steps before each timing.")
 @click.option("--rounds", type=click.IntRange(1), default=3)

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.config import from_checkpoint
+from model.config import from_checkpoint, inherited, option
 from model.moco import Encoder
-from model.precision import AMP_CHOICES, autocast, describe, resolve_amp
+from model.options import checkpoint_option
+from model.precision import autocast, describe, resolve_amp
 from pipeline.augment import normalize
-from pipeline.backends import BACKENDS, load_splits, make_loader
+from pipeline.backends import load_splits, make_loader
 from pipeline.data import select
 from pipeline.device import resolve_device
 from pipeline.loader import LoaderSpec
@@ -47,20 +48,10 @@ def sampler_encoder(state: dict, random_init: bool = False, seed: int = 0) -> En
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option(
-    "--checkpoint",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    required=True,
-    help="A train.py checkpoint (the paper: MoCo-v2); its query encoder and projection head embed.",
-)
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="As train.py. [default: the checkpoint's]")
-@click.option("--loader", type=click.Choice(BACKENDS), default=None, help="[default: the checkpoint's]")
-@click.option(
-    "--train-limit",
-    type=int,
-    default=None,
-    help="Must match the run that trains with the pairs. [default: the checkpoint's]",
-)
+@checkpoint_option("A train.py checkpoint (the paper: MoCo-v2); its query encoder and projection head embed.")
+@inherited("data", "As train.py.")
+@inherited("loader")
+@inherited("train_limit", "Must match the run that trains with the pairs.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -71,23 +62,18 @@ def sampler_encoder(state: dict, random_init: bool = False, seed: int = 0) -> En
 @click.option("--low", type=float, default=0.97, help="Lowest cosine similarity of a semantic pair.")
 @click.option("--high", type=float, default=0.99, help="Highest (drops near-duplicates).")
 @click.option("--block", type=int, default=1024, help="Rows of the similarity matrix computed at once.")
-@click.option("--image-size", type=int, default=None, help="[default: the checkpoint's]")
-@click.option("--batch-size", type=int, default=None, help="[default: the checkpoint's]")
-@click.option("--workers", type=int, default=2)
-@click.option("--amp", type=click.Choice(AMP_CHOICES), default="auto", help="Precision, as train.py's --amp.")
-@click.option("--device", default="auto", help="auto = cuda where torch can use a GPU, else cpu (as train.py).")
+@inherited("image_size")
+@inherited("batch_size")
+@option("workers", default=2, help=None)
+@option("amp", help="Precision, as train.py's --amp.")
+@option("device", help="auto = cuda where torch can use a GPU, else cpu (as train.py).")
 @click.option(
     "--random-init",
     is_flag=True,
     help="Embed with a randomly initialised encoder of the checkpoint's architecture (seeded; a baseline "
     "for the sampler's pair accuracy) instead of its trained weights.",
 )
-@click.option(
-    "--seed",
-    type=int,
-    default=None,
-    help="Training subset (as train.py) and embedded fraction. [default: the checkpoint's]",
-)
+@inherited("seed", "Training subset (as train.py) and embedded fraction.")
 def main(
     checkpoint,
     data,
