@@ -39,10 +39,9 @@ import torch
 from benchmarks.loaders import delivered
 from benchmarks.photos import SYNTHETIC_SIZES, write_photos
 from benchmarks.train_step import Runner, device_name
-from model.backbone import ARCHS
-from model.config import Config, resolve
+from model.config import Config, inherited, option, resolve
 from model.methods import METHODS
-from model.precision import AMP_CHOICES, resolve_amp
+from model.precision import resolve_amp
 from pipeline.backends import BACKENDS, load_splits, make_loader
 from pipeline.data import ImageList
 from pipeline.device import resolve_device
@@ -335,19 +334,17 @@ def describe(report: dict) -> list[str]:
     help="Images to generate, or to take (seeded) from --data. [default: 2048 on CUDA, 512 on CPU, 24 with --tiny]",
 )
 @click.option("--method", type=click.Choice(["leoclr", "mocov2"]), default="leoclr")
-@click.option("--arch", type=click.Choice(ARCHS), default=None, help="[default: resnet50 on CUDA, train.py's on CPU]")
-@click.option("--image-size", type=click.IntRange(8), default=None, help="[default: 224 on CUDA, train.py's on CPU]")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: 256 on CUDA, train.py's on CPU]")
-@click.option("--amp", type=click.Choice(AMP_CHOICES), default=None, help="[default: bf16 on CUDA, off (fp32) on CPU]")
-@click.option("--bn-splits", type=click.IntRange(1), default=None, help="[default: train.py's]")
-@click.option(
-    "--loader",
-    type=click.Choice(BACKENDS),
-    default="dali",
+@inherited("arch", source="resnet50 on CUDA, train.py's on CPU")
+@inherited("image_size", source="224 on CUDA, train.py's on CPU")
+@inherited("batch_size", source="256 on CUDA, train.py's on CPU")
+@inherited("amp", source="bf16 on CUDA, off (fp32) on CPU")
+@inherited("bn_splits", source="train.py's")
+@option(
+    "loader",
     help="The loader you train with (end to end); the fastest one that runs if it does not.",
 )
-@click.option(
-    "--workers",
+@option(
+    "workers",
     type=click.IntRange(1),
     default=None,
     help="Its --workers. [default: train.py's, this process's share of the CPU cores less one]",
@@ -383,7 +380,7 @@ def describe(report: dict) -> list[str]:
 @click.option(
     "--budget-s", type=click.FloatRange(1), default=None, help="Time budget in seconds. [default: 300; 20 with --tiny]"
 )
-@click.option("--device", default="auto", help="auto = cuda if available, else cpu.")
+@option("device", help="auto = cuda if available, else cpu.")
 @click.option(
     "--work-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -395,7 +392,7 @@ def describe(report: dict) -> list[str]:
     is_flag=True,
     help="24 small JPEGs, resnet18 at 32 px, batch 4, fp32, short slices: the plumbing, in seconds.",
 )
-@click.option("--seed", type=int, default=0)
+@option("seed")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def main(
     data,
@@ -458,10 +455,18 @@ def main(
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
     report["elapsed_s"] = round(clock.elapsed(), 1)
+    say_report(report, cfg, clock)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def say_report(report: dict, cfg: Config, clock: Clock) -> None:
+    """The report's summary on stdout: the setting, each backend alone, the sweep, compute only, the verdict."""
     click.echo("")
     click.echo(
         f"Is the {report['device_type']} starved? {report['device']}; {report['data']['images']} "
-        f"{report['data']['source']} JPEGs; {method}, {cfg.model.arch}, {cfg.data.image_size} px, batch "
+        f"{report['data']['source']} JPEGs; {cfg.method.method}, {cfg.model.arch}, {cfg.data.image_size} px, batch "
         f"{cfg.optimisation.batch_size}, amp {cfg.optimisation.amp}"
     )
     for name, row in report["backends"].items():
@@ -477,9 +482,10 @@ def main(
     click.echo(
         f"took {clock.elapsed():.0f} s of a {clock.budget:.0f} s budget" + (f" ({over:.0f} s over)" if over > 0 else "")
     )
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+# The settings the report records.
+REPORTED = ("method", "arch", "image_size", "batch_size", "amp", "bn_splits", "blur", "loader", "workers", "seed")
 
 
 def diagnose(
@@ -493,28 +499,10 @@ def diagnose(
     batch = cfg.optimisation.batch_size
     if len(images) < batch:
         raise click.ClickException(f"{len(images)} images cannot fill a batch of {batch}: more --images")
-    sizes = np.stack([images.widths, images.heights], axis=1)
-    data_info = {
-        "path": str(folder),
-        "source": source,
-        "images": len(images),
-        "mean_width": float(sizes[:, 0].mean()),
-        "mean_height": float(sizes[:, 1].mean()),
-        "mean_bytes": float(np.mean([os.path.getsize(p) for p in images.paths])),
-    }
-    clock.say(
-        f"data: {len(images)} {source} JPEGs, mean {data_info['mean_width']:.0f} x {data_info['mean_height']:.0f} "
-        f"px, {data_info['mean_bytes'] / 1e3:.0f} KB"
+    data_info = data_summary(folder, images, source, clock)
+    per_backend = backend_images(
+        backends, images, folder, ffcv_data, ffcv_max_resolution, count, cfg, tiny, work, clock
     )
-    per_backend: dict[str, ImageList | str] = {b: images for b in backends if b != "ffcv"}
-    if "ffcv" in backends:
-        try:
-            if ffcv_data is not None:
-                per_backend["ffcv"] = load_splits(ffcv_data, "ffcv", count, val_limit=1, seed=cfg.run.seed)[0]
-            else:
-                per_backend["ffcv"] = beton_for(images, work, folder.name, ffcv_max_resolution, tiny, clock)
-        except Exception as error:  # FFCV not importing, a conversion failing: FFCV does not run here
-            per_backend["ffcv"] = reason(error)
     least, most = SLICE_S[setting]
     sweep_guess = len(sweep_values(cfg.data.workers, tiny)) if sweep else 2
 
@@ -524,19 +512,8 @@ def diagnose(
     # Loader only, each backend at --workers.
     rows: dict[str, dict] = {}
     for k, backend in enumerate(backends):
-        target = per_backend[backend]
-        if isinstance(target, str):
-            rows[backend] = {"loader": backend, "workers": cfg.data.workers, "error": target}
-        else:
-            seconds = slice_s(len(backends) - k + 2 + sweep_guess)
-            rows[backend] = loader_rate(backend, target, cfg, cfg.data.workers, dev, seconds, clock)
-        if "error" in rows[backend]:
-            clock.say(f"backend      {backend:11s} does not run: {rows[backend]['error']}")
-        rows[backend]["note"] = {
-            "dali": f"{'mixed' if dev.type == 'cuda' else 'cpu'} decode",
-            "ffcv": f".beton, max side {ffcv_max_resolution or 'kept'}, to {dev.type}",
-            "torchvision": "PIL in DataLoader workers",
-        }[backend]
+        seconds = 0.0 if isinstance(per_backend[backend], str) else slice_s(len(backends) - k + 2 + sweep_guess)
+        rows[backend] = loader_alone(backend, per_backend[backend], cfg, dev, ffcv_max_resolution, clock, seconds)
     running = [b for b in backends if "error" not in rows[b]]
     if not running:
         raise click.ClickException(
@@ -547,57 +524,25 @@ def diagnose(
     if e2e_loader != cfg.data.loader:
         clock.say(f"--loader {cfg.data.loader} does not run here: end to end with the fastest, {fastest}")
     # Compute only and end to end, with the training loader.
-    run_cfg = cfg.replace(loader=e2e_loader)
-    try:
-        rates = step_rates(run_cfg, per_backend[e2e_loader], dev, slice_s(2 + sweep_guess), STEPS[setting], clock)
-    except torch.OutOfMemoryError as error:
-        message = f"the training step ran out of device memory ({reason(error)}): lower --batch-size"
-        raise click.ClickException(message) from error
-    except Exception as error:  # one line for the user, as train.py would stop
-        raise click.ClickException(f"the training step with --loader {e2e_loader} failed: {reason(error)}") from error
-    release(dev)
+    rates = training_rates(
+        cfg.replace(loader=e2e_loader), per_backend[e2e_loader], dev, slice_s(2 + sweep_guess), STEPS[setting], clock
+    )
     compute, e2e = rates["compute"]["images_per_sec"], rates["end_to_end"]["images_per_sec"]
     alone = rows[e2e_loader]["images_per_sec"]
     measured = [{k: r[k] for k in ("loader", "workers", "images_per_sec")} for r in rows.values() if "error" not in r]
     verdict = decide(compute, e2e, alone, measured, keep_up)
-    # The workers sweep on the fastest backend, fewest workers first, until one is enough.
     sweep_rows, stopped = [], None
     if sweep or (sweep is None and verdict["bound"] == "loader"):
-        values = [w for w in sweep_values(cfg.data.workers, tiny) if w != cfg.data.workers]
-        for k, w in enumerate(values):
-            setup = rows[fastest].get("first_batch_s", 0)
-            if clock.left() < setup + least:
-                stopped = f"budget spent before --workers {w}"
-                clock.say(f"sweep stopped: {stopped}")
-                break
-            row = loader_rate(fastest, per_backend[fastest], cfg, w, dev, slice_s(len(values) - k + 1), clock)
-            if "error" in row:
-                stopped = f"--workers {w}: {row['error']}"
-                clock.say(f"sweep stopped: {stopped}")
-                break
-            sweep_rows.append(row)
-            measured.append({k: row[k] for k in ("loader", "workers", "images_per_sec")})
-            if sweep is None and row["images_per_sec"] >= verdict["needed_loader_images_per_sec"]:
-                break
+        needed = None if sweep else verdict["needed_loader_images_per_sec"]
+        sweep_rows, stopped = worker_sweep(
+            fastest, per_backend[fastest], cfg, dev, tiny, needed, rows, least, slice_s, clock
+        )
+        measured += [{k: row[k] for k in ("loader", "workers", "images_per_sec")} for row in sweep_rows]
         verdict = decide(compute, e2e, alone, measured, keep_up)
     report = {
         "device": device_name(dev),
         "device_type": "GPU" if dev.type == "cuda" else "CPU",
-        "config": {
-            k: cfg.to_dict()[k]
-            for k in (
-                "method",
-                "arch",
-                "image_size",
-                "batch_size",
-                "amp",
-                "bn_splits",
-                "blur",
-                "loader",
-                "workers",
-                "seed",
-            )
-        },
+        "config": {k: cfg.to_dict()[k] for k in REPORTED},
         "views": loader_views(METHODS[cfg.method.method]),
         "budget_s": clock.budget,
         "data": data_info,
@@ -612,26 +557,116 @@ def diagnose(
     fix = verdict["fix"]
     if fix is not None and (fix["loader"], fix["workers"]) != (e2e_loader, cfg.data.workers):
         if clock.left() > least + rows[fix["loader"]].get("first_batch_s", 0):
-            fixed_cfg = cfg.replace(loader=fix["loader"], workers=fix["workers"])
-            try:
-                confirmed = step_rates(
-                    fixed_cfg, per_backend[fix["loader"]], dev, slice_s(1), STEPS[setting], clock, compute=False
-                )
-                release(dev)
-                rate = confirmed["end_to_end"]["images_per_sec"]
-                report["confirmed"] = {
-                    "loader": fix["loader"],
-                    "workers": fix["workers"],
-                    "images_per_sec": rate,
-                    "end_to_end_fraction": rate / compute,
-                }
-            except Exception as error:
-                report["confirmed"] = {"loader": fix["loader"], "workers": fix["workers"], "error": reason(error)}
+            images = per_backend[fix["loader"]]
+            report["confirmed"] = confirm_fix(fix, images, cfg, dev, slice_s(1), STEPS[setting], compute, clock)
         else:
             report["confirmed"] = {"loader": fix["loader"], "workers": fix["workers"], "error": "budget spent"}
     report["verdict"] = verdict
     verdict["lines"] = describe(report)
     return report
+
+
+def backend_images(backends, images, folder, ffcv_data, ffcv_max_resolution, count, cfg, tiny, work, clock) -> dict:
+    """What each backend reads: the JPEGs, for FFCV --ffcv-data or a .beton converted from them (or, where FFCV
+    does not run here, why: a string)."""
+    per_backend: dict[str, ImageList | str] = {b: images for b in backends if b != "ffcv"}
+    if "ffcv" in backends:
+        try:
+            if ffcv_data is not None:
+                per_backend["ffcv"] = load_splits(ffcv_data, "ffcv", count, val_limit=1, seed=cfg.run.seed)[0]
+            else:
+                per_backend["ffcv"] = beton_for(images, work, folder.name, ffcv_max_resolution, tiny, clock)
+        except Exception as error:  # FFCV not importing, a conversion failing: FFCV does not run here
+            per_backend["ffcv"] = reason(error)
+    return per_backend
+
+
+def data_summary(folder: Path, images: ImageList, source: str, clock: Clock) -> dict:
+    """The report's "data": where, from where, how many, mean size and bytes (said on the way)."""
+    sizes = np.stack([images.widths, images.heights], axis=1)
+    info = {
+        "path": str(folder),
+        "source": source,
+        "images": len(images),
+        "mean_width": float(sizes[:, 0].mean()),
+        "mean_height": float(sizes[:, 1].mean()),
+        "mean_bytes": float(np.mean([os.path.getsize(p) for p in images.paths])),
+    }
+    clock.say(
+        f"data: {len(images)} {source} JPEGs, mean {info['mean_width']:.0f} x {info['mean_height']:.0f} "
+        f"px, {info['mean_bytes'] / 1e3:.0f} KB"
+    )
+    return info
+
+
+def loader_alone(backend: str, target, cfg: Config, dev, ffcv_max_resolution: int, clock: Clock, seconds: float):
+    """One backend's loader-only row at --workers over `target` (its images, or why it cannot run here)."""
+    if isinstance(target, str):
+        row = {"loader": backend, "workers": cfg.data.workers, "error": target}
+    else:
+        row = loader_rate(backend, target, cfg, cfg.data.workers, dev, seconds, clock)
+    if "error" in row:
+        clock.say(f"backend      {backend:11s} does not run: {row['error']}")
+    row["note"] = {
+        "dali": f"{'mixed' if dev.type == 'cuda' else 'cpu'} decode",
+        "ffcv": f".beton, max side {ffcv_max_resolution or 'kept'}, to {dev.type}",
+        "torchvision": "PIL in DataLoader workers",
+    }[backend]
+    return row
+
+
+def training_rates(cfg: Config, images, dev, seconds: float, steps: tuple, clock: Clock) -> dict:
+    """`step_rates` compute only and end to end, its failures one-line errors (as train.py would stop)."""
+    try:
+        rates = step_rates(cfg, images, dev, seconds, steps, clock)
+    except torch.OutOfMemoryError as error:
+        message = f"the training step ran out of device memory ({reason(error)}): lower --batch-size"
+        raise click.ClickException(message) from error
+    except Exception as error:  # one line for the user, as train.py would stop
+        raise click.ClickException(
+            f"the training step with --loader {cfg.data.loader} failed: {reason(error)}"
+        ) from error
+    release(dev)
+    return rates
+
+
+def worker_sweep(backend, images, cfg, dev, tiny, needed, rows, least, slice_s, clock) -> tuple[list, str | None]:
+    """The --workers sweep on `backend`, fewest workers first, until one reaches `needed` img/s (None: all of
+    them) or the budget is spent: (its rows, why it stopped early or None)."""
+    sweep_rows = []
+    values = [w for w in sweep_values(cfg.data.workers, tiny) if w != cfg.data.workers]
+    for k, w in enumerate(values):
+        setup = rows[backend].get("first_batch_s", 0)
+        if clock.left() < setup + least:
+            stopped = f"budget spent before --workers {w}"
+            clock.say(f"sweep stopped: {stopped}")
+            return sweep_rows, stopped
+        row = loader_rate(backend, images, cfg, w, dev, slice_s(len(values) - k + 1), clock)
+        if "error" in row:
+            stopped = f"--workers {w}: {row['error']}"
+            clock.say(f"sweep stopped: {stopped}")
+            return sweep_rows, stopped
+        sweep_rows.append(row)
+        if needed is not None and row["images_per_sec"] >= needed:
+            break
+    return sweep_rows, None
+
+
+def confirm_fix(fix: dict, images, cfg: Config, dev, seconds: float, steps: tuple, compute: float, clock) -> dict:
+    """End to end again with the verdict's fix (its loader and workers): the report's "confirmed"."""
+    fixed_cfg = cfg.replace(loader=fix["loader"], workers=fix["workers"])
+    try:
+        confirmed = step_rates(fixed_cfg, images, dev, seconds, steps, clock, compute=False)
+        release(dev)
+        rate = confirmed["end_to_end"]["images_per_sec"]
+        return {
+            "loader": fix["loader"],
+            "workers": fix["workers"],
+            "images_per_sec": rate,
+            "end_to_end_fraction": rate / compute,
+        }
+    except Exception as error:
+        return {"loader": fix["loader"], "workers": fix["workers"], "error": reason(error)}
 
 
 if __name__ == "__main__":
