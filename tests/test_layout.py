@@ -190,3 +190,24 @@ def test_pyproject_lists_every_package():
         if path.name == "__init__.py" and path.parts[len(ROOT.parts)] != "tests"
     }
     assert sorted(listed) == sorted(found)
+
+
+def function_lengths(path: Path) -> dict[str, int]:
+    """Lines of every function and method in `path`, from its `def` to its last line (decorators aside)."""
+    return {
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name}": node.end_lineno - node.lineno + 1
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    }
+
+
+def test_the_trainer_is_wiring():
+    """train.py's loop reads in one sitting (its `train` wires run/'s objects in about 60 lines) and no function
+    of train.py or of the run machinery (run/) is over 80 lines."""
+    lengths = {
+        k: v for p in [ROOT / "train.py", *sorted((ROOT / "run").glob("*.py"))] for k, v in function_lengths(p).items()
+    }
+    long = [f"{name}: {count} lines" for name, count in lengths.items() if count > 80]
+    [loop] = [count for name, count in lengths.items() if name.startswith("train.py:") and name.endswith(" train")]
+    assert len(lengths) > 50 and not long, "\n".join(long)
+    assert loop <= 60, f"train.py's train is {loop} lines"
