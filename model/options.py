@@ -43,6 +43,10 @@ class Integer(click.IntRange):
                 self.fail(f"{value!r} is not a whole number", param, ctx)
         return super().convert(value, param, ctx)
 
+    def _describe_range(self) -> str:
+        """click's range in --help ("x>=1"); none for an unbounded whole number (click says "x<=None")."""
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
 
 def Count(max: int | None = None) -> Integer:  # noqa: N802 (a type, as click.IntRange)
     """A whole number >= 1: epochs, a batch, a queue, k."""
