@@ -211,3 +211,11 @@ def test_the_trainer_is_wiring():
     [loop] = [count for name, count in lengths.items() if name.startswith("train.py:") and name.endswith(" train")]
     assert len(lengths) > 50 and not long, "\n".join(long)
     assert loop <= 60, f"train.py's train is {loop} lines"
+
+
+def test_no_function_of_the_project_is_over_80_lines():
+    """Every module's functions (the scripts, pipeline/, model/, run/, benchmarks/; tests aside) read in one
+    sitting: none over 80 lines, decorators aside."""
+    lengths = {k: v for path in project_modules().values() for k, v in function_lengths(path).items()}
+    long = [f"{name}: {count} lines" for name, count in lengths.items() if count > 80]
+    assert len(lengths) > 300 and not long, "\n".join(long)
