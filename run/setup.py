@@ -92,7 +92,7 @@ class Run:
         and the scores beside it. Returns (epochs done, steps done of the next)."""
         resume = self.resume
         if resume is not None:
-            pending, resumed_at = self.restore(resume)
+            pending, resumed_at = self.restore_checkpoint(resume)
         else:
             self.report.start_fresh()
             pending, resumed_at = EpochRecord(0), ""  # before training: the kNN only
@@ -108,7 +108,7 @@ class Run:
         self.report.clock.start_loop()
         return (resume["epoch"], resume.get("step", 0)) if resume is not None else (0, 0)
 
-    def restore(self, resume: dict) -> tuple[EpochRecord | None, str]:
+    def restore_checkpoint(self, resume: dict) -> tuple[EpochRecord | None, str]:
         """Weights, optimizer, scaler, RNG states and boxes from the checkpoint, and what the resume is said to be.
         Returns the metrics record still to write (or None) and where the run stands, in words."""
         echo, epoch, step = self.process.echo, resume["epoch"], resume.get("step", 0)
