@@ -23,30 +23,24 @@ from model.options import Command
 if TYPE_CHECKING:
     from model.config import Config
     from pipeline.data import ImageList
+    from run.setup import RunImages
 
 DEFAULT_DATA = Path(DataConfig.data)
 NOT_SETTINGS = ("resume", "config_file", "overwrite")  # options that say how to start, not what the run is
 
 
-def train(
-    cfg: Config,
-    resume: dict | None,
-    train_images: ImageList,
-    val_images: ImageList | None,
-    bank_images: ImageList | None = None,
-    knn_off: str = "",
-) -> list[dict]:
+def train(cfg: Config, resume: dict | None, images: RunImages) -> list[dict]:
     """The run: loaders, model, the kNN monitor before training, then the epochs with their checkpoints, box
     updates and metrics; stops with a checkpoint on SIGTERM/SIGINT/SIGUSR1. Files that fail to decode mid-run
-    are left out (RUN_DIR/bad_files.txt). Returns the metrics records. The kNN monitor scores `val_images` against
-    a bank from `bank_images` (--val-data's train split) or the training images; without `val_images` it is off,
-    `knn_off` saying why. The parts and what happens between the steps are `run.setup.Run`'s."""
+    are left out (RUN_DIR/bad_files.txt). Returns the metrics records. The kNN monitor scores `images.val` against
+    a bank from `images.bank` (--val-data's train split) or the training images; without `images.val` it is off,
+    `images.knn_off` saying why. The parts and what happens between the steps are `run.setup.Run`'s."""
     # Imported here, not at the top: --help and the one-line refusals need no torch (tests patch run/'s modules).
     from run.setup import set_up
     from run.step import augment_views, learning_rate, training_step
     from run.stop import CHECK_EVERY, check_finite, poll
 
-    run = set_up(cfg, resume, train_images, val_images, bank_images, knn_off)
+    run = set_up(cfg, resume, images)
     model, method, optimizer, scaler = run.model, run.method, run.optimizer, run.scaler
     crop, report = run.crop, run.report  # ContrastiveCrop's boxes; the console, bar, metrics.jsonl, TensorBoard
     loader, steps = run.loaders.train, len(run.loaders.train)
@@ -204,7 +198,9 @@ def prepare_and_train(cfg: Config, state: dict | None, chosen: set[str]) -> None
     if cfg.fitted and os.environ.get("RANK", "0") == "0":
         fitted = ", ".join(cfg.fitted)
         click.echo(f"fitted to the batch and the {len(splits[0])} training images: {fitted} (pass one to choose it)")
-    history = train(cfg, state, splits[0], queries, bank, knn_off)
+    from run.setup import RunImages  # torch, now that the run starts
+
+    history = train(cfg, state, RunImages(splits[0], queries, bank, knn_off))
     final = history[-1]["knn_top1"] if history else None
     if final is not None and os.environ.get("RANK", "0") == "0":
         click.echo(f"final kNN top-1: {100 * final:.2f}% (run directory {cfg.run.out})")

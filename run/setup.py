@@ -200,15 +200,20 @@ class Run:
         return self.report.history
 
 
-def set_up(
-    cfg: Config,
-    resume: dict | None,
-    train_images: ImageList,
-    val_images: ImageList | None,
-    bank_images: ImageList | None = None,
-    knn_off: str = "",
-) -> Run:
+@dataclass(frozen=True)
+class RunImages:
+    """What a run reads: the images it trains on, the kNN monitor's queries (None: the monitor is off, `knn_off`
+    saying why) and its bank (None: from the training images; else --val-data's train split)."""
+
+    train: ImageList
+    val: ImageList | None
+    bank: ImageList | None = None
+    knn_off: str = ""
+
+
+def set_up(cfg: Config, resume: dict | None, images: RunImages) -> Run:
     """The run's parts, built in the order the run says them (see `train.train`)."""
+    train_images, val_images, bank_images, knn_off = images.train, images.val, images.bank, images.knn_off
     process = start_process(cfg)
     echo, device, out = process.echo, process.device, Path(cfg.run.out)
     if cfg.data.verify:
