@@ -107,6 +107,15 @@ def test_the_layout_names_every_module():
     assert len(files) > 30 and not unnamed, unnamed
 
 
+def test_the_readmes_layout_names_every_room_of_run():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    rooms = block.split("\nrun/", 1)[1].split("\ntrain.py", 1)[0]
+    named = set(re.findall(r"\w+", rooms))
+    files = [p.stem for p in sorted((ROOT / "run").glob("*.py")) if p.name != "__init__.py"]
+    assert len(files) > 5 and not [f for f in files if f not in named]
+
+
 def commands() -> list[tuple[Path, list[str]]]:
     """(page, words) of every command line in the pages' bash blocks, continuation lines joined."""
     found = []
