@@ -92,8 +92,9 @@ def train(cfg: Config, resume: dict | None, images: RunImages) -> list[dict]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="Options from a YAML file (keys: these options' names, dashes or underscores, flat or under any of the "
-    "sections data, model, method, optimisation, run: README lists which holds which; configs/imagenet.yaml is the "
-    "paper's ImageNet recipe) or a run's config.json (trains that run again); options given here override them.",
+    "sections data, model, method, optimisation, run: docs/training.md lists which holds which; "
+    "configs/imagenet.yaml is the paper's ImageNet recipe) or a run's config.json (trains that run again); options "
+    "given here override them.",
 )
 @click.pass_context
 def main(ctx: click.Context, resume: Path | None, config_file: Path | None, overwrite: bool, **options) -> None:

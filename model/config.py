@@ -88,7 +88,7 @@ class DataConfig:
     image_size: int = setting(
         16,
         "Training resolution S; S <= 64 uses the small-image stem. The defaults (16 px, 2,000 images, 6 epochs) "
-        "size a run for minutes on a 2-core CPU; README: the full recipe.",
+        "size a run for minutes on a 2-core CPU; docs/training.md: the full recipe.",
         type=Integer(min=8),
     )
 
@@ -117,7 +117,7 @@ class ModelConfig:
     compile: bool = setting(
         False,
         "torch.compile the query and key encoders (minutes of compiling first). Off by default: measured faster "
-        "only where benchmarks/train_step.py --compile says so (see README).",
+        "only where benchmarks/train_step.py --compile says so (docs/architecture.md).",
         is_flag=True,
     )
 
@@ -188,7 +188,8 @@ class MethodConfig:
         "pass",
         "Where ContrastiveCrop's boxes come from: pass = the reference's localisation pass over every training "
         "image at each update; forward = LeOCLR's training forward (--method leoclr: f_q's map of each sample's "
-        "whole original refreshes its box at every step, no extra pass). README: how the two compare.",
+        "whole original refreshes its box at every step, no extra pass). docs/contrastive-crop.md: how the two "
+        "compare.",
         type=click.Choice(["pass", "forward"]),
     )
     blur: bool | None = setting(None, "Gaussian blur p=0.5. [default: on when S > 64]", switch=True)
