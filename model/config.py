@@ -87,7 +87,7 @@ class DataConfig:
     )
     image_size: int = setting(
         16,
-        "Training resolution S; S <= 64 uses the small-image stem. The defaults (16 px, 2,000 images, 6 epochs) "
+        "Training resolution S; S <= 64 uses the small-image stem. The defaults (16 px, 2,000 images, 8 epochs) "
         "size a run for minutes on a 2-core CPU; docs/training.md: the full recipe.",
         type=Integer(min=8),
     )
@@ -205,7 +205,7 @@ class MethodConfig:
 class OptimisationConfig:
     """Epochs, batch, SGD and precision."""
 
-    epochs: int = setting(6, type=Count())
+    epochs: int = setting(8, type=Count())
     batch_size: int = setting(
         64,
         "Global batch (split over torchrun's processes): a multiple of the processes, each one's part a multiple "

@@ -211,5 +211,5 @@ def test_the_scripts_take_the_flags_they_share_with_train_py_from_its_settings()
 
 def test_help_gives_each_range_and_none_for_an_unbounded_whole_number():
     text = CliRunner().invoke(train.main, ["--help"], terminal_width=200).output
-    assert "[default: 6; x>=1]" in text and "[default: 0]" in text  # --epochs, --seed
+    assert "[default: 8; x>=1]" in text and "[default: 0]" in text  # --epochs, --seed
     assert "None" not in text  # click's "x<=None" for --seed
