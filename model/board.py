@@ -3,7 +3,7 @@
 Per step, at the loop's existing polls (every CHECK_EVERY steps, where it reads the loss back anyway): the mean
 loss of the steps since the previous poll, the learning rate and img/s. Per epoch: every number of its
 metrics.jsonl line (kNN top-1, ContrastiveCrop box area, loss, img/s, ...). Every few epochs and after each box
-update: a picture of a batch's views (`pipeline.views.picture`: the original with the box and both crop windows,
+update: a picture of a batch's views (`pipeline.pictures.picture`: the original with the box and both crop windows,
 then the two crops). The x axis is training steps throughout: epoch e ends at step e x steps per epoch.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.data import ImageList
 from pipeline.loader import BadFiles
-from pipeline.views import picture
+from pipeline.pictures import picture
 
 PICTURE_EVERY = 5  # epochs between pictures of the views (also before the first epoch and after box updates)
 PICTURE_ROWS, PICTURE_SIZE = 8, 96  # images per picture and panel pixels (windows do not depend on --image-size)
@@ -87,7 +87,7 @@ class Board:
         alpha: float,
         bad_files: BadFiles | None = None,
     ) -> None:
-        """The picture of epoch `epoch`'s first images as `pipeline.views` draws it, read through the run's loader
+        """The picture of epoch `epoch`'s first images as `pipeline.pictures` draws it, read through the run's loader
         backend on the CPU (the crop windows and boxes of the training run), as image "views"."""
         if self.writer is None:
             return

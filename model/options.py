@@ -108,14 +108,16 @@ def setting(default: Any, help: str | None = None, *, switch: bool = False, **op
 
 def option_of(setting: Field, **changes: Any) -> Callable:
     """The click option declared by a `setting` field, as train.py takes it; `changes` (default, help, type, ...)
-    for a script whose meaning of it differs (eval.py's defaults are the checkpoint's)."""
+    for a script whose meaning of it differs (eval.py's defaults are the checkpoint's); `aliases` ("--alpha", ...)
+    for a script's older names of it."""
     declared = {"default": setting.default, **setting.metadata["option"], **changes}
+    aliases = declared.pop("aliases", ())
     flag = "--" + setting.name.replace("_", "-")
     if declared.pop("switch"):
         flag = f"{flag}/--no-{flag[2:]}"
     if declared["default"] is MISSING:
         del declared["default"]
-    return click.option(flag, setting.name, **declared)
+    return click.option(flag, *aliases, setting.name, **declared)
 
 
 def apply(decorators: list[Callable]) -> Callable:

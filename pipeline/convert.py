@@ -8,6 +8,7 @@ Each file holds an RGBImageField "image" (downscaled so its longest side is at m
 files are decoded and stored like JPEGs, as --write-mode says) and an IntField "label": the class folder's index in
 sorted order, or -1 for every image of a folder without labels (--labels, as train.py's). Images keep the folder's
 sorted order, so a seeded --train-limit picks the same images from the folder and from the .beton.
+--labels and --skip-bad are train.py's settings (model/config.py); --workers here counts writer processes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from model.config import option
 from pipeline import require_backend
-from pipeline.data import LABELS, ImageList, scan_split, select, to_rgb
+from pipeline.data import ImageList, scan_split, select, to_rgb
 from pipeline.verify import decode_error, jpeg_warning
 
 SPLITS = ("train", "val")
@@ -316,11 +318,9 @@ def page_size(images: ImageList, max_resolution: int) -> int:
 @click.option("--compress-probability", type=click.FloatRange(0, 1), default=0.5, help="For --write-mode proportion.")
 @click.option("--smart-threshold", type=int, default=None, help="Raw-size bytes above which smart mode stores JPEG.")
 @click.option("--workers", type=int, default=0, help="Writer processes (0 = one per CPU core).")
-@click.option("--skip-bad", is_flag=True, help="Leave out (and list) images no loader can decode instead of stopping.")
-@click.option(
-    "--labels",
-    type=click.Choice(LABELS),
-    default="auto",
+@option("skip_bad", help="Leave out (and list) images no loader can decode instead of stopping.")
+@option(
+    "labels",
     help="Labels from class folders (SPLIT/<class>/...), none (every image stored with label -1), or auto: class "
     "folders when every image sits exactly one folder down, none for flat folders and mixed depths.",
 )

@@ -221,6 +221,31 @@ def test_views_picture(tiny_data, tmp_path):
     assert result.exit_code == 1 and "same --train-limit" in result.output
 
 
+def test_views_takes_the_runs_images_subset_seed_and_alpha_from_its_config(tiny_data, tmp_path, monkeypatch):
+    """--boxes RUN_DIR/boxes.npy alone draws the run's pictures: --data, --train-limit, --seed and --ccrop-alpha
+    come from RUN_DIR/config.json; a flag given wins (--alpha is --ccrop-alpha's older name)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    np.save(run_dir / "boxes.npy", random_boxes(np.random.default_rng(0), 24).astype(np.float32))
+    settings = {"data": str(tiny_data), "train_limit": 0, "seed": 3, "ccrop_alpha": 0.25, "epochs": 2}
+    (run_dir / "config.json").write_text(json.dumps(settings))
+    drawn = []
+
+    def picture(backend, images, seed, epoch, boxes, alpha, count, size):
+        drawn.append((backend, len(images), seed, alpha, boxes.shape))
+        return Image.new("RGB", (8, 8))
+
+    monkeypatch.setattr(views, "picture", picture)
+    out = str(tmp_path / "views.png")
+    result = CliRunner().invoke(views.main, ["--boxes", str(run_dir / "boxes.npy"), "--out", out])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(views.main, ["--boxes", str(run_dir / "boxes.npy"), "--alpha", "0.5", "--out", out])
+    assert result.exit_code == 0, result.output
+    assert drawn == [("torchvision", 24, 3, 0.25, (24, 4)), ("torchvision", 24, 3, 0.5, (24, 4))]
+    result = CliRunner().invoke(views.main, ["--out", out])
+    assert result.exit_code == 2 and "give --data" in result.output
+
+
 def test_box_areas_against_a_loop():
     rng = np.random.default_rng(3)
     rows, columns = np.sort(rng.uniform(0, 1, (50, 2)), axis=1), np.sort(rng.uniform(0, 1, (50, 2)), axis=1)

@@ -183,18 +183,23 @@ OWN_MEANING = {
     ("queue_staleness", "amp"),  # the precisions it compares
     ("forward_boxes", "amp"),
     ("forward_boxes", "knn_every"),  # 0: only after the last epoch
+    ("convert", "workers"),  # writer processes
+    ("convert", "out"),  # the .beton file or folder (an argument)
+    ("views", "out"),  # the PNG
 }
 
 
 def test_the_scripts_take_the_flags_they_share_with_train_py_from_its_settings():
-    """A flag of eval.py, model.pairs or a benchmark named as one of train.py's settings has that setting's flags,
-    type and choices (model/config.py builds both), unless its meaning there differs (listed)."""
+    """A flag of eval.py, model.pairs, pipeline.convert, pipeline.views or a benchmark named as one of train.py's
+    settings has that setting's flags (and maybe an older alias), type and choices (model/config.py builds
+    both), unless its meaning there differs (listed)."""
     import eval
     from benchmarks import doctor, forward_boxes, loaders, quality, queue_staleness, train_step
     from model import pairs
+    from pipeline import convert, views
 
     commands = {f"eval {name}": command for name, command in eval.main.commands.items()}
-    for module in (pairs, doctor, forward_boxes, loaders, quality, queue_staleness, train_step):
+    for module in (pairs, convert, views, doctor, forward_boxes, loaders, quality, queue_staleness, train_step):
         commands[module.__name__.rpartition(".")[2]] = module.main
     trains = {param.name: param for param in train.main.params if param.name not in train.NOT_SETTINGS}
     shared = 0
@@ -202,7 +207,8 @@ def test_the_scripts_take_the_flags_they_share_with_train_py_from_its_settings()
         for param in command.params:
             if param.name in trains and (label, param.name) not in OWN_MEANING:
                 declared = trains[param.name]
-                assert (param.opts, param.secondary_opts) == (declared.opts, declared.secondary_opts), label
+                assert param.opts[0] == declared.opts[0] and set(declared.opts) <= set(param.opts), label
+                assert param.secondary_opts == declared.secondary_opts, label
                 assert type(param.type) is type(declared.type), (label, param.name)
                 assert vars(param.type) == vars(declared.type), (label, param.name)
                 shared += 1

@@ -14,7 +14,9 @@ BACKENDS = {"pipeline.backends.dali", "pipeline.backends.ffcv", "pipeline.backen
 # What a backend may import: the package (its optional-library checks), the contract, the crop plan, the
 # augmentation and data reading.
 BACKEND_MAY_IMPORT = {"pipeline", "pipeline.loader", "pipeline.crop_plan", "pipeline.augment", "pipeline.data"}
-TOOLS = {"model.pairs"}  # a CLI that runs a model: beside the training machinery, run/
+# CLIs beside the training machinery, run/: one that runs a model, and pipeline/'s two that take train.py's
+# flags from its settings (model/config.py)
+TOOLS = {"model.pairs", "pipeline.convert", "pipeline.views"}
 SCRIPTS = {"train", "eval"}
 
 
