@@ -186,20 +186,37 @@ OWN_MEANING = {
     ("convert", "workers"),  # writer processes
     ("convert", "out"),  # the .beton file or folder (an argument)
     ("views", "out"),  # the PNG
+    ("fashion_mnist", "out"),  # the data the scripts below write: folders, and the seed of their images
+    ("scattered", "out"),
+    ("scattered", "seed"),
+    ("photos", "out"),
+    ("photos", "seed"),
+    ("photos", "workers"),  # processes writing images
 }
 
 
 def test_the_scripts_take_the_flags_they_share_with_train_py_from_its_settings():
-    """A flag of eval.py, model.pairs, pipeline.convert, pipeline.views or a benchmark named as one of train.py's
-    settings has that setting's flags (and maybe an older alias), type and choices (model/config.py builds
-    both), unless its meaning there differs (listed)."""
+    """A flag of eval.py, model.pairs, pipeline's CLIs or a benchmark named as one of train.py's settings has that
+    setting's flags (and maybe an older alias), type and choices (model/config.py builds both), unless its
+    meaning there differs (listed)."""
     import eval
-    from benchmarks import doctor, forward_boxes, loaders, quality, queue_staleness, train_step
+    from benchmarks import (
+        doctor,
+        forward_boxes,
+        loaders,
+        photos,
+        quality,
+        queue_staleness,
+        same_results,
+        scattered,
+        train_step,
+    )
     from model import pairs
-    from pipeline import convert, views
+    from pipeline import convert, fashion_mnist, views
 
     commands = {f"eval {name}": command for name, command in eval.main.commands.items()}
-    for module in (pairs, convert, views, doctor, forward_boxes, loaders, quality, queue_staleness, train_step):
+    scripts = (pairs, convert, views, fashion_mnist, doctor, forward_boxes, loaders, photos, quality)
+    for module in (*scripts, queue_staleness, same_results, scattered, train_step):
         commands[module.__name__.rpartition(".")[2]] = module.main
     trains = {param.name: param for param in train.main.params if param.name not in train.NOT_SETTINGS}
     shared = 0
@@ -213,6 +230,8 @@ def test_the_scripts_take_the_flags_they_share_with_train_py_from_its_settings()
                 assert vars(param.type) == vars(declared.type), (label, param.name)
                 shared += 1
     assert shared >= 50  # eval's eleven in each of four protocols, model.pairs' and the benchmarks'
+    flags = {(label, param.name) for label, command in commands.items() for param in command.params}
+    assert OWN_MEANING <= flags  # every exception still names a flag of a script
 
 
 def test_help_gives_each_range_and_none_for_an_unbounded_whole_number():
