@@ -62,7 +62,7 @@ def from_run(help: str) -> str:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("views.png"))
 def main(data, loader, boxes, ccrop_alpha, train_limit, seed, epoch, count, size, out) -> None:
     """Draw images with their boxes and sampled crop windows, and the crops, to a PNG."""
-    given = {"data": data, "train_limit": train_limit, "seed": seed, "ccrop_alpha": ccrop_alpha}
+    given = dict(zip(FROM_RUN, (data, train_limit, seed, ccrop_alpha)))  # the flags given, in FROM_RUN's order
     data_defaults = DataConfig()  # train.py's default run
     fallback = {
         "train_limit": data_defaults.train_limit,
